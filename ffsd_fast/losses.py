@@ -1,0 +1,149 @@
+"""FFSD's loss terms for one batch, as ``ffsd-spec.md`` states them, in one forward over every network.
+
+``ffsd_losses`` returns every term unweighted together with its weight, and the weighted total; weights are applied
+here and nowhere else. Every path between networks is cut by ``detach`` (the spec's ``sg``), so one backward of the
+total gives each network exactly the gradient of its own loss.
+"""
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from ffsd_fast.method import FFSDNetworks, SelfDistillationDecoder
+
+# Index of each λ in the device tensor that the step receives (warmed up by the trainer each epoch).
+LAMBDA_DIV, LAMBDA_SD, LAMBDA_F = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    temperature: float = 2.0
+    # quirk: the students' self-distillation term is weighted by λ_div (1e-5, nearly off), not λ_sd.
+    student_sd_uses_lambda_div: bool = True
+    # The reference skips the diversity and student SD terms entirely when λ_div is 0.
+    diversity_enabled: bool = True
+
+
+@dataclass
+class LossTerms:
+    """Unweighted terms and their weights (``None`` = 1), keyed ``network.term`` (``student1.diversity``)."""
+
+    values: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor | None]
+    total: torch.Tensor
+
+    def weighted(self) -> dict[str, torch.Tensor]:
+        return {k: v if self.weights[k] is None else v * self.weights[k] for k, v in self.values.items()}
+
+
+def _eval_pass(decoder: SelfDistillationDecoder, x: torch.Tensor) -> list[torch.Tensor]:
+    # The targets come from the decoder in eval mode (running statistics, none updated), with its pre-step weights.
+    decoder.eval()
+    with torch.no_grad():
+        outputs = decoder(x)
+    decoder.train()
+    return outputs
+
+
+def ffsd_losses(
+    nets: FFSDNetworks,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lambdas: torch.Tensor,
+    options: LossOptions,
+    ops: ModuleType,
+) -> LossTerms:
+    """Forward every network once and compute every loss term of one FFSD step.
+
+    Args:
+        nets: the run's networks, in train mode.
+        images, labels: one batch, ``[B, 3, H, W]`` and ``[B]``.
+        lambdas: ``[3]`` device tensor ``(λ_div, λ_sd, λ_f)``, already warmed up for the epoch.
+        options: temperature and quirk switches.
+        ops: the loss library (``ffsd_kernels``), so that its implementations can be swapped in one place.
+    """
+    temperature = options.temperature
+    values: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | None] = {}
+
+    def add(name: str, value: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        values[name] = value
+        weights[name] = weight
+
+    lambda_div, lambda_sd, lambda_f = lambdas[LAMBDA_DIV], lambdas[LAMBDA_SD], lambdas[LAMBDA_F]
+    student_sd_weight = lambda_div if options.student_sd_uses_lambda_div else lambda_sd
+
+    # Forward in the reference's order: leader, students, fusion module.
+    leader_logits, leader_taps, trans_fused = nets.leader(images)
+    student_logits, student_taps = zip(*(student(images) for student in nets.students), strict=True)
+    last_maps = [taps[-1].detach() for taps in student_taps]
+    fusion_logits, fused = nets.fusion(last_maps)
+
+    # Each attention map is computed once and reused, with its gradient where a term needs one.
+    student_attention = [[ops.attention_map(f) for f in taps] for taps in student_taps]
+    leader_attention = [ops.attention_map(f) for f in leader_taps]
+
+    num_students = nets.num_students
+    for i in range(num_students):
+        add(f"student{i}.ce", F.cross_entropy(student_logits[i], labels))
+        mutual = sum(
+            ops.kl_div_loss(student_logits[i], student_logits[j].detach(), temperature)
+            for j in range(num_students)
+            if j != i
+        )
+        add(f"student{i}.mutual", mutual / (num_students - 1))
+        if i == 0 or not options.diversity_enabled:
+            continue
+        add(
+            f"student{i}.diversity",
+            ops.diversity_loss(student_attention[i][-1], student_attention[i - 1][-1].detach()),
+            lambda_div,
+        )
+        targets = _eval_pass(nets.decoders[i - 1], ops.diversity_shift(last_maps[i - 1]))
+        add(
+            f"student{i}.self_distillation",
+            sum(
+                ops.normalized_distance(student_attention[i][k], ops.attention_map(g))
+                for k, g in enumerate(targets)
+            ),
+            student_sd_weight,
+        )
+
+    ensemble_logits = torch.stack(student_logits).mean(dim=0).detach()
+    add("fusion.ce", F.cross_entropy(fusion_logits, labels))
+    add("fusion.kl", ops.kl_div_loss(fusion_logits, ensemble_logits, temperature))
+
+    add("leader.ce", F.cross_entropy(leader_logits, labels))
+    add("leader.kl", ops.kl_div_loss(leader_logits, fusion_logits.detach(), temperature))
+    fused = fused.detach()
+    add("leader.fusion", ops.normalized_distance(leader_attention[-1], ops.attention_map(fused)), lambda_f)
+    # A(concat(f_1 … f_m)) is the mean of the students' maps A(f_i): every student has C channels.
+    concat_attention = torch.stack([a[-1].detach() for a in student_attention]).mean(dim=0)
+    add("leader.trans_fusion", ops.normalized_distance(ops.attention_map(trans_fused), concat_attention), lambda_f)
+    targets = _eval_pass(nets.leader_decoder, fused)
+    add(
+        "leader.self_distillation",
+        sum(ops.normalized_distance(leader_attention[k], ops.attention_map(g)) for k, g in enumerate(targets)),
+        lambda_f,
+    )
+
+    # The decoders' training passes come after their eval passes above, which must see the old BN statistics.
+    decoder_pairs = [(f"decoder{i}", nets.decoders[i - 1], i) for i in range(1, num_students)]
+    decoder_pairs.append(("decoder_leader", nets.leader_decoder, None))
+    for name, decoder, student in decoder_pairs:
+        taps = leader_taps if student is None else student_taps[student]
+        attention = leader_attention if student is None else student_attention[student]
+        outputs = decoder(taps[-1].detach())
+        add(f"{name}.feature", sum(ops.normalized_distance(g, taps[k].detach()) for k, g in enumerate(outputs)),
+            lambda_sd)
+        add(
+            f"{name}.attention",
+            sum(ops.normalized_distance(ops.attention_map(g), attention[k].detach()) for k, g in enumerate(outputs)),
+            lambda_sd,
+        )
+
+    terms = LossTerms(values, weights, total=torch.zeros((), device=images.device))
+    terms.total = sum(terms.weighted().values())
+    return terms

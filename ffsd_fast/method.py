@@ -1,0 +1,158 @@
+"""FFSD's networks besides the backbones: fusion module, leader with its trans-fusion head, SD decoders.
+
+Everything here is a plain module; the loss terms are in ``losses.py``. Shapes come from the model registry, so
+nothing needs a dummy forward pass (except the reference's probe, kept as a quirk in ``build_networks``).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ffsd_fast import models
+from ffsd_fast.errors import UserError
+
+
+def reference_conv_init_(module: nn.Module) -> None:
+    """The reference's init: conv weights ~ N(0, 2 / (k·k·out_channels)), BN weight 1 and bias 0."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels
+            nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Depthwise 3×3 → BN → ReLU → 1×1 → BN → ReLU, no conv bias: the fusion module and the trans-fusion head.
+
+    Its state-dict keys (``0.weight``, ``1.*``, ``3.weight``, ``4.*``) are what the fused kernel's module loads.
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FusionModule(nn.Module):
+    """``φ = block(concat(maps))`` with ``block`` m·C → C, and a classifier ``z_F = fc(avgpool(φ))``."""
+
+    def __init__(self, channels: int, num_inputs: int, num_classes: int) -> None:
+        super().__init__()
+        self.block = conv_block(channels * num_inputs, channels)
+        self.fc = nn.Linear(channels, num_classes)
+        reference_conv_init_(self.block)
+
+    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = self.block(torch.cat(maps, dim=1))
+        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(fused, 1), 1))
+        return logits, fused
+
+
+class Leader(nn.Module):
+    """The backbone plus the trans-fusion head ``τ = block(f^K)`` (C → m·C) on its last stage.
+
+    Only ``backbone`` is kept after training; the head exists to mimic the students' concatenated maps.
+    """
+
+    def __init__(self, backbone: nn.Module, channels: int, num_students: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = conv_block(channels, channels * num_students)
+        # The reference builds the head inside the backbone, before the backbone's conv init runs over both.
+        reference_conv_init_(self.head)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        logits, taps = self.backbone(x)
+        return logits, taps, self.head(taps[-1])
+
+
+class DecoderBlock(nn.Module):
+    """ConvTranspose2d(3, stride 2, padding 1, output_padding 1, no bias) → BN → ReLU: doubles H and W."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        # Attribute names are the reference's ("convtranpose" sic), so its decoder weights load.
+        self.convtranpose = nn.ConvTranspose2d(
+            in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=False
+        )
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.convtranpose(x)))
+
+
+class SelfDistillationDecoder(nn.Module):
+    """Maps a last-stage map back to the shapes of stages ``K−1 … 1``; PyTorch's default init."""
+
+    def __init__(self, tap_channels: list[int]) -> None:
+        super().__init__()
+        deep_to_shallow = tap_channels[::-1]
+        self.num_blocks = len(tap_channels) - 1
+        for i in range(self.num_blocks):
+            self.add_module(f"layer{i + 1}", DecoderBlock(deep_to_shallow[i], deep_to_shallow[i + 1]))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Returns ``[g_1, …, g_{K−1}]`` in stage order (shallowest first), each shaped like that stage's tap."""
+        outputs = []
+        for i in range(self.num_blocks):
+            x = getattr(self, f"layer{i + 1}")(x)
+            outputs.append(x)
+        return outputs[::-1]
+
+
+class FFSDNetworks(nn.Module):
+    """All networks of one FFSD run. ``decoders[i − 1]`` belongs to student ``i`` (0-based, ``i ≥ 1``)."""
+
+    def __init__(
+        self,
+        students: list[nn.Module],
+        decoders: list[SelfDistillationDecoder],
+        leader_decoder: SelfDistillationDecoder,
+        fusion: FusionModule,
+        leader: Leader,
+    ) -> None:
+        super().__init__()
+        self.students = nn.ModuleList(students)
+        self.decoders = nn.ModuleList(decoders)
+        self.leader_decoder = leader_decoder
+        self.fusion = fusion
+        self.leader = leader
+
+    @property
+    def num_students(self) -> int:
+        return len(self.students)
+
+
+def build_networks(
+    model: str, num_classes: int, num_students: int, image_size: int, probe_forward: bool = True
+) -> FFSDNetworks:
+    """Builds every network in the reference's order, so that a seeded run draws its weights in the same sequence.
+
+    ``probe_forward`` (quirk, on by default): the reference runs student 1 once in train mode on
+    ``randn(1, 3, H, W)`` to read its last stage's shape. That updates student 1's BN running statistics and
+    consumes random numbers. Skipped when the last stage is 1×1, where BN cannot train on a single value.
+    """
+    if num_students < 2:
+        raise UserError(f"FFSD needs at least 2 students (the mutual and diversity terms), got {num_students}")
+    models.check_image_size(model, image_size)
+    taps = models.tap_shapes(model, image_size)
+    channels = taps[-1][0]
+    students = [models.create(model, num_classes) for _ in range(num_students)]
+    if probe_forward and taps[-1][1] * taps[-1][2] > 1:
+        probe = torch.randn(1, 3, image_size, image_size)
+        students[0].train()
+        with torch.no_grad():
+            students[0](probe)
+    tap_channels = [c for c, _, _ in taps]
+    decoders = [SelfDistillationDecoder(tap_channels) for _ in range(1, num_students)]
+    leader_decoder = SelfDistillationDecoder(tap_channels)
+    fusion = FusionModule(channels, num_students, num_classes)
+    leader = Leader(models.create(model, num_classes), channels, num_students)
+    return FFSDNetworks(students, decoders, leader_decoder, fusion, leader)

@@ -1,0 +1,86 @@
+"""One FFSD training step: forward every network, sum every loss, one backward, every optimiser steps once.
+
+This function is the unit that gets compiled or captured in a CUDA graph, so it does no host synchronisation: no
+``.item()``, no Python branching on tensor values; λ's and learning rates live in device tensors.
+"""
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ffsd_fast.losses import LossOptions, LossTerms, ffsd_losses
+from ffsd_fast.method import FFSDNetworks
+
+
+def _params(*modules: nn.Module) -> list[nn.Parameter]:
+    return [p for module in modules for p in module.parameters()]
+
+
+def make_optimizers(
+    nets: FFSDNetworks,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    fusion_weight_decay: float = 1e-5,
+    decoder_lr: float = 1e-3,
+    decoder_weight_decay: float = 1e-4,
+) -> list[torch.optim.Optimizer]:
+    """SGD (Nesterov) for students, leader and fusion module; Adam (L2, not AdamW) for the SD decoders.
+
+    The reference has one optimiser per network; since every update is element-wise, parameter groups of one fused
+    optimiser per kind are the same arithmetic in fewer launches. Learning rates are 0-dim tensors (float64 so that
+    float64 parity runs lose nothing), written in place by the schedule, which CUDA-graph replay requires.
+    """
+    device = next(nets.parameters()).device
+
+    def lr_tensor(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64, device=device)
+
+    sgd = torch.optim.SGD(
+        [
+            {"params": _params(*nets.students, nets.leader), "weight_decay": weight_decay},
+            {"params": _params(nets.fusion), "weight_decay": fusion_weight_decay},
+        ],
+        lr=lr_tensor(lr),
+        momentum=momentum,
+        nesterov=True,
+        fused=True,
+    )
+    for group in sgd.param_groups[1:]:
+        group["lr"] = lr_tensor(lr)  # one tensor per group, so that loading a state dict keeps them independent
+    adam = torch.optim.Adam(
+        _params(*nets.decoders, nets.leader_decoder), lr=lr_tensor(decoder_lr), weight_decay=decoder_weight_decay,
+        fused=True,
+    )
+    return [sgd, adam]
+
+
+def set_learning_rates(optimizers: list[torch.optim.Optimizer], sgd_lr: float, decoder_lr: float) -> None:
+    """Writes the schedule's values into the optimisers' lr tensors in place (no host sync, graph-safe)."""
+    sgd, adam = optimizers
+    for group in sgd.param_groups:
+        group["lr"].fill_(sgd_lr)
+    for group in adam.param_groups:
+        group["lr"].fill_(decoder_lr)
+
+
+def train_step(
+    nets: FFSDNetworks,
+    optimizers: list[torch.optim.Optimizer],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lambdas: torch.Tensor,
+    options: LossOptions,
+    ops: ModuleType,
+) -> LossTerms:
+    """One FFSD step; returns the loss terms (device tensors, detached) for logging at the caller's pace."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    terms = ffsd_losses(nets, images, labels, lambdas, options, ops)
+    terms.total.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    terms.values = {k: v.detach() for k, v in terms.values.items()}
+    terms.total = terms.total.detach()
+    return terms

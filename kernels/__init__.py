@@ -1,0 +1,40 @@
+"""ffsd_kernels: knowledge-distillation losses for any PyTorch code.
+
+Each op has a plain PyTorch reference (``*_reference``) that defines what it computes, a functional API and an
+``nn.Module``. The functional API runs the reference for now; fused Triton kernels arrive behind the same names.
+Install the project and ``from ffsd_kernels import kl_div_loss``.
+"""
+
+from ffsd_kernels.attention import (
+    AttentionDistance,
+    attention_distance,
+    attention_distance_reference,
+    attention_map,
+    attention_map_reference,
+    normalized_distance,
+    normalized_distance_reference,
+)
+from ffsd_kernels.diversity import (
+    diversity_loss,
+    diversity_loss_reference,
+    diversity_shift,
+    diversity_shift_reference,
+)
+from ffsd_kernels.kl_div import KLDivLoss, kl_div_loss, kl_div_loss_reference
+
+__all__ = [
+    "AttentionDistance",
+    "KLDivLoss",
+    "attention_distance",
+    "attention_distance_reference",
+    "attention_map",
+    "attention_map_reference",
+    "diversity_loss",
+    "diversity_loss_reference",
+    "diversity_shift",
+    "diversity_shift_reference",
+    "kl_div_loss",
+    "kl_div_loss_reference",
+    "normalized_distance",
+    "normalized_distance_reference",
+]

@@ -1,0 +1,81 @@
+"""The one-backward step against the plain sequential transcription of the spec, in float64."""
+
+import copy
+
+import pytest
+import torch
+
+import ffsd_kernels
+from ffsd_fast.losses import LossOptions
+from ffsd_fast.method import build_networks
+from ffsd_fast.step import make_optimizers, train_step
+from tests.sequential_reference import make_reference_optimizers, reference_step
+
+# Large enough λ's that every term moves the weights visibly (the defaults make some terms ~1e-5 of the loss).
+LAMBDAS = (0.3, 2.0, 1.5)
+
+
+def _state(nets):
+    return {**dict(nets.named_parameters()), **dict(nets.named_buffers())}
+
+
+def _max_relative_error(fast, reference):
+    worst = 0.0
+    for name, ref in _state(reference).items():
+        got = _state(fast)[name]
+        if not ref.is_floating_point():
+            assert torch.equal(got, ref), name
+            continue
+        err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+        worst = max(worst, err)
+    return worst
+
+
+@pytest.mark.parametrize("num_students", [2, 3])
+@pytest.mark.parametrize(
+    "model,image_size,clean_student_sd",
+    # resnet18 (K = 4 taps) costs much more in float64 on a CPU: the default variant only.
+    [("resnet20", 16, False), ("resnet20", 16, True), ("resnet18", 32, False)],
+)
+def test_parity_fast_step_equals_sequential_reference(model, image_size, clean_student_sd, num_students):
+    torch.set_default_dtype(torch.float64)
+    try:
+        nets = build_networks(model, num_classes=10, num_students=num_students, image_size=image_size)
+        reference = copy.deepcopy(nets)
+        nets.train()
+        reference.train()
+        lambda_div, lambda_sd, lambda_f = LAMBDAS
+        fast_opts = make_optimizers(nets)
+        ref_opts = make_reference_optimizers(reference, lr=0.1, decoder_lr=1e-3)
+        options = LossOptions(student_sd_uses_lambda_div=not clean_student_sd)
+        lambdas = torch.tensor(LAMBDAS)
+        errors = []
+        for step in range(3):
+            x = torch.randn(6, 3, image_size, image_size)
+            y = torch.randint(0, 10, (6,))
+            train_step(nets, fast_opts, x, y, lambdas, options, ffsd_kernels)
+            reference_step(reference, ref_opts, x, y, lambda_div, lambda_sd, lambda_f,
+                           student_sd_lambda=lambda_sd if clean_student_sd else None)
+            if step in (0, 2):
+                errors.append(_max_relative_error(nets, reference))
+        print(f"parity {model} m={num_students} clean_sd={clean_student_sd}: worst relative error {max(errors):.2e}")
+        assert max(errors) < 1e-10
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_parity_detects_a_wrong_term():
+    """The comparison is sharp enough to see a single term weighted differently."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16)
+        reference = copy.deepcopy(nets)
+        fast_opts = make_optimizers(nets)
+        ref_opts = make_reference_optimizers(reference, lr=0.1, decoder_lr=1e-3)
+        x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+        wrong = torch.tensor([LAMBDAS[0], LAMBDAS[1], LAMBDAS[2] * 1.01])
+        train_step(nets, fast_opts, x, y, wrong, LossOptions(), ffsd_kernels)
+        reference_step(reference, ref_opts, x, y, *LAMBDAS)
+        assert _max_relative_error(nets, reference) > 1e-6
+    finally:
+        torch.set_default_dtype(torch.float32)
