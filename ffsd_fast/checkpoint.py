@@ -1,0 +1,78 @@
+"""Checkpoints: written atomically (temporary file, fsync, rename), read with ``weights_only=True``."""
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from ffsd_fast.errors import UserError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_atomic(state: dict, path: str) -> None:
+    """Writes ``state`` so that ``path`` always holds either the old file or the complete new one, even if the
+    process is killed mid-write or the machine loses power."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def resolve_path(path: str) -> str:
+    """A checkpoint file, or a run directory holding ``checkpoint.pt``."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    return path
+
+
+def load(path: str, device: torch.device | str = "cpu") -> dict:
+    path = resolve_path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which, in one line
+        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "networks" not in state or "config" not in state:
+        raise UserError(f"{path} is not an ffsd-fast checkpoint")
+    return state
+
+
+def rng_state() -> dict:
+    """Every RNG the process has, in types that ``weights_only`` loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,187 @@
+"""The run configuration: one typed, commented dataclass; command-line flags are made from its fields.
+
+Precedence: the field defaults, then ``-c config.yaml``, then flags given on the command line. Fields left at
+``None`` are filled by ``resolve`` from the dataset (the reference's CIFAR-100 and ImageNet recipes, and a small
+recipe for the embedded digits that trains in minutes on a CPU).
+"""
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from ffsd_fast import models
+from ffsd_fast.data import DATASETS, DEFAULT_DATASET
+from ffsd_fast.errors import UserError
+
+
+def _field(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class Config:
+    # What to train.
+    model: str = _field("resnet20", "backbone of every network: " + ", ".join(models.names()))
+    dataset: str = _field(DEFAULT_DATASET, "digits (embedded, no download) | cifar10 | cifar100 | imagenet",
+                          choices=DATASETS)
+    data_root: str | None = _field(None, "dataset folder (CIFAR: the folder holding cifar-100-python/; "
+                                         "ImageNet: the folder holding train/ and val/)")
+    num_students: int = _field(2, "m, the number of common students (≥ 2)")
+    image_size: int | None = _field(None, "input size (default: 16 for digits on CIFAR models, 32 for digits on "
+                                          "ImageNet models, 32 for CIFAR, 224 for ImageNet)")
+    # Optimisation.
+    epochs: int | None = _field(None, "epochs to train (default: digits 15, CIFAR 299 and ImageNet 89, as the "
+                                      "reference's loops run)")
+    batch_size: int | None = _field(None, "training batch per process (default: digits 64, CIFAR 128, "
+                                          "ImageNet 256)")
+    eval_batch_size: int | None = _field(None, "evaluation batch per process (default: the training batch)")
+    drop_last: bool = _field(False, "drop the last partial training batch (the reference keeps it)")
+    lr: float = _field(0.1, "SGD learning rate of students, leader and fusion module")
+    momentum: float = _field(0.9, "SGD momentum (Nesterov)")
+    weight_decay: float = _field(1e-4, "weight decay of students and leader")
+    fusion_weight_decay: float = _field(1e-5, "weight decay of the fusion module")
+    decoder_lr: float = _field(1e-3, "Adam learning rate of the self-distillation decoders")
+    decoder_weight_decay: float = _field(1e-4, "Adam L2 weight decay of the decoders")
+    lr_schedule: str | None = _field(None, "multistep (CIFAR, digits) | imagenet (per-iteration warm-up and "
+                                           "decay); default by dataset", choices=("multistep", "imagenet"))
+    lr_milestones: list[int] | None = _field(None, "multistep: epochs after which every lr is ×0.1 (default: CIFAR "
+                                                   "150 225, digits half and three quarters of --epochs)")
+    # The method.
+    temperature: float = _field(2.0, "distillation temperature T")
+    lambda_div: float = _field(1e-5, "λ_div: diversity weight (and, by the quirk, the students' SD weight)")
+    lambda_sd: float = _field(1000.0, "λ_sd: the decoders' reconstruction weight")
+    lambda_f: float = _field(10.0, "λ_f: the leader's fusion, trans-fusion and SD weight")
+    lambda_warmup_epochs: int = _field(5, "λ(e) = λ·exp(−5(1 − e/W)²) for epochs e ≤ W")
+    # The reference's quirks, reproduced by default; --no-quirk-… gives the clean variant.
+    quirk_student_sd_lambda_div: bool = _field(True, "weight the students' self-distillation term by λ_div, not "
+                                                     "λ_sd, as the reference does")
+    quirk_probe_forward: bool = _field(True, "run student 1 once on random input at construction, as the "
+                                             "reference does (moves its BN statistics and the RNG)")
+    quirk_imagenet_lr_epoch: bool = _field(True, "ImageNet lr formula fed the 1-based epoch, as the reference "
+                                                 "does (epochs 1–29 at the full lr)")
+    # Running.
+    seed: int = _field(0, "seed of the weights, the shuffling and the augmentation")
+    device: str | None = _field(None, "cpu | cuda (default: cuda when available)", choices=("cpu", "cuda"))
+    kernels: str = _field("torch", "loss implementation: torch (plain PyTorch) | triton (fused kernels)",
+                          choices=("torch", "triton"))
+    workers: int = _field(4, "data-loading worker processes (ImageNet folders)")
+    output_dir: str = _field("runs", "where run directories are created")
+    run_name: str | None = _field(None, "run directory name (default: dataset-model-mM-time)")
+    resume: str | None = _field(None, "continue a run: its checkpoint.pt or its run directory")
+    log_every: int = _field(20, "read the losses back from the device every N steps (a host sync)")
+    progress: bool = _field(True, "show progress bars")
+
+
+_DIGITS_EPOCHS, _DIGITS_BATCH = 15, 64
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation):
+    """``int | None`` → ``int``; ``list[int] | None`` → ``list[int]``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ffsd-train",
+        description="Train FFSD (online knowledge distillation with feature fusion and self-distillation). "
+        "With no arguments it trains ResNet-20 students on the embedded digits dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-c", "--config", help="YAML file of field: value pairs (flags given here override it)")
+    parser.add_argument("--imagenet", action="store_true", help="short for --dataset imagenet")
+    for f in dataclasses.fields(Config):
+        kind = _base_type(f.type)
+        kwargs = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            kwargs.update(type=typing.get_args(kind)[0], nargs="+")
+        else:
+            kwargs["type"] = kind
+        parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
+    return parser
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            values = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as error:
+            raise UserError(f"cannot parse config file {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of field: value")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown field(s) in {path}: {', '.join(unknown)}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Flags → ``Config`` (not yet resolved)."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    if args.pop("imagenet", False):
+        args["dataset"] = "imagenet"
+    values = load_yaml(config_file) if config_file else {}
+    values.update(args)
+    return Config(**values)
+
+
+def resolve(config: Config) -> Config:
+    """Fills the dataset-dependent defaults and checks every value; raises ``UserError`` on bad input."""
+    c = dataclasses.replace(config)
+    if c.dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{c.dataset}'; known datasets: {', '.join(DATASETS)}")
+    models.family(c.model)  # raises UserError listing the known models
+    if c.num_students < 2:
+        raise UserError(f"--num-students must be at least 2 (the mutual and diversity terms need two), "
+                        f"got {c.num_students}")
+    digits, imagenet = c.dataset == "digits", c.dataset == "imagenet"
+    if c.image_size is None:
+        if digits:
+            c.image_size = 16 if models.family(c.model) == "cifar" else 32
+        else:
+            c.image_size = 224 if imagenet else 32
+    models.check_image_size(c.model, c.image_size)
+    if c.epochs is None:
+        c.epochs = _DIGITS_EPOCHS if digits else 89 if imagenet else 299
+    if c.batch_size is None:
+        c.batch_size = _DIGITS_BATCH if digits else 256 if imagenet else 128
+    if c.eval_batch_size is None:
+        c.eval_batch_size = c.batch_size
+    if c.lr_schedule is None:
+        c.lr_schedule = "imagenet" if imagenet else "multistep"
+    if c.lr_milestones is None:
+        c.lr_milestones = [c.epochs // 2, c.epochs * 3 // 4] if digits else [150, 225]
+    if c.device is None:
+        import torch
+
+        c.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "lambda_warmup_epochs"):
+        if getattr(c, name) < 1:
+            raise UserError(f"{_flag(name)} must be at least 1, got {getattr(c, name)}")
+    if c.temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {c.temperature}")
+    if c.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {c.workers}")
+    return c
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

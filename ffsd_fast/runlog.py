@@ -1,0 +1,76 @@
+"""What a run leaves in its directory besides checkpoints: metrics as JSON lines, TensorBoard scalars, a PNG of the
+accuracy curves, the resolved config and the code's commit."""
+
+import json
+import os
+import subprocess
+
+import yaml
+
+
+def code_version() -> dict:
+    """The git commit of the code that runs (and whether the tree had uncommitted changes), where it is a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+class RunLog:
+    """Appends to ``metrics.jsonl``, writes TensorBoard scalars under ``tensorboard/``, redraws ``accuracy.png``."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write_config(self, config: dict, version: dict) -> None:
+        with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
+            yaml.safe_dump(config, fh, sort_keys=False)
+        with open(os.path.join(self.run_dir, "version.json"), "w", encoding="utf-8") as fh:
+            json.dump(version, fh, indent=2)
+
+    def log(self, record: dict, step: int) -> None:
+        """One JSON line; every numeric field also as a TensorBoard scalar tagged ``kind/name``."""
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if isinstance(value, float | int) and not isinstance(value, bool) and name != "step":
+                    self.writer.add_scalar(f"{record['kind']}/{name}", value, step)
+            self.writer.flush()
+
+    def plot_accuracy(self, history: list[dict], num_students: int) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [h["epoch"] for h in history]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        curves = {f"student {i + 1}": f"student{i}_top1" for i in range(num_students)}
+        curves.update({"fusion": "fusion_top1", "ensemble (mean logits)": "ensemble_top1",
+                       "leader": "leader_top1"})
+        for label, key in curves.items():
+            style = {"linewidth": 2.5} if key == "leader_top1" else {"linewidth": 1, "alpha": 0.8}
+            ax.plot(epochs, [h[key] for h in history], marker=".", label=label, **style)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.run_dir, "accuracy.png"), dpi=110)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

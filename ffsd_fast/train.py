@@ -1,0 +1,262 @@
+"""The FFSD trainer. Runs as ``python -m ffsd_fast.train``, as ``ffsd-train`` and as ``torchrun ffsd_fast/train.py``.
+
+Reads top to bottom: configuration, data, networks, then the epoch loop (train steps, one evaluation of every
+network, one checkpoint), then the summary. The step itself is ``ffsd_fast.step.train_step``; the only host
+synchronisations are marked ``# host sync`` and happen every ``--log-every`` steps and at epoch ends.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # torchrun runs this file as a script, which puts ffsd_fast/ on sys.path: put the project root there instead,
+    # so that our module names (data, config, models…) cannot shadow anything else.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import dataclasses
+import json
+import time
+from types import ModuleType
+
+import torch
+from tqdm import tqdm
+
+import ffsd_kernels
+from ffsd_fast import checkpoint, models
+from ffsd_fast.config import Config, parse_args, resolve, to_dict
+from ffsd_fast.data import build_loaders
+from ffsd_fast.errors import UserError
+from ffsd_fast.evaluate import evaluate
+from ffsd_fast.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions
+from ffsd_fast.method import FFSDNetworks, build_networks
+from ffsd_fast.runlog import RunLog, code_version
+from ffsd_fast.schedules import imagenet_sgd_lr, multistep_lr, warmed_up_lambda
+from ffsd_fast.step import make_optimizers, set_learning_rates, train_step
+
+IMAGENET_DECODER_MILESTONES = [30, 60, 80]
+# Fields that must agree between a checkpoint and the run that resumes it.
+_RUN_IDENTITY = ("model", "dataset", "num_students", "image_size")
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def kernel_ops(name: str) -> ModuleType:
+    """The loss library behind ``--kernels``."""
+    if name == "torch":
+        return ffsd_kernels
+    raise UserError("--kernels triton: the fused Triton kernels are not part of this version yet; use --kernels torch")
+
+
+def single_process_world() -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise UserError(f"WORLD_SIZE={world_size}: multi-process (DDP) training is not in this version yet; "
+                        "run one process (torchrun --nproc_per_node=1)")
+
+
+def learning_rates(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> tuple[float, float]:
+    """(SGD lr, decoder Adam lr) for a 1-based epoch and the step within it."""
+    if cfg.lr_schedule == "imagenet":
+        return (imagenet_sgd_lr(cfg.lr, epoch, step, steps_per_epoch, quirk=cfg.quirk_imagenet_lr_epoch),
+                multistep_lr(cfg.decoder_lr, epoch, IMAGENET_DECODER_MILESTONES))
+    return multistep_lr(cfg.lr, epoch, cfg.lr_milestones), multistep_lr(cfg.decoder_lr, epoch, cfg.lr_milestones)
+
+
+def lambdas_for(cfg: Config, epoch: int) -> list[float]:
+    values = [0.0] * 3
+    values[LAMBDA_DIV], values[LAMBDA_SD], values[LAMBDA_F] = cfg.lambda_div, cfg.lambda_sd, cfg.lambda_f
+    return [warmed_up_lambda(v, epoch, cfg.lambda_warmup_epochs) for v in values]
+
+
+def new_run_dir(cfg: Config) -> str:
+    name = cfg.run_name or f"{cfg.dataset}-{cfg.model}-m{cfg.num_students}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = os.path.join(cfg.output_dir, name)
+    suffix = 1
+    while os.path.exists(path) and cfg.run_name is None:
+        suffix += 1
+        path = os.path.join(cfg.output_dir, f"{name}-{suffix}")
+    os.makedirs(path, exist_ok=cfg.run_name is not None)
+    return path
+
+
+def check_resumable(saved: dict, cfg: Config, path: str) -> None:
+    differ = [f"{k} {saved.get(k)!r} → {getattr(cfg, k)!r}" for k in _RUN_IDENTITY if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise UserError(f"checkpoint {path} is from another run ({'; '.join(differ)}): pass the flags it was "
+                        "trained with, or start a new run")
+
+
+def summarize(history: list[dict], num_students: int, topk: tuple[int, ...]) -> dict:
+    """Final-epoch accuracies, and each network's best over epochs (at its own epoch, as the paper reports)."""
+    final, summary = history[-1], {}
+    for k in topk:
+        keys = ["leader", "fusion", "ensemble", "average", "oracle_ensemble"]
+        for key in keys:
+            summary[f"{key}_top{k}"] = final[f"{key}_top{k}"]
+            summary[f"best_{key}_top{k}"] = max(h[f"{key}_top{k}"] for h in history)
+        students = [f"student{i}_top{k}" for i in range(num_students)]
+        summary[f"students_top{k}"] = [final[s] for s in students]
+        summary[f"best_students_top{k}"] = [max(h[s] for h in history) for s in students]
+    summary["best_leader_epoch"] = max(history, key=lambda h: h["leader_top1"])["epoch"]
+    return summary
+
+
+def print_table(summary: dict, num_students: int) -> None:
+    rows = [(f"student {i + 1}", summary["students_top1"][i], summary["best_students_top1"][i])
+            for i in range(num_students)]
+    rows += [(label, summary[f"{key}_top1"], summary[f"best_{key}_top1"]) for label, key in [
+        ("fusion module", "fusion"), ("leader", "leader"), ("students' average", "average"),
+        ("ensemble (mean logits)", "ensemble"), ("oracle ensemble (any)", "oracle_ensemble")]]
+    print(f"\n{'network':<24}{'final top-1':>12}{'best top-1':>12}")
+    for label, final, best in rows:
+        print(f"{label:<24}{final:>11.2f}%{best:>11.2f}%")
+
+
+def write_json_atomic(data: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def train(cfg: Config) -> dict:
+    """Trains one FFSD run to ``cfg.epochs`` and returns its summary (also written to ``summary.json``)."""
+    single_process_world()
+    ops = kernel_ops(cfg.kernels)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    device = torch.device(cfg.device)
+
+    saved = checkpoint.load(cfg.resume, device) if cfg.resume else None
+    if saved is not None:
+        ckpt_path = checkpoint.resolve_path(cfg.resume)
+        check_resumable(saved["config"], cfg, ckpt_path)
+        run_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    train_loader, test_loader, info = build_loaders(
+        cfg.dataset, cfg.data_root, cfg.image_size, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed,
+        drop_last=cfg.drop_last, workers=cfg.workers)
+    if saved is None:
+        run_dir = new_run_dir(cfg)
+
+    torch.manual_seed(cfg.seed)
+    nets: FFSDNetworks = build_networks(cfg.model, info.num_classes, cfg.num_students, cfg.image_size,
+                                        probe_forward=cfg.quirk_probe_forward).to(device)
+    optimizers = make_optimizers(nets, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.fusion_weight_decay,
+                                 cfg.decoder_lr, cfg.decoder_weight_decay)
+    history: list[dict] = []
+    start_epoch = 1
+    if saved is not None:
+        nets.load_state_dict(saved["networks"])
+        for optimizer, state in zip(optimizers, saved["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+        history = saved["history"]
+        start_epoch = saved["epoch"] + 1
+        checkpoint.set_rng_state(saved["rng"])
+
+    run_log = RunLog(run_dir)
+    run_log.write_config(to_dict(cfg), code_version())
+    options = LossOptions(temperature=cfg.temperature, student_sd_uses_lambda_div=cfg.quirk_student_sd_lambda_div,
+                          diversity_enabled=cfg.lambda_div > 0)
+    topk = (1, 5) if cfg.dataset == "imagenet" and info.num_classes >= 5 else (1,)
+    lambdas = torch.zeros(3, device=device)
+    steps_per_epoch = len(train_loader)
+    ckpt_path = os.path.join(run_dir, checkpoint.CHECKPOINT_NAME)
+    print(f"run directory: {run_dir}", flush=True)
+    train_seconds = sum(h["train_seconds"] for h in history)
+    images_seen = sum(h["train_images"] for h in history)
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            epoch_lambdas = lambdas_for(cfg, epoch)
+            lambdas.copy_(torch.tensor(epoch_lambdas))
+            train_loader.set_epoch(epoch)
+            nets.train()
+            running, bad, names, count, epoch_images = None, None, None, 0, 0
+            started = time.perf_counter()
+            bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                       disable=not cfg.progress, leave=False, dynamic_ncols=True)
+            for step, (images, labels) in enumerate(bar):
+                set_learning_rates(optimizers, *learning_rates(cfg, epoch, step, steps_per_epoch))
+                terms = train_step(nets, optimizers, images, labels, lambdas, options, ops)
+                weighted = terms.weighted()
+                if names is None:
+                    names = ["total", *terms.values, *(f"weighted/{k}" for k in weighted)]
+                    running = torch.zeros(len(names), dtype=torch.float64, device=device)
+                    bad = torch.zeros((), dtype=torch.bool, device=device)
+                running += torch.stack([terms.total, *terms.values.values(), *weighted.values()]).double()
+                bad |= ~torch.isfinite(terms.total)
+                count += 1
+                epoch_images += labels.shape[0]
+                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                    means = (running / count).tolist()  # host sync, once per log interval
+                    if bad.item():
+                        good = (f"the last good checkpoint is {ckpt_path} (epoch {start_epoch - 1 + len(history)})"
+                                if os.path.exists(ckpt_path) else "no checkpoint was written yet")
+                        raise NonFiniteLoss(f"non-finite loss in epoch {epoch} by step {step + 1}: stopped; {good}; "
+                                            "try a lower --lr")
+                    record = {"kind": "train", "epoch": epoch, "step": step + 1, **dict(zip(names, means, strict=True))}
+                    run_log.log(record, (epoch - 1) * steps_per_epoch + step + 1)
+                    bar.set_postfix(loss=f"{means[0]:.3f}", leader_ce=f"{record['leader.ce']:.3f}")
+                    running.zero_()
+                    count = 0
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            train_seconds += seconds
+            images_seen += epoch_images
+
+            accuracies = evaluate(nets, test_loader, topk)
+            sgd_lr, decoder_lr = learning_rates(cfg, epoch, steps_per_epoch - 1, steps_per_epoch)
+            record = {"kind": "eval", "epoch": epoch, **accuracies, "lr": sgd_lr, "decoder_lr": decoder_lr,
+                      "lambda_div": epoch_lambdas[LAMBDA_DIV], "lambda_sd": epoch_lambdas[LAMBDA_SD],
+                      "lambda_f": epoch_lambdas[LAMBDA_F], "train_seconds": seconds, "train_images": epoch_images,
+                      "images_per_s": epoch_images / seconds}
+            history.append(record)
+            run_log.log(record, epoch)
+            run_log.plot_accuracy(history, cfg.num_students)
+            students = " ".join(f"{accuracies[f'student{i}_top1']:.2f}" for i in range(cfg.num_students))
+            tqdm.write(f"epoch {epoch}/{cfg.epochs}  leader {accuracies['leader_top1']:.2f}  students {students}  "
+                       f"fusion {accuracies['fusion_top1']:.2f}  ensemble {accuracies['ensemble_top1']:.2f}  "
+                       f"({seconds:.1f}s, {epoch_images / seconds:.0f} img/s)")
+            checkpoint.save_atomic({
+                "format": 1,
+                "config": to_dict(cfg),
+                "num_classes": info.num_classes,
+                "epoch": epoch,
+                "networks": nets.state_dict(),
+                "optimizers": [o.state_dict() for o in optimizers],
+                "history": history,
+                "rng": checkpoint.rng_state(),
+            }, ckpt_path)
+    finally:
+        run_log.close()
+
+    summary = {
+        **summarize(history, cfg.num_students, topk),
+        "model": cfg.model, "dataset": cfg.dataset, "num_students": cfg.num_students, "epochs": cfg.epochs,
+        "train_seconds": train_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "run_dir": os.path.abspath(run_dir), **code_version(),
+    }
+    write_json_atomic(summary, os.path.join(run_dir, "summary.json"))
+    print_table(summary, cfg.num_students)
+    print(f"\nrun directory: {os.path.abspath(run_dir)}  (summary.json, metrics.jsonl, accuracy.png, "
+          f"checkpoint.pt)", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(resolve(parse_args(argv)))
+    except UserError as error:
+        print(f"ffsd-train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

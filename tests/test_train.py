@@ -1,0 +1,183 @@
+"""The trainer end to end on the embedded digits: outputs, resume, export, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from ffsd_fast import checkpoint
+from ffsd_fast.export import main as export_main
+from ffsd_fast.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--epochs", "1", "--no-progress", "--workers", "0"]
+
+
+def run_ok(args, tmp_path, name="run"):
+    assert main([*args, "--output-dir", str(tmp_path), "--run-name", name]) == 0
+    return tmp_path / name
+
+
+def one_line_error(capsys, args):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("ffsd-train: error: "), err
+    return err
+
+
+def test_short_run_writes_every_artifact(tmp_path):
+    run = run_ok([*FAST, "--epochs", "2", "--log-every", "5"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("leader_top1", "fusion_top1", "ensemble_top1", "average_top1", "oracle_ensemble_top1",
+                "best_leader_top1"):
+        assert 0.0 <= summary[key] <= 100.0
+    assert len(summary["students_top1"]) == 2
+    assert summary["average_top1"] == pytest.approx(sum(summary["students_top1"]) / 2)
+    for name in ("metrics.jsonl", "accuracy.png", "config.yaml", "version.json", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    assert any(p.name.startswith("events.out") for p in (run / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == "train"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert {"leader.ce", "weighted/leader.fusion", "decoder1.feature", "student1.diversity"} <= set(trains[0])
+    # λ warm-up: epoch 2 of 5 is exp(-5 (1 - 2/5)^2) of λ_f = 10.
+    assert evals[1]["lambda_f"] == pytest.approx(10 * 2.718281828459045 ** (-5 * 0.36))
+
+
+def test_resume_gives_the_same_weights_as_running_straight_through(tmp_path):
+    args = [*FAST, "--epochs", "2", "--batch-size", "128"]
+    straight = run_ok(args, tmp_path, "straight")
+    stopped = run_ok([*args[:-4], "--epochs", "1", "--batch-size", "128"], tmp_path, "stopped")
+    assert main([*args, "--resume", str(stopped)]) == 0
+    a = checkpoint.load(str(straight))
+    b = checkpoint.load(str(stopped))
+    assert b["epoch"] == 2
+    for name, value in a["networks"].items():
+        assert torch.equal(value, b["networks"][name]), name
+    for sa, sb in zip(a["optimizers"], b["optimizers"], strict=True):
+        for pid, state in sa["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, sb["state"][pid][key]), (pid, key)
+    assert [h["leader_top1"] for h in a["history"]] == [h["leader_top1"] for h in b["history"]]
+
+
+def test_export_loads_into_stock_torchvision_resnet(tmp_path):
+    run = run_ok([*FAST, "--model", "resnet18", "--batch-size", "128"], tmp_path)
+    out = tmp_path / "leader.pt"
+    assert export_main([str(run), "--out", str(out)]) == 0
+    weights = torch.load(out, weights_only=True)
+    assert not any(k.startswith(("head", "leader", "backbone")) for k in weights)
+    stock = torchvision.models.resnet18(num_classes=10)
+    stock.load_state_dict(weights, strict=True)
+    full = checkpoint.load(str(run))["networks"]
+    from ffsd_fast import models
+
+    ours = models.create("resnet18", 10)
+    ours.load_state_dict({k[len("leader.backbone."):]: v for k, v in full.items() if k.startswith("leader.backbone.")})
+    stock.eval()
+    ours.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(stock(x), ours(x)[0])
+
+
+def test_unknown_model_lists_the_known_ones(capsys):
+    err = one_line_error(capsys, ["--model", "resnet7"])
+    assert "resnet7" in err and "resnet20" in err and "resnet50" in err
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "imagenet"])
+def test_missing_data_folder(capsys, tmp_path, dataset):
+    err = one_line_error(capsys, ["--dataset", dataset, "--data-root", str(tmp_path / "nowhere"), *FAST])
+    assert "nowhere" in err
+
+
+def test_empty_data_folder(capsys, tmp_path):
+    err = one_line_error(capsys, ["--imagenet", "--data-root", str(tmp_path), "--image-size", "32", *FAST])
+    assert str(tmp_path) in err
+
+
+def test_data_folder_required(capsys):
+    err = one_line_error(capsys, ["--dataset", "cifar10", *FAST])
+    assert "--data-root" in err or "data_root" in err
+
+
+def test_batch_that_leaves_one_sample_for_batchnorm(capsys, tmp_path):
+    # 1347 digits in batches of 2 leave a last batch of 1; resnet18 at 32 px has 1×1 last maps: BN cannot train.
+    err = one_line_error(capsys, ["--model", "resnet18", "--batch-size", "2", *FAST, "--output-dir", str(tmp_path)])
+    assert "--batch-size 2" in err and "--drop-last" in err
+
+
+def test_image_size_that_does_not_halve(capsys):
+    err = one_line_error(capsys, ["--model", "resnet18", "--image-size", "16", *FAST])
+    assert "16" in err
+
+
+def test_checkpoint_from_another_model(capsys, tmp_path):
+    run = run_ok(FAST, tmp_path)
+    err = one_line_error(capsys, [*FAST, "--model", "resnet32", "--resume", str(run)])
+    assert "resnet20" in err and "resnet32" in err
+
+
+def test_corrupt_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    err = one_line_error(capsys, [*FAST, "--resume", str(bad)])
+    assert str(bad) in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
+    run = run_ok(FAST, tmp_path)
+    before = checkpoint.load(str(run))
+    err = one_line_error(capsys, [*FAST, "--epochs", "2", "--lr", "1e30", "--log-every", "1", "--resume", str(run)])
+    assert "non-finite" in err and "checkpoint.pt" in err
+    after = checkpoint.load(str(run))
+    assert after["epoch"] == 1
+    for name, value in before["networks"].items():
+        assert torch.equal(value, after["networks"][name])
+
+
+def test_triton_kernels_flag_is_refused_clearly(capsys):
+    err = one_line_error(capsys, [*FAST, "--kernels", "triton"])
+    assert "--kernels torch" in err
+
+
+def test_config_file_and_flags(capsys, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: resnet32\nlambda_f: 3.0\n")
+    from ffsd_fast.config import parse_args
+
+    config = parse_args(["-c", str(cfg), "--lambda-f", "4"])
+    assert config.model == "resnet32" and config.lambda_f == 4.0
+    cfg.write_text("modle: resnet32\n")
+    err = one_line_error(capsys, ["-c", str(cfg)])
+    assert "modle" in err
+
+
+def test_cli_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "ffsd_fast.train", "--model", "nope"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
+
+
+def test_help_documents_every_flag():
+    proc = subprocess.run([sys.executable, "-m", "ffsd_fast.train", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0
+    for flag in ("--model", "--dataset", "--imagenet", "--data-root", "--num-students", "--epochs", "--batch-size",
+                 "--image-size", "--lr", "--seed", "--device", "--output-dir", "--resume", "--kernels", "-c"):
+        assert flag in proc.stdout, flag
+
+
+def test_torchrun_runs_the_script(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=1", "ffsd_fast/train.py", *FAST,
+                           "--output-dir", str(tmp_path), "--run-name", "tr"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "tr" / "summary.json").is_file()
