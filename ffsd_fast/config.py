@@ -35,9 +35,9 @@ class Config:
     image_size: int | None = _field(None, "input size (default: 16 for digits on CIFAR models, 32 for digits on "
                                           "ImageNet models, 32 for CIFAR, 224 for ImageNet)")
     # Optimisation.
-    epochs: int | None = _field(None, "epochs to train (default: digits 15, CIFAR 299 and ImageNet 89, as the "
+    epochs: int | None = _field(None, "epochs to train (default: digits 12, CIFAR 299 and ImageNet 89, as the "
                                       "reference's loops run)")
-    batch_size: int | None = _field(None, "training batch per process (default: digits 64, CIFAR 128, "
+    batch_size: int | None = _field(None, "training batch per process (default: digits 32, CIFAR 128, "
                                           "ImageNet 256)")
     eval_batch_size: int | None = _field(None, "evaluation batch per process (default: the training batch)")
     drop_last: bool = _field(False, "drop the last partial training batch (the reference keeps it)")
@@ -77,7 +77,7 @@ class Config:
     progress: bool = _field(True, "show progress bars")
 
 
-_DIGITS_EPOCHS, _DIGITS_BATCH = 15, 64
+_DIGITS_EPOCHS, _DIGITS_BATCH = 12, 32
 
 
 def _flag(name: str) -> str:
@@ -153,6 +153,10 @@ def resolve(config: Config) -> Config:
         raise UserError(f"--num-students must be at least 2 (the mutual and diversity terms need two), "
                         f"got {c.num_students}")
     digits, imagenet = c.dataset == "digits", c.dataset == "imagenet"
+    if not digits and not c.data_root:
+        holds = "train/ and val/" if imagenet else "cifar-10-batches-py/" if c.dataset == "cifar10" else \
+            "cifar-100-python/"
+        raise UserError(f"--dataset {c.dataset} needs --data-root, the folder that holds {holds}")
     if c.image_size is None:
         if digits:
             c.image_size = 16 if models.family(c.model) == "cifar" else 32

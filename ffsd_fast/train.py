@@ -13,7 +13,6 @@ if __name__ == "__main__" and not __package__:
     # so that our module names (data, config, models…) cannot shadow anything else.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import dataclasses
 import json
 import time
 from types import ModuleType
@@ -68,6 +67,18 @@ def lambdas_for(cfg: Config, epoch: int) -> list[float]:
     values = [0.0] * 3
     values[LAMBDA_DIV], values[LAMBDA_SD], values[LAMBDA_F] = cfg.lambda_div, cfg.lambda_sd, cfg.lambda_f
     return [warmed_up_lambda(v, epoch, cfg.lambda_warmup_epochs) for v in values]
+
+
+def check_batchnorm_batches(cfg: Config, num_train: int) -> None:
+    """BatchNorm cannot train on one value per channel: refuse a batch that would give it one, before training."""
+    _, height, width = models.tap_shapes(cfg.model, cfg.image_size)[-1]
+    last = num_train % cfg.batch_size
+    smallest = min(cfg.batch_size, last if last and not cfg.drop_last else cfg.batch_size)
+    if smallest * height * width == 1:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} on {num_train} training images leaves a batch of 1, and the last stage of "
+            f"{cfg.model} at {cfg.image_size} px is 1×1, so BatchNorm would train on a single value: add --drop-last "
+            "or choose a batch size that does not leave 1")
 
 
 def new_run_dir(cfg: Config) -> str:
@@ -139,6 +150,7 @@ def train(cfg: Config) -> dict:
     train_loader, test_loader, info = build_loaders(
         cfg.dataset, cfg.data_root, cfg.image_size, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed,
         drop_last=cfg.drop_last, workers=cfg.workers)
+    check_batchnorm_batches(cfg, info.num_train)
     if saved is None:
         run_dir = new_run_dir(cfg)
 
