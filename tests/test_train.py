@@ -192,3 +192,27 @@ def test_demo_leader_learns(tmp_path):
     print({k: summary[k] for k in ("leader_top1", "students_top1", "fusion_top1", "ensemble_top1", "train_seconds")})
     assert summary["leader_top1"] >= 80.0
     assert summary["leader_top1"] >= sum(summary["students_top1"]) / len(summary["students_top1"])
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_trains_on_a_cifar_tree(tmp_path, num_classes):
+    from tests.test_data import write_cifar
+
+    write_cifar(tmp_path / "data", num_classes, train_per_file=40 if num_classes == 100 else 8, test=20)
+    dataset = f"cifar{num_classes}"
+    run = run_ok(["--dataset", dataset, "--data-root", str(tmp_path / "data"), *FAST, "--batch-size", "16"],
+                 tmp_path, dataset)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"] == dataset and len(summary["students_top1"]) == 2
+    assert checkpoint.load(str(run))["num_classes"] == num_classes
+
+
+def test_trains_on_an_image_folder_with_top5(tmp_path):
+    from tests.test_data import write_folder
+
+    classes = [f"n{i:03d}" for i in range(6)]
+    write_folder(tmp_path / "data", classes=classes, train=4, val=2)
+    run = run_ok(["--imagenet", "--data-root", str(tmp_path / "data"), "--model", "resnet18", "--image-size", "64",
+                  *FAST, "--batch-size", "8"], tmp_path, "imagenet")
+    summary = json.loads((run / "summary.json").read_text())
+    assert "leader_top5" in summary and summary["leader_top5"] >= summary["leader_top1"]

@@ -1,0 +1,66 @@
+"""Contracts of the one-backward step that hold on any device."""
+
+import pytest
+import torch
+
+import ffsd_kernels
+from ffsd_fast.losses import LossOptions
+from ffsd_fast.method import build_networks
+from ffsd_fast.step import make_optimizers, set_learning_rates, train_step
+
+HOST_SYNCS = ("item", "tolist", "__bool__", "cpu", "nonzero", "__float__", "__int__")
+
+
+@pytest.fixture
+def setup():
+    nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16).train()
+    return nets, make_optimizers(nets), torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+
+
+def test_step_makes_no_host_synchronisation(setup, monkeypatch):
+    nets, optimizers, x, y = setup
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation inside the step")
+
+    set_learning_rates(optimizers, 0.05, 1e-4)
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for _ in range(2):
+        terms = train_step(nets, optimizers, x, y, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ffsd_kernels)
+    monkeypatch.undo()
+    assert torch.isfinite(terms.total)
+
+
+def test_every_network_is_updated_once(setup):
+    nets, optimizers, x, y = setup
+    before = {name: p.detach().clone() for name, p in nets.named_parameters()}
+    train_step(nets, optimizers, x, y, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ffsd_kernels)
+    moved = {name.split(".")[0] for name, p in nets.named_parameters() if not torch.equal(p, before[name])}
+    assert moved == {"students", "decoders", "leader_decoder", "fusion", "leader"}
+    head = [n for n, p in nets.named_parameters() if n.startswith("leader.head.") and torch.equal(p, before[n])]
+    assert not head, head
+
+
+def test_learning_rates_are_written_in_place(setup):
+    nets, optimizers, _, _ = setup
+    tensors = [g["lr"] for o in optimizers for g in o.param_groups]
+    set_learning_rates(optimizers, 0.025, 3e-4)
+    assert [g["lr"] for o in optimizers for g in o.param_groups] == tensors  # same objects: graph-capture safe
+    assert [float(t) for t in tensors] == pytest.approx([0.025, 0.025, 3e-4])
+
+
+def test_terms_weighted_in_one_place(setup):
+    nets, optimizers, x, y = setup
+    lambdas = torch.tensor([0.5, 7.0, 3.0])
+    terms = train_step(nets, optimizers, x, y, lambdas, LossOptions(), ffsd_kernels)
+    weighted = terms.weighted()
+    assert torch.allclose(sum(weighted.values()), terms.total)
+    assert torch.allclose(weighted["student1.diversity"], 0.5 * terms.values["student1.diversity"])
+    assert torch.allclose(weighted["student2.self_distillation"], 0.5 * terms.values["student2.self_distillation"])
+    assert torch.allclose(weighted["leader.trans_fusion"], 3.0 * terms.values["leader.trans_fusion"])
+    assert torch.allclose(weighted["decoder_leader.feature"], 7.0 * terms.values["decoder_leader.feature"])
+    assert torch.equal(weighted["leader.ce"], terms.values["leader.ce"])
+    clean = train_step(nets, optimizers, x, y, lambdas, LossOptions(student_sd_uses_lambda_div=False), ffsd_kernels)
+    assert torch.allclose(clean.weighted()["student1.self_distillation"],
+                          7.0 * clean.values["student1.self_distillation"])
