@@ -216,3 +216,11 @@ def test_trains_on_an_image_folder_with_top5(tmp_path):
                   *FAST, "--batch-size", "8"], tmp_path, "imagenet")
     summary = json.loads((run / "summary.json").read_text())
     assert "leader_top5" in summary and summary["leader_top5"] >= summary["leader_top1"]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(ROOT, "configs")) if p.endswith(".yaml")))
+def test_shipped_configs_resolve(path):
+    from ffsd_fast.config import parse_args, resolve
+
+    cfg = resolve(parse_args(["-c", os.path.join(ROOT, "configs", path), "--data-root", "/data"]))
+    assert cfg.epochs >= 1 and cfg.model in path
