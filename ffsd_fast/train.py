@@ -26,7 +26,7 @@ from ffsd_fast.config import Config, parse_args, resolve, to_dict
 from ffsd_fast.data import build_loaders
 from ffsd_fast.errors import UserError
 from ffsd_fast.evaluate import evaluate
-from ffsd_fast.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions
+from ffsd_fast.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions, LossTerms
 from ffsd_fast.method import FFSDNetworks, build_networks
 from ffsd_fast.runlog import RunLog, code_version
 from ffsd_fast.schedules import imagenet_sgd_lr, multistep_lr, warmed_up_lambda
@@ -134,6 +134,59 @@ def write_json_atomic(data: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+class LossMeter:
+    """Running means of the loss terms, summed on the device and read back (one host sync) only when asked."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.count = 0
+
+    def add(self, terms: LossTerms) -> None:
+        weighted = terms.weighted()
+        stacked = torch.stack([terms.total, *terms.values.values(), *weighted.values()]).double()
+        if self.names is None:
+            self.names = ["total", *terms.values, *(f"weighted/{k}" for k in weighted)]
+            self.sums = torch.zeros_like(stacked)
+            self.bad = torch.zeros((), dtype=torch.bool, device=stacked.device)
+        self.sums += stacked
+        self.bad |= ~torch.isfinite(terms.total)
+        self.count += 1
+
+    def read(self) -> tuple[dict[str, float], bool]:
+        """(means since the last read, whether any total was non-finite); resets the means."""
+        values = torch.cat([self.sums / self.count, self.bad.double()[None]]).tolist()  # host sync
+        self.sums.zero_()
+        self.count = 0
+        return dict(zip(self.names, values[:-1], strict=True)), values[-1] > 0
+
+
+def train_epoch(cfg: Config, epoch: int, nets: FFSDNetworks, optimizers: list[torch.optim.Optimizer], loader,
+                lambdas: torch.Tensor, options: LossOptions, ops: ModuleType, run_log: RunLog,
+                last_good: str) -> tuple[float, int]:
+    """One epoch of steps; losses are read back every ``--log-every`` steps. Returns (seconds, images)."""
+    loader.set_epoch(epoch)
+    nets.train()
+    meter, images_seen, steps = LossMeter(), 0, len(loader)
+    started = time.perf_counter()
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False,
+               dynamic_ncols=True)
+    for step, (images, labels) in enumerate(bar):
+        set_learning_rates(optimizers, *learning_rates(cfg, epoch, step, steps))
+        meter.add(train_step(nets, optimizers, images, labels, lambdas, options, ops))
+        images_seen += labels.shape[0]
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            means, non_finite = meter.read()
+            if non_finite:
+                raise NonFiniteLoss(f"non-finite loss in epoch {epoch} by step {step + 1}: stopped; {last_good}; "
+                                    "try a lower --lr")
+            run_log.log({"kind": "train", "epoch": epoch, "step": step + 1, **means}, (epoch - 1) * steps + step + 1)
+            bar.set_postfix(loss=f"{means['total']:.3f}", leader_ce=f"{means['leader.ce']:.3f}")
+    bar.close()
+    if lambdas.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, images_seen
+
+
 def train(cfg: Config) -> dict:
     """Trains one FFSD run to ``cfg.epochs`` and returns its summary (also written to ``summary.json``)."""
     single_process_world()
@@ -141,6 +194,8 @@ def train(cfg: Config) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution algorithms once
 
     saved = checkpoint.load(cfg.resume, device) if cfg.resume else None
     if saved is not None:
@@ -175,7 +230,6 @@ def train(cfg: Config) -> dict:
                           diversity_enabled=cfg.lambda_div > 0)
     topk = (1, 5) if cfg.dataset == "imagenet" and info.num_classes >= 5 else (1,)
     lambdas = torch.zeros(3, device=device)
-    steps_per_epoch = len(train_loader)
     ckpt_path = os.path.join(run_dir, checkpoint.CHECKPOINT_NAME)
     print(f"run directory: {run_dir}", flush=True)
     train_seconds = sum(h["train_seconds"] for h in history)
@@ -184,45 +238,15 @@ def train(cfg: Config) -> dict:
         for epoch in range(start_epoch, cfg.epochs + 1):
             epoch_lambdas = lambdas_for(cfg, epoch)
             lambdas.copy_(torch.tensor(epoch_lambdas))
-            train_loader.set_epoch(epoch)
-            nets.train()
-            running, bad, names, count, epoch_images = None, None, None, 0, 0
-            started = time.perf_counter()
-            bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                       disable=not cfg.progress, leave=False, dynamic_ncols=True)
-            for step, (images, labels) in enumerate(bar):
-                set_learning_rates(optimizers, *learning_rates(cfg, epoch, step, steps_per_epoch))
-                terms = train_step(nets, optimizers, images, labels, lambdas, options, ops)
-                weighted = terms.weighted()
-                if names is None:
-                    names = ["total", *terms.values, *(f"weighted/{k}" for k in weighted)]
-                    running = torch.zeros(len(names), dtype=torch.float64, device=device)
-                    bad = torch.zeros((), dtype=torch.bool, device=device)
-                running += torch.stack([terms.total, *terms.values.values(), *weighted.values()]).double()
-                bad |= ~torch.isfinite(terms.total)
-                count += 1
-                epoch_images += labels.shape[0]
-                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                    means = (running / count).tolist()  # host sync, once per log interval
-                    if bad.item():
-                        good = (f"the last good checkpoint is {ckpt_path} (epoch {start_epoch - 1 + len(history)})"
-                                if os.path.exists(ckpt_path) else "no checkpoint was written yet")
-                        raise NonFiniteLoss(f"non-finite loss in epoch {epoch} by step {step + 1}: stopped; {good}; "
-                                            "try a lower --lr")
-                    record = {"kind": "train", "epoch": epoch, "step": step + 1, **dict(zip(names, means, strict=True))}
-                    run_log.log(record, (epoch - 1) * steps_per_epoch + step + 1)
-                    bar.set_postfix(loss=f"{means[0]:.3f}", leader_ce=f"{record['leader.ce']:.3f}")
-                    running.zero_()
-                    count = 0
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
+            last_good = (f"the last good checkpoint is {ckpt_path} (epoch {epoch - 1})" if os.path.exists(ckpt_path)
+                         else "no checkpoint was written yet")
+            seconds, epoch_images = train_epoch(cfg, epoch, nets, optimizers, train_loader, lambdas, options, ops,
+                                                run_log, last_good)
             train_seconds += seconds
             images_seen += epoch_images
 
             accuracies = evaluate(nets, test_loader, topk)
-            sgd_lr, decoder_lr = learning_rates(cfg, epoch, steps_per_epoch - 1, steps_per_epoch)
+            sgd_lr, decoder_lr = learning_rates(cfg, epoch, len(train_loader) - 1, len(train_loader))
             record = {"kind": "eval", "epoch": epoch, **accuracies, "lr": sgd_lr, "decoder_lr": decoder_lr,
                       "lambda_div": epoch_lambdas[LAMBDA_DIV], "lambda_sd": epoch_lambdas[LAMBDA_SD],
                       "lambda_f": epoch_lambdas[LAMBDA_F], "train_seconds": seconds, "train_images": epoch_images,
