@@ -224,3 +224,10 @@ def test_shipped_configs_resolve(path):
 
     cfg = resolve(parse_args(["-c", os.path.join(ROOT, "configs", path), "--data-root", "/data"]))
     assert cfg.epochs >= 1 and cfg.model in path
+
+
+@pytest.mark.parametrize("script", ["ffsd-train", "ffsd-export"])
+def test_console_scripts_are_installed(script):
+    path = os.path.join(os.path.dirname(sys.executable), script)
+    proc = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"usage: {script}" in proc.stdout
