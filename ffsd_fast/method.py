@@ -89,20 +89,23 @@ class DecoderBlock(nn.Module):
 
 
 class SelfDistillationDecoder(nn.Module):
-    """Maps a last-stage map back to the shapes of stages ``K−1 … 1``; PyTorch's default init."""
+    """Maps a last-stage map back to the shapes of stages ``K−1 … 1``; PyTorch's default init.
+
+    Blocks are ``layer0`` (deepest) … ``layer{K−2}``, as in the reference, so its decoder weights load.
+    """
 
     def __init__(self, tap_channels: list[int]) -> None:
         super().__init__()
         deep_to_shallow = tap_channels[::-1]
         self.num_blocks = len(tap_channels) - 1
         for i in range(self.num_blocks):
-            self.add_module(f"layer{i + 1}", DecoderBlock(deep_to_shallow[i], deep_to_shallow[i + 1]))
+            self.add_module(f"layer{i}", DecoderBlock(deep_to_shallow[i], deep_to_shallow[i + 1]))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Returns ``[g_1, …, g_{K−1}]`` in stage order (shallowest first), each shaped like that stage's tap."""
         outputs = []
         for i in range(self.num_blocks):
-            x = getattr(self, f"layer{i + 1}")(x)
+            x = getattr(self, f"layer{i}")(x)
             outputs.append(x)
         return outputs[::-1]
 
