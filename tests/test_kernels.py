@@ -306,6 +306,19 @@ def test_attention_map(shape, layout, dtype, device):
     check("attention_map", dtype, "grad", grad_error(x.grad, x64.grad))
 
 
+def compare_distance(name, op, op64, x, y):
+    """Value and both gradients of a two-argument loss against its float64 formula."""
+    d = op(x, y)
+    assert d.shape == () and d.dtype == x.dtype
+    d.backward()
+    x64, y64 = leaf64(x), leaf64(y)
+    d64 = op64(x64, y64)
+    d64.backward()
+    check(name, x.dtype, "value", value_error(d, d64))
+    check(name, x.dtype, "grad_x", grad_error(x.grad, x64.grad))
+    check(name, x.dtype, "grad_y", grad_error(y.grad, y64.grad))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -313,15 +326,7 @@ def test_attention_map(shape, layout, dtype, device):
 def test_normalized_distance(shape, layout, dtype, device):
     x = make_map(shape, dtype, device, layout)
     y = make_map(shape, dtype, device, layout)
-    d = normalized_distance(x, y)
-    assert d.shape == () and d.dtype == dtype
-    d.backward()
-    x64, y64 = leaf64(x), leaf64(y)
-    d64 = normalized_distance64(x64, y64)
-    d64.backward()
-    check("normalized_distance", dtype, "value", value_error(d, d64))
-    check("normalized_distance", dtype, "grad_x", grad_error(x.grad, x64.grad))
-    check("normalized_distance", dtype, "grad_y", grad_error(y.grad, y64.grad))
+    compare_distance("normalized_distance", normalized_distance, normalized_distance64, x, y)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -332,15 +337,7 @@ def test_normalized_distance(shape, layout, dtype, device):
 def test_attention_distance(shape, layout, extra_channels, dtype, device):
     x = make_map(shape, dtype, device, layout)
     y = make_map((shape[0], shape[1] + extra_channels, *shape[2:]), dtype, device, layout)
-    d = attention_distance(x, y)
-    assert d.shape == () and d.dtype == dtype
-    d.backward()
-    x64, y64 = leaf64(x), leaf64(y)
-    d64 = attention_distance64(x64, y64)
-    d64.backward()
-    check("attention_distance", dtype, "value", value_error(d, d64))
-    check("attention_distance", dtype, "grad_x", grad_error(x.grad, x64.grad))
-    check("attention_distance", dtype, "grad_y", grad_error(y.grad, y64.grad))
+    compare_distance("attention_distance", attention_distance, attention_distance64, x, y)
 
 
 @pytest.mark.parametrize("device", DEVICES)
