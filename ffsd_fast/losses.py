@@ -28,14 +28,15 @@ class LossOptions:
 
 @dataclass
 class LossTerms:
-    """Unweighted terms and their weights (``None`` = 1), keyed ``network.term`` (``student1.diversity``)."""
+    """Every term unweighted and weighted, keyed ``network.term`` (``student1.diversity``), and their weighted sum."""
 
     values: dict[str, torch.Tensor]
-    weights: dict[str, torch.Tensor | None]
+    weighted: dict[str, torch.Tensor]
     total: torch.Tensor
 
-    def weighted(self) -> dict[str, torch.Tensor]:
-        return {k: v if self.weights[k] is None else v * self.weights[k] for k, v in self.values.items()}
+    def detach(self) -> "LossTerms":
+        return LossTerms({k: v.detach() for k, v in self.values.items()},
+                         {k: v.detach() for k, v in self.weighted.items()}, self.total.detach())
 
 
 def _eval_pass(decoder: SelfDistillationDecoder, x: torch.Tensor) -> list[torch.Tensor]:
@@ -66,11 +67,11 @@ def ffsd_losses(
     """
     temperature = options.temperature
     values: dict[str, torch.Tensor] = {}
-    weights: dict[str, torch.Tensor | None] = {}
+    weighted: dict[str, torch.Tensor] = {}
 
     def add(name: str, value: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         values[name] = value
-        weights[name] = weight
+        weighted[name] = value if weight is None else value * weight
 
     lambda_div, lambda_sd, lambda_f = lambdas[LAMBDA_DIV], lambdas[LAMBDA_SD], lambdas[LAMBDA_F]
     student_sd_weight = lambda_div if options.student_sd_uses_lambda_div else lambda_sd
@@ -144,6 +145,4 @@ def ffsd_losses(
             lambda_sd,
         )
 
-    terms = LossTerms(values, weights, total=torch.zeros((), device=images.device))
-    terms.total = sum(terms.weighted().values())
-    return terms
+    return LossTerms(values, weighted, total=sum(weighted.values()))

@@ -84,6 +84,4 @@ def train_step(
     terms.total.backward()
     for optimizer in optimizers:
         optimizer.step()
-    terms.values = {k: v.detach() for k, v in terms.values.items()}
-    terms.total = terms.total.detach()
-    return terms
+    return terms.detach()

@@ -142,10 +142,9 @@ class LossMeter:
         self.count = 0
 
     def add(self, terms: LossTerms) -> None:
-        weighted = terms.weighted()
-        stacked = torch.stack([terms.total, *terms.values.values(), *weighted.values()]).double()
+        stacked = torch.stack([terms.total, *terms.values.values(), *terms.weighted.values()]).double()
         if self.names is None:
-            self.names = ["total", *terms.values, *(f"weighted/{k}" for k in weighted)]
+            self.names = ["total", *terms.values, *(f"weighted/{k}" for k in terms.weighted)]
             self.sums = torch.zeros_like(stacked)
             self.bad = torch.zeros((), dtype=torch.bool, device=stacked.device)
         self.sums += stacked

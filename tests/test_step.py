@@ -54,7 +54,7 @@ def test_terms_weighted_in_one_place(setup):
     nets, optimizers, x, y = setup
     lambdas = torch.tensor([0.5, 7.0, 3.0])
     terms = train_step(nets, optimizers, x, y, lambdas, LossOptions(), ffsd_kernels)
-    weighted = terms.weighted()
+    weighted = terms.weighted
     assert torch.allclose(sum(weighted.values()), terms.total)
     assert torch.allclose(weighted["student1.diversity"], 0.5 * terms.values["student1.diversity"])
     assert torch.allclose(weighted["student2.self_distillation"], 0.5 * terms.values["student2.self_distillation"])
@@ -62,5 +62,5 @@ def test_terms_weighted_in_one_place(setup):
     assert torch.allclose(weighted["decoder_leader.feature"], 7.0 * terms.values["decoder_leader.feature"])
     assert torch.equal(weighted["leader.ce"], terms.values["leader.ce"])
     clean = train_step(nets, optimizers, x, y, lambdas, LossOptions(student_sd_uses_lambda_div=False), ffsd_kernels)
-    assert torch.allclose(clean.weighted()["student1.self_distillation"],
+    assert torch.allclose(clean.weighted["student1.self_distillation"],
                           7.0 * clean.values["student1.self_distillation"])
