@@ -3,6 +3,8 @@
 import os
 import random
 import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -12,14 +14,15 @@ from ffsd_fast.errors import UserError
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def save_atomic(state: dict, path: str) -> None:
-    """Writes ``state`` so that ``path`` always holds either the old file or the complete new one, even if the
-    process is killed mid-write or the machine loses power."""
+def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Calls ``write`` on a temporary file beside ``path``, then renames it over ``path``: the path always holds
+    either the old file or the complete new one, even if the process is killed mid-write or the machine loses
+    power."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -32,6 +35,11 @@ def save_atomic(state: dict, path: str) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(state: dict, path: str) -> None:
+    """``torch.save`` through :func:`write_atomic`."""
+    write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def resolve_path(path: str) -> str:

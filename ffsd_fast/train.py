@@ -73,7 +73,7 @@ def check_batchnorm_batches(cfg: Config, num_train: int) -> None:
     """BatchNorm cannot train on one value per channel: refuse a batch that would give it one, before training."""
     _, height, width = models.tap_shapes(cfg.model, cfg.image_size)[-1]
     last = num_train % cfg.batch_size
-    smallest = min(cfg.batch_size, last if last and not cfg.drop_last else cfg.batch_size)
+    smallest = last if last and not cfg.drop_last else cfg.batch_size
     if smallest * height * width == 1:
         raise UserError(
             f"--batch-size {cfg.batch_size} on {num_train} training images leaves a batch of 1, and the last stage of "
@@ -123,15 +123,6 @@ def print_table(summary: dict, num_students: int) -> None:
     print(f"\n{'network':<24}{'final top-1':>12}{'best top-1':>12}")
     for label, final, best in rows:
         print(f"{label:<24}{final:>11.2f}%{best:>11.2f}%")
-
-
-def write_json_atomic(data: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class LossMeter:
@@ -277,7 +268,8 @@ def train(cfg: Config) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "run_dir": os.path.abspath(run_dir), **code_version(),
     }
-    write_json_atomic(summary, os.path.join(run_dir, "summary.json"))
+    checkpoint.write_atomic(os.path.join(run_dir, "summary.json"),
+                            lambda fh: fh.write(json.dumps(summary, indent=2).encode()))
     print_table(summary, cfg.num_students)
     print(f"\nrun directory: {os.path.abspath(run_dir)}  (summary.json, metrics.jsonl, accuracy.png, "
           f"checkpoint.pt)", flush=True)
