@@ -1,0 +1,462 @@
+"""The fused Triton KL kernels (``kl_div_loss``, ``cross_entropy_kl_loss``, ``mutual_kl_loss``) against float64.
+
+Every case runs the Triton kernels (on CPU tensors through Triton's interpreter, which ``conftest.py`` turns on
+where there is no GPU; on CUDA tensors where there is one) with the plain PyTorch references patched to raise, so a
+silent fallback fails. Values and gradients are compared with independent float64 formulas evaluated by autograd on
+``.double()`` copies, with the error measures of ``test_kernels.py``: relative error below 1e-5 for fp32 inputs and
+1e-2 for fp16/bf16 ones (whose loss and gradients are rounded to 8 or 11 bits on return). Large ``C`` uses small
+``B``: the interpreter runs every program in Python.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ffsd_kernels.kl_div as kl_module
+from ffsd_kernels import (
+    CrossEntropyKLLoss,
+    KLDivLoss,
+    MutualKLLoss,
+    cross_entropy_kl_loss,
+    cross_entropy_kl_loss_reference,
+    kl_div_loss,
+    kl_div_loss_reference,
+    mutual_kl_loss,
+    mutual_kl_loss_reference,
+)
+from ffsd_kernels._dispatch import INTERPRETER, use_triton
+from tests.test_kernels import _report_worst_errors, check, grad_error, kl64, leaf64, value_error  # noqa: F401
+
+# Devices where the Triton kernels run: the CPU under the interpreter, CUDA with a GPU.
+DEVICES = (["cpu"] if INTERPRETER else []) + (
+    [pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else []
+)
+HALF_TOL = 1e-2
+SHAPES = [(1, 1), (1, 7), (5, 3), (13, 100), (3, 3001), (2, 70000)]
+TEMPERATURES = [1.0, 4.5]
+TEACHER_FORMS = ["single", "list3", "stacked3"]
+
+
+@pytest.fixture
+def kernels_only(monkeypatch):
+    """Make the plain PyTorch references raise, so that a passing test proves the Triton path ran."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the Triton kernels")
+
+    for name in ("kl_div_loss_reference", "cross_entropy_kl_loss_reference", "mutual_kl_loss_reference"):
+        monkeypatch.setattr(kl_module, name, forbidden)
+
+
+def logits(shape, dtype=torch.float32, device="cpu", scale=3.0, requires_grad=True) -> torch.Tensor:
+    return (scale * torch.randn(shape, dtype=torch.float64)).to(device, dtype).requires_grad_(requires_grad)
+
+
+def make_teacher(form: str, shape, dtype, device, requires_grad: bool):
+    """``(teacher_logits as passed to the op, list of the M leaf tensors that receive gradients)``."""
+    if form == "single":
+        t = logits(shape, dtype, device, requires_grad=requires_grad)
+        return t, [t]
+    if form == "list3":
+        ts = [logits(shape, dtype, device, requires_grad=requires_grad) for _ in range(3)]
+        return ts, ts
+    t = logits((3, *shape), dtype, device, requires_grad=requires_grad)
+    return t, [t]
+
+
+def teacher64(leaves: list[torch.Tensor], form: str, requires_grad: bool):
+    """float64 leaves mirroring ``leaves`` and the mean teacher logits ``[B, C]`` built from them."""
+    leaves64 = [leaf64(t, requires_grad) for t in leaves]
+    if form == "single":
+        return leaves64, leaves64[0]
+    if form == "list3":
+        return leaves64, torch.stack(leaves64).mean(0)
+    return leaves64, leaves64[0].mean(0)
+
+
+def check_teacher_grads(op, dtype, leaves, leaves64, tol=None):
+    for t, t64 in zip(leaves, leaves64, strict=True):
+        assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape
+        check(op, dtype, "grad_teacher", grad_error(t.grad, t64.grad), tol)
+
+
+def mutual64(zs64: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """``loss_i = 1/(M−1) Σ_{j≠i} KL_T(z_i ‖ sg(z_j))`` in float64, from ``kl64``."""
+    m = len(zs64)
+    return torch.stack(
+        [sum(kl64(zs64[i], zs64[j].detach(), temperature) for j in range(m) if j != i) / (m - 1) for i in range(m)]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kl_div_loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["t-detached", "t-grad"])
+def test_kl_fp32(shape, temperature, device, teacher_grad):
+    s = logits(shape, device=device)
+    t = logits(shape, device=device, requires_grad=teacher_grad)
+    assert use_triton(s, t)
+    loss = kl_div_loss(s, t, temperature)
+    assert loss.shape == () and loss.dtype == torch.float32 and loss.device == s.device
+    (loss * 3.7).backward()  # grad_output ≠ 1
+
+    s64, t64 = leaf64(s), leaf64(t, teacher_grad)
+    ref = kl64(s64, t64, temperature)
+    (ref * 3.7).backward()
+    check("kl_div_loss", torch.float32, "value", value_error(loss, ref))
+    check("kl_div_loss", torch.float32, "grad_student", grad_error(s.grad, s64.grad))
+    if teacher_grad:
+        check("kl_div_loss", torch.float32, "grad_teacher", grad_error(t.grad, t64.grad))
+    else:
+        assert t.grad is None
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 3), (13, 100), (3, 3001), (2, 70000)], ids=str)
+def test_kl_half_precision(shape, dtype, device):
+    s = logits(shape, dtype, device, scale=2.0)
+    t = logits(shape, dtype, device, scale=2.0)
+    loss = kl_div_loss(s, t, 4.5)
+    assert loss.dtype == dtype and loss.shape == ()
+    (loss * 0.6).backward()
+    assert s.grad.dtype == dtype and t.grad.dtype == dtype
+    s64, t64 = leaf64(s), leaf64(t)  # the half inputs, exactly, in float64
+    ref = kl64(s64, t64, 4.5)
+    (ref * 0.6).backward()
+    check("kl_div_loss", dtype, "value", value_error(loss, ref), HALF_TOL)
+    check("kl_div_loss", dtype, "grad_student", grad_error(s.grad, s64.grad), HALF_TOL)
+    check("kl_div_loss", dtype, "grad_teacher", grad_error(t.grad, t64.grad), HALF_TOL)
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["list3", "stacked3"])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 37), (3, 3001)], ids=str)
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["t-detached", "t-grad"])
+def test_kl_mean_teacher(shape, form, device, teacher_grad):
+    s = logits(shape, device=device)
+    teacher, leaves = make_teacher(form, shape, torch.float32, device, teacher_grad)
+    loss = kl_div_loss(s, teacher, 2.0)
+    (loss * -1.9).backward()
+
+    s64 = leaf64(s)
+    leaves64, t64 = teacher64(leaves, form, teacher_grad)
+    ref = kl64(s64, t64, 2.0)
+    (ref * -1.9).backward()
+    check("kl_div_loss[mean]", torch.float32, "value", value_error(loss, ref))
+    check("kl_div_loss[mean]", torch.float32, "grad_student", grad_error(s.grad, s64.grad))
+    if teacher_grad:
+        check_teacher_grads("kl_div_loss[mean]", torch.float32, leaves, leaves64)
+    else:
+        assert all(t.grad is None for t in leaves)
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_identical_logits_give_zero(device):
+    s = logits((3, 50), device=device)
+    loss = kl_div_loss(s, s.detach().clone(), 2.0)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert s.grad.abs().max().item() < 1e-7
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cross_entropy_kl_loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", TEACHER_FORMS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (13, 100), (3, 3001)], ids=str)
+def test_cross_entropy_kl(shape, temperature, form, device):
+    batch, num_classes = shape
+    s = logits(shape, device=device)
+    teacher, leaves = make_teacher(form, shape, torch.float32, device, True)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    labels[0] = num_classes - 1  # the last class, at the end of the last chunk
+    ce, kl = cross_entropy_kl_loss(s, teacher, labels, temperature)
+    assert ce.shape == kl.shape == () and ce.dtype == kl.dtype == torch.float32
+    (0.3 * ce + 2.1 * kl).backward()  # two different upstream gradients into one student gradient
+
+    s64 = leaf64(s)
+    leaves64, t64 = teacher64(leaves, form, True)
+    ce64, kl64_ = F.cross_entropy(s64, labels.cpu()), kl64(s64, t64, temperature)
+    (0.3 * ce64 + 2.1 * kl64_).backward()
+    check("cross_entropy_kl", torch.float32, "value_ce", value_error(ce, ce64))
+    check("cross_entropy_kl", torch.float32, "value_kl", value_error(kl, kl64_))
+    check("cross_entropy_kl", torch.float32, "grad_student", grad_error(s.grad, s64.grad))
+    check_teacher_grads("cross_entropy_kl", torch.float32, leaves, leaves64)
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_kl_large_vocabulary(dtype, device):
+    shape = (2, 70000)
+    s = logits(shape, dtype, device, scale=2.0)
+    teacher, leaves = make_teacher("list3", shape, dtype, device, True)
+    labels = torch.tensor([69999, 5], device=device)
+    ce, kl = cross_entropy_kl_loss(s, teacher, labels, 4.5)
+    (-0.8 * ce + 1.7 * kl).backward()
+    s64 = leaf64(s)
+    leaves64, t64 = teacher64(leaves, "list3", True)
+    ce64, kl64_ = F.cross_entropy(s64, labels.cpu()), kl64(s64, t64, 4.5)
+    (-0.8 * ce64 + 1.7 * kl64_).backward()
+    tol = None if dtype == torch.float32 else HALF_TOL
+    check("cross_entropy_kl", dtype, "value_ce", value_error(ce, ce64), tol)
+    check("cross_entropy_kl", dtype, "value_kl", value_error(kl, kl64_), tol)
+    check("cross_entropy_kl", dtype, "grad_student", grad_error(s.grad, s64.grad), tol)
+    check_teacher_grads("cross_entropy_kl", dtype, leaves, leaves64, tol)
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("used", ["ce", "kl"])
+def test_cross_entropy_kl_one_output_used(used, device):
+    s, t = logits((6, 45), device=device), logits((6, 45), device=device)
+    labels = torch.randint(0, 45, (6,), device=device)
+    ce, kl = cross_entropy_kl_loss(s, t, labels, 3.0)
+    (ce if used == "ce" else kl).backward()
+    s64, t64 = leaf64(s), leaf64(t)
+    (F.cross_entropy(s64, labels.cpu()) if used == "ce" else kl64(s64, t64, 3.0)).backward()
+    check("cross_entropy_kl", torch.float32, "grad_student", grad_error(s.grad, s64.grad))
+    if used == "kl":
+        check("cross_entropy_kl", torch.float32, "grad_teacher", grad_error(t.grad, t64.grad))
+    else:
+        assert t.grad is not None and torch.all(t.grad == 0)  # the KL's upstream gradient is zero
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cross_entropy_kl_half_precision(dtype, device):
+    s, t = logits((4, 3001), dtype, device, 2.0), logits((4, 3001), dtype, device, 2.0, requires_grad=False)
+    labels = torch.randint(0, 3001, (4,), device=device)
+    ce, kl = cross_entropy_kl_loss(s, t, labels, 4.5)
+    assert ce.dtype == kl.dtype == dtype
+    (ce + 1.5 * kl).backward()
+    assert s.grad.dtype == dtype
+    s64 = leaf64(s)
+    ce64, kl64_ = F.cross_entropy(s64, labels.cpu()), kl64(s64, leaf64(t, False), 4.5)
+    (ce64 + 1.5 * kl64_).backward()
+    check("cross_entropy_kl", dtype, "value_ce", value_error(ce, ce64), HALF_TOL)
+    check("cross_entropy_kl", dtype, "value_kl", value_error(kl, kl64_), HALF_TOL)
+    check("cross_entropy_kl", dtype, "grad_student", grad_error(s.grad, s64.grad), HALF_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mutual_kl_loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_models", [2, 3, 4])
+@pytest.mark.parametrize("form", ["list", "stacked"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (13, 100), (3, 3001)], ids=str)
+def test_mutual_kl(shape, temperature, form, num_models, device):
+    if form == "list":
+        zs = [logits(shape, device=device) for _ in range(num_models)]
+        arg = zs
+    else:
+        arg = logits((num_models, *shape), device=device)
+        zs = [arg]
+    losses = mutual_kl_loss(arg, temperature)
+    assert losses.shape == (num_models,) and losses.dtype == torch.float32
+    weights = torch.tensor([1.3, -0.7, 2.1, 0.4][:num_models], device=device)
+    (losses * weights).sum().backward()  # a different upstream gradient for every loss
+
+    zs64 = [leaf64(z) for z in zs]
+    per_model64 = zs64 if form == "list" else list(zs64[0].unbind(0))
+    ref = mutual64(per_model64, temperature)
+    (ref * weights.cpu().double()).sum().backward()
+    check("mutual_kl", torch.float32, "value", value_error(losses, ref))
+    for z, z64 in zip(zs, zs64, strict=True):
+        check("mutual_kl", torch.float32, "grad", grad_error(z.grad, z64.grad))
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_mutual_kl_large_vocabulary(dtype, device):
+    z = logits((2, 1, 70000), dtype, device, scale=2.0)
+    losses = mutual_kl_loss(z, 4.5)
+    losses.sum().backward()  # upstream gradient: an expanded tensor of ones (stride 0)
+    z64 = leaf64(z)
+    ref = mutual64(list(z64.unbind(0)), 4.5)
+    ref.sum().backward()
+    tol = None if dtype == torch.float32 else HALF_TOL
+    check("mutual_kl", dtype, "value", value_error(losses, ref), tol)
+    check("mutual_kl", dtype, "grad", grad_error(z.grad, z64.grad), tol)
+
+
+@pytest.mark.parametrize("num_models", [2, 3])
+def test_mutual_kl_closed_form_gradient(num_models):
+    """``∂loss_i/∂z_i = (T/B)/(M−1) · (M p_i − Σ_j p_j)`` per row, derived in ``kl_div.py``, checked by autograd."""
+    temperature, batch = 2.5, 4
+    z64 = torch.randn(num_models, batch, 11, dtype=torch.float64, requires_grad=True)
+    mutual64(list(z64.unbind(0)), temperature).sum().backward()
+    p = F.softmax(z64.detach() / temperature, dim=2)
+    closed = (temperature / batch) / (num_models - 1) * (num_models * p - p.sum(0, keepdim=True))
+    assert grad_error(closed, z64.grad) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strides: column slices and transposed views, never copied
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def strided(shape, view: str, device, requires_grad=True, extra_leading=()):
+    """A ``[*extra_leading, B, C]`` non-contiguous view and its base (which receives the gradient)."""
+    batch, num_classes = shape
+    if view == "column_slice":
+        base = torch.randn(*extra_leading, batch, num_classes + 5, device=device, requires_grad=requires_grad)
+        x = base[..., 1 : num_classes + 1]
+    else:
+        base = torch.randn(*extra_leading, num_classes, batch, device=device, requires_grad=requires_grad)
+        x = base.transpose(-1, -2)
+    assert not x.is_contiguous()
+    return x, base
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("view", ["column_slice", "transposed"])
+def test_non_contiguous_inputs(view, device):
+    shape, temperature = (9, 2100), 3.0
+    s, s_base = strided(shape, view, device)
+    t, t_base = strided(shape, view, device)
+    ts, ts_base = strided(shape, view, device, extra_leading=(3,))
+    labels = torch.randint(0, shape[1], (shape[0],), device=device)
+    z, z_base = strided(shape, view, device, extra_leading=(2,))
+
+    kl = kl_div_loss(s, t, temperature)
+    ce, kl_mean = cross_entropy_kl_loss(s, ts, labels, temperature)
+    mutual = mutual_kl_loss(z, temperature)
+    (kl + 0.5 * ce + 1.5 * kl_mean + mutual.sum()).backward()
+
+    s64, t64, ts64, z64 = leaf64(s), leaf64(t), leaf64(ts), leaf64(z)
+    kl_ref = kl64(s64, t64, temperature)
+    ce_ref, kl_mean_ref = F.cross_entropy(s64, labels.cpu()), kl64(s64, ts64.mean(0), temperature)
+    mutual_ref = mutual64(list(z64.unbind(0)), temperature)
+    (kl_ref + 0.5 * ce_ref + 1.5 * kl_mean_ref + mutual_ref.sum()).backward()
+
+    for name, value, ref in [("kl", kl, kl_ref), ("ce", ce, ce_ref), ("kl_mean", kl_mean, kl_mean_ref),
+                             ("mutual", mutual, mutual_ref)]:
+        check("strided", torch.float32, f"value_{name}", value_error(value, ref))
+
+    def viewed(grad):  # the gradient at the viewed positions of the base
+        return grad[..., 1 : shape[1] + 1] if view == "column_slice" else grad.transpose(-1, -2)
+
+    for name, base, x64 in [("s", s_base, s64), ("t", t_base, t64), ("ts", ts_base, ts64), ("z", z_base, z64)]:
+        check("strided", torch.float32, f"grad_{name}", grad_error(viewed(base.grad), x64.grad))
+        if view == "column_slice":  # nothing lands outside the view
+            assert torch.all(base.grad[..., :1] == 0) and torch.all(base.grad[..., shape[1] + 1 :] == 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch, dtypes, shape checks, modules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_float64_runs_the_reference():
+    s, t = torch.randn(4, 30, dtype=torch.float64), torch.randn(3, 4, 30, dtype=torch.float64)
+    labels = torch.randint(0, 30, (4,))
+    assert not use_triton(s, t)
+    assert torch.equal(kl_div_loss(s, t, 2.0), kl_div_loss_reference(s, t, 2.0))
+    ce, kl = cross_entropy_kl_loss(s, list(t), labels, 2.0)
+    ce_ref, kl_ref = cross_entropy_kl_loss_reference(s, list(t), labels, 2.0)
+    assert torch.equal(ce, ce_ref) and torch.equal(kl, kl_ref)
+    assert torch.equal(mutual_kl_loss(t, 2.0), mutual_kl_loss_reference(t, 2.0))
+    assert kl.dtype == torch.float64
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_returns_float32(device):
+    s = logits((3, 40), torch.bfloat16, device)
+    t = logits((3, 40), torch.bfloat16, device, requires_grad=False)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss = kl_div_loss(s, t, 2.0)
+        ce, kl = cross_entropy_kl_loss(s, t, torch.zeros(3, dtype=torch.long, device=device), 2.0)
+        mutual = mutual_kl_loss([s, t], 2.0)
+    assert loss.dtype == ce.dtype == kl.dtype == mutual.dtype == torch.float32
+    loss.backward()
+    assert s.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: kl_div_loss(s, torch.randn(4, 11)),
+    lambda s: kl_div_loss(s, [torch.randn(4, 10), torch.randn(4, 11)]),
+    lambda s: kl_div_loss(s, []),
+    lambda s: kl_div_loss(s, torch.randn(3, 4, 11)),
+    lambda s: kl_div_loss(s, torch.randn(2, 3, 4, 10)),
+    lambda s: kl_div_loss(s[0], torch.randn(10)),
+    lambda s: kl_div_loss(s, torch.randn(4, 10), temperature=0.0),
+    lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(5, dtype=torch.long)),
+    lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(4, 1, dtype=torch.long)),
+    lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(4)),
+    lambda s: cross_entropy_kl_loss(s, torch.randn(5, 10), torch.zeros(4, dtype=torch.long)),
+    lambda s: mutual_kl_loss([s]),
+    lambda s: mutual_kl_loss(s.unsqueeze(0)),
+    lambda s: mutual_kl_loss(s),
+    lambda s: mutual_kl_loss([s, torch.randn(4, 11)]),
+    lambda s: mutual_kl_loss([s, s], temperature=-1.0),
+], ids=lambda _: "")
+def test_bad_shapes_raise(call):
+    with pytest.raises(ValueError):
+        call(torch.randn(4, 10))
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_modules_equal_functions(temperature):
+    s, t, u = torch.randn(6, 20), torch.randn(6, 20), torch.randn(6, 20)
+    labels = torch.randint(0, 20, (6,))
+    assert torch.equal(KLDivLoss(temperature)(s, [t, u]), kl_div_loss(s, [t, u], temperature))
+    ce, kl = CrossEntropyKLLoss(temperature)(s, t, labels)
+    ce_f, kl_f = cross_entropy_kl_loss(s, t, labels, temperature)
+    assert torch.equal(ce, ce_f) and torch.equal(kl, kl_f)
+    assert torch.equal(MutualKLLoss(temperature)([s, t, u]), mutual_kl_loss([s, t, u], temperature))
+    for module in (KLDivLoss(temperature), CrossEntropyKLLoss(temperature), MutualKLLoss(temperature)):
+        assert f"temperature={temperature}" in repr(module)
+    assert torch.equal(CrossEntropyKLLoss()(s, t, labels)[1], kl_div_loss(s, t))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture():
+    """No host synchronisation: forward and backward of all three ops are captured in one CUDA graph."""
+    s = torch.randn(8, 1000, device="cuda", requires_grad=True)
+    t = torch.randn(3, 8, 1000, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 1000, (8,), device="cuda")
+
+    def step():
+        ce, kl = cross_entropy_kl_loss(s, t, labels, 2.0)
+        (ce + kl + kl_div_loss(s, t[0].detach(), 2.0) + mutual_kl_loss(t, 2.0).sum()).backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    eager_s, eager_t = s.grad.clone(), t.grad.clone()
+    s.grad, t.grad = None, None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(s.grad, eager_s)
+    torch.testing.assert_close(t.grad, eager_t)
