@@ -2,13 +2,563 @@
 
 ``A(x) = mean_c(x²)``, ``[B, C, H, W] → [B, 1, H, W]``; ``n(v) = v / max(‖v‖₂, 1e-12)`` per sample over its
 flattened entries; ``d(x, y) = mean((n(x) − n(y))²)`` over all ``B·N`` entries.
+
+Layout of this file: Triton kernels (``_channel_reduce_kernel``, ``_channel_broadcast_kernel`` for the maps;
+``_distance_partial_kernel``, ``_distance_backward_kernel`` for ``d``), their launch configurations and host
+launchers, the autograd Functions, the functional API, the ``nn.Module`` and the plain-PyTorch references.
+
+Strides are passed to every kernel: NCHW, channels-last and sliced inputs are read where they lie, never copied.
+Everything runs without a host sync (no ``.item()``), so the ops can be captured in a CUDA graph.
 """
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import nn
 
+from ffsd_kernels._dispatch import result_dtype, use_triton
 from ffsd_kernels._dtypes import compute_dtype
+
+EPS = 1e-12  # the clamp of ‖v‖₂ in n(v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: channel reduction and channel broadcast on [B, C, H, W]
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pixel_offsets(p, W, stride_h, stride_w, FLAT: tl.constexpr):
+    """Memory offsets (int64) of pixels ``p = h·W + w``. FLAT: ``stride_h == W·stride_w``, one index suffices."""
+    p = p.to(tl.int64)
+    if FLAT:
+        off = p * stride_w
+    else:
+        off = (p // W) * stride_h + (p % W) * stride_w
+    return off
+
+
+# Forward of A: out[b, p] = scale · Σ_c f(x[b, c, p]) with f(v) = v² (SQUARE) or v, accumulated in fp32 on a
+# [BLOCK_C, BLOCK_P] tile, looping over the channels. A(x) is scale = 1/C with SQUARE; the channel sum of an
+# upstream gradient (needed by diversity_shift's backward) is scale = 1 without it.
+@triton.jit
+def _channel_reduce_kernel(
+    x_ptr,  # [B, C, H, W], strides (stride_b, stride_c, stride_h, stride_w)
+    out_ptr,  # [B, H·W], row stride out_stride_b, pixels contiguous; any float dtype (stored with a cast)
+    C,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    out_stride_b,
+    scale,
+    SQUARE: tl.constexpr,
+    FLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < H * W
+    p_off = _pixel_offsets(p, W, stride_h, stride_w, FLAT)
+    x_row = x_ptr + pid_b * stride_b
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & p_mask[None, :]
+        v = tl.load(x_row + c.to(tl.int64)[:, None] * stride_c + p_off[None, :], mask=mask, other=0.0)
+        v = v.to(tl.float32)
+        if SQUARE:
+            v = v * v
+        acc += v
+    total = tl.sum(acc, axis=0) * scale
+    tl.store(out_ptr + pid_b * out_stride_b + p.to(tl.int64), total, mask=p_mask)
+
+
+# Backward of A: with a = A(x) = (1/C) Σ_c x_c², ∂a_p/∂x_{c,p} = 2·x_{c,p}/C, so dx_{c,p} = grad_a_p · 2·x_{c,p} / C:
+# elementwise, out = scale · coef_p · x with coef = grad_a and scale = 2/C.
+# The same kernel adds a per-pixel map to every channel (out = base + coef_p: diversity_shift's forward) and
+# computes diversity_shift's gradient g + coef_p · y (HAS_BASE and MUL_X): out = [base] + scale · coef_p · [x].
+@triton.jit
+def _channel_broadcast_kernel(
+    x_ptr,  # [B, C, H, W], strides sx_* (read only when MUL_X)
+    base_ptr,  # [B, C, H, W], strides sb_* (read only when HAS_BASE)
+    coef_ptr,  # [B, 1, H, W], strides sk_* (any float dtype)
+    out_ptr,  # [B, C, H, W], strides so_*
+    C,
+    H,
+    W,
+    sx_b,
+    sx_c,
+    sx_h,
+    sx_w,
+    sb_b,
+    sb_c,
+    sb_h,
+    sb_w,
+    sk_b,
+    sk_h,
+    sk_w,
+    so_b,
+    so_c,
+    so_h,
+    so_w,
+    scale,
+    MUL_X: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    FLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < H * W
+    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = (c < C)[:, None] & p_mask[None, :]
+    coef = tl.load(coef_ptr + pid_b * sk_b + _pixel_offsets(p, W, sk_h, sk_w, FLAT), mask=p_mask, other=0.0)
+    val = (coef.to(tl.float32) * scale)[None, :]
+    if MUL_X:
+        x_off = pid_b * sx_b + c[:, None] * sx_c + _pixel_offsets(p, W, sx_h, sx_w, FLAT)[None, :]
+        val = val * tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        b_off = pid_b * sb_b + c[:, None] * sb_c + _pixel_offsets(p, W, sb_h, sb_w, FLAT)[None, :]
+        val = val + tl.load(base_ptr + b_off, mask=mask, other=0.0).to(tl.float32)
+    o_off = pid_b * so_b + c[:, None] * so_c + _pixel_offsets(p, W, so_h, so_w, FLAT)[None, :]
+    tl.store(out_ptr + o_off, val, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: the normalised distance on [B, N] samples seen through up to three strided inner dimensions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sample_offsets(j, D2, D3, s1, s2, s3, FLAT: tl.constexpr):
+    """Offsets (int64) of flat indices ``j = (i1·D2 + i2)·D3 + i3`` in a sample of strides (s1, s2, s3)."""
+    j = j.to(tl.int64)
+    if FLAT:
+        off = j * s3
+    else:
+        i3 = j % D3
+        t = j // D3
+        off = (t // D2) * s1 + (t % D2) * s2 + i3 * s3
+    return off
+
+
+# Forward of d, first pass: per-sample sums Sxx = Σx², Syy = Σy², Sxy = Σxy over one slice (CHUNK entries) of
+# sample b, written to partial[b, split, 0:3] (no atomics: the host sums over the splits, deterministically).
+# The host then forms nx = max(√Sxx, 1e-12), ny likewise, u·u = Sxx/nx², v·v = Syy/ny², u·v = Sxy/(nx·ny) and
+# d = (1/(B·N)) Σ_b (u·u + v·v − 2·u·v).
+@triton.jit
+def _distance_partial_kernel(
+    x_ptr,  # [B, D1, D2, D3], strides (sx_b, sx_1, sx_2, sx_3)
+    y_ptr,  # [B, D1, D2, D3], strides (sy_b, sy_1, sy_2, sy_3)
+    partial_ptr,  # [B, SPLITS, 3] fp32, contiguous
+    N,
+    D2,
+    D3,
+    CHUNK,
+    sx_b,
+    sx_1,
+    sx_2,
+    sx_3,
+    sy_b,
+    sy_1,
+    sy_2,
+    sy_3,
+    FLAT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    start = pid_s * CHUNK
+    sxx = tl.zeros([BLOCK], dtype=tl.float32)
+    syy = tl.zeros([BLOCK], dtype=tl.float32)
+    sxy = tl.zeros([BLOCK], dtype=tl.float32)
+    for j0 in range(0, CHUNK, BLOCK):
+        j = start + j0 + tl.arange(0, BLOCK)
+        mask = j < N
+        xv = tl.load(x_ptr + pid_b * sx_b + _sample_offsets(j, D2, D3, sx_1, sx_2, sx_3, FLAT), mask=mask, other=0.0)
+        yv = tl.load(y_ptr + pid_b * sy_b + _sample_offsets(j, D2, D3, sy_1, sy_2, sy_3, FLAT), mask=mask, other=0.0)
+        xv = xv.to(tl.float32)
+        yv = yv.to(tl.float32)
+        sxx += xv * xv
+        syy += yv * yv
+        sxy += xv * yv
+    out = partial_ptr + (pid_b * tl.num_programs(0) + pid_s) * 3
+    tl.store(out, tl.sum(sxx, axis=0))
+    tl.store(out + 1, tl.sum(syy, axis=0))
+    tl.store(out + 2, tl.sum(sxy, axis=0))
+
+
+# Backward of d. With M = B·N, u = x/nx, v = y/ny and g the upstream gradient, d = (1/M) Σ (u − v)², so
+# ∂d/∂u = 2(u − v)/M. Where ‖x‖ > 1e-12, nx = ‖x‖ and ∂u/∂x = (I − u uᵀ)/nx; where it is clamped, nx is the
+# constant 1e-12 and ∂u/∂x = I/nx. Hence, with f = [‖x‖ > 1e-12],
+#   grad_x = (2g/(M·nx)) · [(u − v) − f · u · (u·u − u·v)] = cx · (u − v) − ex · u,
+#   cx = 2g/(M·nx),   ex = cx · f · (u·u − u·v),
+# and symmetrically grad_y = cy · (v − u) − ey · v. The host forms the per-sample coefficients
+# coef[b] = (nx, ny, cx, ex, cy, ey) from the forward's sums; the kernel is elementwise, forms u and v (so that
+# u − v is exactly 0 where the samples are proportional, e.g. one-pixel maps) and writes only the gradients asked for.
+@triton.jit
+def _distance_backward_kernel(
+    x_ptr,  # [B, D1, D2, D3], strides sx_*
+    y_ptr,  # [B, D1, D2, D3], strides sy_*
+    gx_ptr,  # [B, D1, D2, D3], strides sgx_* (written when WRITE_X)
+    gy_ptr,  # [B, D1, D2, D3], strides sgy_* (written when WRITE_Y)
+    coef_ptr,  # [B, 6] fp32, contiguous: (nx, ny, cx, ex, cy, ey)
+    N,
+    D2,
+    D3,
+    sx_b,
+    sx_1,
+    sx_2,
+    sx_3,
+    sy_b,
+    sy_1,
+    sy_2,
+    sy_3,
+    sgx_b,
+    sgx_1,
+    sgx_2,
+    sgx_3,
+    sgy_b,
+    sgy_1,
+    sgy_2,
+    sgy_3,
+    WRITE_X: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    FLAT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    j = pid_j * BLOCK + tl.arange(0, BLOCK)
+    mask = j < N
+    xv = tl.load(x_ptr + pid_b * sx_b + _sample_offsets(j, D2, D3, sx_1, sx_2, sx_3, FLAT), mask=mask, other=0.0)
+    yv = tl.load(y_ptr + pid_b * sy_b + _sample_offsets(j, D2, D3, sy_1, sy_2, sy_3, FLAT), mask=mask, other=0.0)
+    u = xv.to(tl.float32) / tl.load(coef_ptr + pid_b * 6)
+    v = yv.to(tl.float32) / tl.load(coef_ptr + pid_b * 6 + 1)
+    if WRITE_X:
+        cx = tl.load(coef_ptr + pid_b * 6 + 2)
+        ex = tl.load(coef_ptr + pid_b * 6 + 3)
+        gx_off = pid_b * sgx_b + _sample_offsets(j, D2, D3, sgx_1, sgx_2, sgx_3, FLAT)
+        tl.store(gx_ptr + gx_off, cx * (u - v) - ex * u, mask=mask)
+    if WRITE_Y:
+        cy = tl.load(coef_ptr + pid_b * 6 + 4)
+        ey = tl.load(coef_ptr + pid_b * 6 + 5)
+        gy_off = pid_b * sgy_b + _sample_offsets(j, D2, D3, sgy_1, sgy_2, sgy_3, FLAT)
+        tl.store(gy_ptr + gy_off, cy * (v - u) - ey * v, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch configurations (one function per kernel family)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _map_config(channels: int, pixels: int, channels_inner: bool) -> tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_P, num_warps)`` for the channel kernels: a tile of at most 4096 entries, wide along the
+    dimension that is contiguous in memory (pixels for NCHW, channels for channels-last)."""
+    if channels_inner:
+        block_c = min(triton.next_power_of_2(channels), 64)
+        block_p = min(triton.next_power_of_2(pixels), max(4096 // block_c, 1))
+    else:
+        block_p = min(triton.next_power_of_2(pixels), 256)
+        block_c = min(triton.next_power_of_2(channels), max(4096 // block_p, 1))
+    tile = block_c * block_p
+    num_warps = 8 if tile >= 4096 else 4 if tile >= 512 else 2 if tile >= 128 else 1
+    return block_c, block_p, num_warps
+
+
+def _distance_config(batch: int, n: int) -> tuple[int, int, int, int]:
+    """``(BLOCK, CHUNK, SPLITS, num_warps)`` for the distance kernels: a sample is cut into SPLITS slices of CHUNK
+    entries (a multiple of BLOCK) so that about 256 programs share the forward reduction even for small batches."""
+    block = min(triton.next_power_of_2(max(n, 1)), 2048)
+    blocks = triton.cdiv(n, block)
+    splits = max(min(blocks, triton.cdiv(256, max(batch, 1))), 1)
+    chunk = triton.cdiv(blocks, splits) * block
+    splits = max(triton.cdiv(n, chunk), 1)
+    num_warps = 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
+    return block, chunk, splits, num_warps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _hw_strides(t: torch.Tensor) -> tuple[int, int]:
+    """``(stride_h, stride_w)`` of a 4-D tensor, with the stride of a size-1 dimension made consistent with the
+    other so that ``stride_h == W·stride_w`` holds whenever the H·W pixels form one strided run."""
+    height, width = t.shape[2], t.shape[3]
+    stride_h, stride_w = t.stride(2), t.stride(3)
+    if width == 1:
+        stride_w = stride_h
+    if height == 1:
+        stride_h = width * stride_w
+    return stride_h, stride_w
+
+
+def _is_flat(*tensors: torch.Tensor) -> bool:
+    for t in tensors:
+        stride_h, stride_w = _hw_strides(t)
+        if stride_h != t.shape[3] * stride_w:
+            return False
+    return True
+
+
+def _channel_reduce(x: torch.Tensor, out: torch.Tensor, scale: float, square: bool) -> torch.Tensor:
+    """``out[b, p] = scale · Σ_c x[b, c, p]^(2 if square else 1)``; ``out`` is ``[B, H·W]`` with unit pixel stride."""
+    batch, channels, height, width = x.shape
+    pixels = height * width
+    block_c, block_p, num_warps = _map_config(channels, pixels, x.stride(1) == 1 and channels > 1)
+    stride_h, stride_w = _hw_strides(x)
+    grid = (triton.cdiv(pixels, block_p), batch)
+    _channel_reduce_kernel[grid](
+        x, out, channels, height, width, x.stride(0), x.stride(1), stride_h, stride_w, out.stride(0), scale,
+        SQUARE=square, FLAT=_is_flat(x), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def _channel_broadcast(
+    out: torch.Tensor, coef: torch.Tensor, scale: float, x: torch.Tensor | None = None, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out = [base] + scale · coef · [x]``, ``coef`` ``[B, 1, H, W]`` broadcast over the channels of ``out``."""
+    batch, channels, height, width = out.shape
+    pixels = height * width
+    x_arg = out if x is None else x
+    base_arg = out if base is None else base
+    block_c, block_p, num_warps = _map_config(channels, pixels, out.stride(1) == 1 and channels > 1)
+    tensors = [t for t in (x, base, coef, out) if t is not None]
+    grid = (triton.cdiv(pixels, block_p), batch, triton.cdiv(channels, block_c))
+    _channel_broadcast_kernel[grid](
+        x_arg, base_arg, coef, out, channels, height, width,
+        x_arg.stride(0), x_arg.stride(1), *_hw_strides(x_arg),
+        base_arg.stride(0), base_arg.stride(1), *_hw_strides(base_arg),
+        coef.stride(0), *_hw_strides(coef),
+        out.stride(0), out.stride(1), *_hw_strides(out),
+        scale,
+        MUL_X=x is not None, HAS_BASE=base is not None, FLAT=_is_flat(*tensors),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def _attention_map_forward(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``A(x)`` as a contiguous ``[B, 1, H, W]`` tensor of ``out_dtype`` (summed in fp32, rounded once)."""
+    batch, channels, height, width = x.shape
+    out = torch.empty((batch, 1, height, width), dtype=out_dtype, device=x.device)
+    _channel_reduce(x, out.view(batch, height * width), 1.0 / channels, square=True)
+    return out
+
+
+def _attention_map_backward(x: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
+    """``dx = grad_a · 2x / C``, in ``x``'s dtype and memory format."""
+    return _channel_broadcast(torch.empty_like(x), grad_a, 2.0 / x.shape[1], x=x)
+
+
+def _sample_layout(shape: torch.Size, tensors: list[torch.Tensor]) -> tuple[list[int], list[list[int]]]:
+    """The inner (non-batch) dimensions of ``tensors`` (all of ``shape``) as at most three strided dimensions.
+
+    Dimensions are put in the memory order of ``tensors[0]`` (outermost first, so the innermost is the stride-1
+    one for a dense tensor: channels for channels-last), size-1 dimensions are dropped, and neighbours that are one
+    strided run in every tensor are merged. Returns ``(sizes, strides per tensor)``, padded in front to three.
+    """
+    dims = [d for d in range(1, len(shape)) if shape[d] != 1]
+    dims.sort(key=lambda d: -abs(tensors[0].stride(d)))
+    sizes: list[int] = []
+    strides: list[list[int]] = [[] for _ in tensors]
+    for d in dims:
+        if sizes and all(s[-1] == t.stride(d) * shape[d] for s, t in zip(strides, tensors, strict=True)):
+            sizes[-1] *= shape[d]
+            for s, t in zip(strides, tensors, strict=True):
+                s[-1] = t.stride(d)
+        else:
+            sizes.append(shape[d])
+            for s, t in zip(strides, tensors, strict=True):
+                s.append(t.stride(d))
+    if len(sizes) > 3:  # pragma: no cover - callers pass at most 4-D tensors
+        raise ValueError("at most three inner dimensions")
+    pad = 3 - len(sizes)
+    return [1] * pad + sizes, [[0] * pad + s for s in strides]
+
+
+def _distance_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``(Sxx, Syy, Sxy)``, ``[B, 3]`` fp32."""
+    batch, n = x.shape[0], x[0].numel()
+    sizes, (sx, sy) = _sample_layout(x.shape, [x, y])
+    block, chunk, splits, num_warps = _distance_config(batch, n)
+    partial = torch.empty((batch, splits, 3), dtype=torch.float32, device=x.device)
+    _distance_partial_kernel[(splits, batch)](
+        x, y, partial, n, sizes[1], sizes[2], chunk, x.stride(0), *sx, y.stride(0), *sy,
+        FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    return partial.sum(dim=1)
+
+
+def _distance_from_sums(sums: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """``(d, nx, ny, uu, vv, uv, fx, fy)`` from the per-sample sums (fp32, on the device, no sync)."""
+    sxx, syy, sxy = sums.unbind(dim=1)
+    root_x, root_y = sxx.sqrt(), syy.sqrt()
+    nx, ny = root_x.clamp_min(EPS), root_y.clamp_min(EPS)
+    uu, vv, uv = sxx / (nx * nx), syy / (ny * ny), sxy / (nx * ny)
+    loss = (uu + vv - 2 * uv).sum() / (sums.shape[0] * n)
+    return loss, nx, ny, uu, vv, uv, (root_x > EPS).float(), (root_y > EPS).float()
+
+
+def _distance_backward(
+    x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, need_x: bool, need_y: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    batch, n = x.shape[0], x[0].numel()
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_y = torch.empty_like(y) if need_y else None
+    gx_arg = x if grad_x is None else grad_x
+    gy_arg = y if grad_y is None else grad_y
+    sizes, (sx, sy, sgx, sgy) = _sample_layout(x.shape, [x, y, gx_arg, gy_arg])
+    block, _, _, num_warps = _distance_config(batch, n)
+    _distance_backward_kernel[(triton.cdiv(n, block), batch)](
+        x, y, gx_arg, gy_arg, coef, n, sizes[1], sizes[2],
+        x.stride(0), *sx, y.stride(0), *sy, gx_arg.stride(0), *sgx, gy_arg.stride(0), *sgy,
+        WRITE_X=need_x, WRITE_Y=need_y, FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    return grad_x, grad_y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd Functions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _AttentionMapFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return _attention_map_forward(x, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_a: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return _attention_map_backward(x, grad_a), None
+
+
+class _NormalizedDistanceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        n = x[0].numel()
+        loss, *stats = _distance_from_sums(_distance_sums(x, y), n)
+        ctx.save_for_backward(x, y, *stats)
+        ctx.n = n
+        return loss.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, y, nx, ny, uu, vv, uv, fx, fy = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_x or need_y):
+            return None, None, None
+        c = 2.0 * grad_out.float() / (x.shape[0] * ctx.n)
+        cx, cy = c / nx, c / ny
+        coef = torch.stack([nx, ny, cx, cx * fx * (uu - uv), cy, cy * fy * (vv - uv)], dim=1)
+        grad_x, grad_y = _distance_backward(x, y, coef.contiguous(), need_x, need_y)
+        return grad_x, grad_y, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def attention_map(x: torch.Tensor) -> torch.Tensor:
+    """Attention map ``A(x) = mean_c(x²)``.
+
+    Args:
+        x: ``[B, C, H, W]``, NCHW, channels-last or any strided view; fp32/fp16/bf16 (Triton) or fp64 (reference).
+
+    Returns:
+        ``[B, 1, H, W]`` (contiguous) in ``result_dtype(x)``: ``x``'s dtype, or fp32 for half inputs under autocast.
+        Squares are summed in fp32 and the mean rounded once. ``dA/dx = 2x/C``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"attention_map expects [B, C, H, W], got shape {tuple(x.shape)}")
+    if not use_triton(x):
+        return attention_map_reference(x)
+    return _AttentionMapFunction.apply(x, result_dtype(x))
+
+
+def normalized_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Normalised distance ``d(x, y) = mean((n(x) − n(y))²)``, ``n(v) = v / max(‖v‖₂, 1e-12)`` per sample.
+
+    Computed as ``(1/(B·N)) Σ_b [Sxx/nx² + Syy/ny² − 2·Sxy/(nx·ny)]`` from the per-sample sums ``Sxx = Σx²``,
+    ``Syy = Σy²``, ``Sxy = Σxy`` (fp32), ``nx = max(√Sxx, 1e-12)``; ``N`` is the number of entries per sample.
+
+    Args:
+        x, y: tensors of one shape ``[B, ...]``, fp32/fp16/bf16 (Triton) or fp64 (reference). Up to 4-D they are read
+            through their strides (channels-last and slices without copies); higher ranks are reshaped to ``[B, N]``.
+
+    Returns:
+        A scalar in ``result_dtype(x)``. The gradient reaches both arguments unless the caller detaches one.
+    """
+    if x.shape != y.shape or x.dim() < 1:
+        raise ValueError(f"normalized_distance expects two tensors of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if not use_triton(x, y):
+        return normalized_distance_reference(x, y)
+    if x.dim() > 4:
+        x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+    return _NormalizedDistanceFunction.apply(x, y, result_dtype(x))
+
+
+def attention_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Attention-transfer loss ``d(A(x), A(y))``.
+
+    The two maps are kept in fp32 between the map kernels and the distance kernels, so the features are read once
+    in the forward and once in the backward.
+
+    Args:
+        x: ``[B, C1, H, W]``; y: ``[B, C2, H, W]`` (channel counts may differ), NCHW, channels-last or strided views;
+            fp32/fp16/bf16 (Triton) or fp64 (reference).
+
+    Returns:
+        A scalar in ``result_dtype(x)``. The gradient reaches both arguments unless the caller detaches one.
+    """
+    if x.dim() != 4 or y.dim() != 4 or x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
+        raise ValueError(f"attention_distance expects [B, C, H, W] maps of one batch and size, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if not use_triton(x, y):
+        return attention_distance_reference(x, y)
+    a = _AttentionMapFunction.apply(x, torch.float32)
+    b = _AttentionMapFunction.apply(y, torch.float32)
+    return _NormalizedDistanceFunction.apply(a, b, result_dtype(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AttentionDistance(nn.Module):
+    """``nn.Module`` form of :func:`attention_distance`."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return attention_distance(x, y)
+
+
+class NormalizedDistance(nn.Module):
+    """``nn.Module`` form of :func:`normalized_distance`."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return normalized_distance(x, y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References (plain PyTorch)
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def attention_map_reference(x: torch.Tensor) -> torch.Tensor:
@@ -19,62 +569,11 @@ def attention_map_reference(x: torch.Tensor) -> torch.Tensor:
 def normalized_distance_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d(x, y) = mean((n(x) − n(y))²)`` with ``n`` the per-sample L2 normalisation (eps 1e-12)."""
     dtype = compute_dtype(x.dtype)
-    nx = F.normalize(x.to(dtype).reshape(x.shape[0], -1), dim=1, eps=1e-12)
-    ny = F.normalize(y.to(dtype).reshape(y.shape[0], -1), dim=1, eps=1e-12)
+    nx = F.normalize(x.to(dtype).reshape(x.shape[0], -1), dim=1, eps=EPS)
+    ny = F.normalize(y.to(dtype).reshape(y.shape[0], -1), dim=1, eps=EPS)
     return (nx - ny).pow(2).mean().to(x.dtype)
 
 
 def attention_distance_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d(A(x), A(y))``."""
     return normalized_distance_reference(attention_map_reference(x), attention_map_reference(y))
-
-
-def attention_map(x: torch.Tensor) -> torch.Tensor:
-    """Attention map ``A(x) = mean_c(x²)``.
-
-    Args:
-        x: ``[B, C, H, W]``, NCHW or channels-last, fp32/fp16/bf16/fp64.
-
-    Returns:
-        ``[B, 1, H, W]`` in ``x``'s dtype (squares summed in at least fp32).
-    """
-    if x.dim() != 4:
-        raise ValueError(f"attention_map expects [B, C, H, W], got shape {tuple(x.shape)}")
-    return attention_map_reference(x)
-
-
-def normalized_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Normalised distance ``d(x, y) = mean((n(x) − n(y))²)``, ``n(v) = v / max(‖v‖₂, 1e-12)`` per sample.
-
-    Args:
-        x, y: tensors of one shape ``[B, ...]`` (any layout); each sample is flattened.
-
-    Returns:
-        A scalar in ``x``'s dtype. The gradient reaches both arguments unless the caller detaches one.
-    """
-    if x.shape != y.shape:
-        raise ValueError(f"normalized_distance expects two tensors of one shape, got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
-    return normalized_distance_reference(x, y)
-
-
-def attention_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Attention-transfer loss ``d(A(x), A(y))``.
-
-    Args:
-        x: ``[B, C1, H, W]``; y: ``[B, C2, H, W]`` (channel counts may differ), NCHW or channels-last.
-
-    Returns:
-        A scalar in ``x``'s dtype. The gradient reaches both arguments unless the caller detaches one.
-    """
-    if x.dim() != 4 or y.dim() != 4 or x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
-        raise ValueError(f"attention_distance expects [B, C, H, W] maps of one batch and size, got "
-                         f"{tuple(x.shape)} and {tuple(y.shape)}")
-    return attention_distance_reference(x, y)
-
-
-class AttentionDistance(nn.Module):
-    """``nn.Module`` form of :func:`attention_distance`."""
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return attention_distance(x, y)
