@@ -7,6 +7,7 @@ Install the project and ``from ffsd_kernels import kl_div_loss``.
 
 from ffsd_kernels.attention import (
     AttentionDistance,
+    NormalizedDistance,
     attention_distance,
     attention_distance_reference,
     attention_map,
@@ -15,26 +16,45 @@ from ffsd_kernels.attention import (
     normalized_distance_reference,
 )
 from ffsd_kernels.diversity import (
+    DiversityLoss,
     diversity_loss,
     diversity_loss_reference,
     diversity_shift,
     diversity_shift_reference,
 )
-from ffsd_kernels.kl_div import KLDivLoss, kl_div_loss, kl_div_loss_reference
+from ffsd_kernels.kl_div import (
+    CrossEntropyKLLoss,
+    KLDivLoss,
+    MutualKLLoss,
+    cross_entropy_kl_loss,
+    cross_entropy_kl_loss_reference,
+    kl_div_loss,
+    kl_div_loss_reference,
+    mutual_kl_loss,
+    mutual_kl_loss_reference,
+)
 
 __all__ = [
     "AttentionDistance",
+    "CrossEntropyKLLoss",
+    "DiversityLoss",
     "KLDivLoss",
+    "MutualKLLoss",
+    "NormalizedDistance",
     "attention_distance",
     "attention_distance_reference",
     "attention_map",
     "attention_map_reference",
+    "cross_entropy_kl_loss",
+    "cross_entropy_kl_loss_reference",
     "diversity_loss",
     "diversity_loss_reference",
     "diversity_shift",
     "diversity_shift_reference",
     "kl_div_loss",
     "kl_div_loss_reference",
+    "mutual_kl_loss",
+    "mutual_kl_loss_reference",
     "normalized_distance",
     "normalized_distance_reference",
 ]

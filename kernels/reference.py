@@ -1,0 +1,25 @@
+"""The plain PyTorch references under the public names of ``ffsd_kernels``: one switch between implementations.
+
+``import ffsd_kernels.reference as ops`` gives the same functions as ``import ffsd_kernels as ops``, computed by the
+``*_reference`` definitions (the trainer's ``--kernels torch``; a baseline for anyone comparing).
+"""
+
+from ffsd_kernels.attention import attention_distance_reference as attention_distance
+from ffsd_kernels.attention import attention_map_reference as attention_map
+from ffsd_kernels.attention import normalized_distance_reference as normalized_distance
+from ffsd_kernels.diversity import diversity_loss_reference as diversity_loss
+from ffsd_kernels.diversity import diversity_shift_reference as diversity_shift
+from ffsd_kernels.kl_div import cross_entropy_kl_loss_reference as cross_entropy_kl_loss
+from ffsd_kernels.kl_div import kl_div_loss_reference as kl_div_loss
+from ffsd_kernels.kl_div import mutual_kl_loss_reference as mutual_kl_loss
+
+__all__ = [
+    "attention_distance",
+    "attention_map",
+    "cross_entropy_kl_loss",
+    "diversity_loss",
+    "diversity_shift",
+    "kl_div_loss",
+    "mutual_kl_loss",
+    "normalized_distance",
+]
