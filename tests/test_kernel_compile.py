@@ -1,0 +1,130 @@
+"""Every Triton launch the ops make compiles for an H100 (``sm_90``) with no register spills, and no launcher
+synchronises with the host.
+
+The launches are recorded, not executed, at the shapes the benchmarks use (the batch made smaller where the launch
+configuration does not depend on it), so the dtypes, block sizes and ``num_warps`` compiled are the launchers' own.
+The compilation runs in a fresh process without the interpreter (``python -m tests.test_kernel_compile``): with
+``TRITON_INTERPRET=1`` in the environment, Triton 3.8 fails to compile loops, and once the interpreter has run a
+kernel that calls a ``@triton.jit`` helper it leaves ``triton.language`` patched for the rest of the process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import ffsd_kernels as K
+from ffsd_kernels import _dispatch
+from tests.kernel_launches import compile_for_h100, forbid_host_syncs, ptxas_resources, recorded_launches
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="records launches through Triton's interpreter (TRITON_INTERPRET=1)")
+
+def _t(shape, dtype=torch.float32, grad=True, channels_last=False):
+    x = torch.randn(shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(grad)
+
+
+def _labels(batch, classes):
+    return torch.randint(0, classes, (batch,))
+
+
+BF16 = torch.bfloat16
+# Each case: forward and backward of one op. The KL batch is 64 rather than 8192: the grid grows with the batch, the
+# kernels do not.
+CASES = {
+    "kl_div[64,128256]bf16": lambda: K.kl_div_loss(_t((64, 128256), BF16), _t((64, 128256), BF16, False), 2.0),
+    "kl_div[128,100]fp32,teacher-grad": lambda: K.kl_div_loss(_t((128, 100)), _t((128, 100)), 4.0),
+    "kl_div[256,1000]fp32,mean-of-3": lambda: K.kl_div_loss(_t((256, 1000)), [_t((256, 1000), grad=False)] * 3, 2.0),
+    "kl_div[256,1000]bf16": lambda: K.kl_div_loss(_t((256, 1000), BF16), _t((256, 1000), BF16), 2.0),
+    "cross_entropy_kl[128,100]fp32,mean-of-2": lambda: sum(K.cross_entropy_kl_loss(
+        _t((128, 100)), [_t((128, 100), grad=False)] * 2, _labels(128, 100), 2.0)),
+    "cross_entropy_kl[64,128256]bf16": lambda: sum(K.cross_entropy_kl_loss(
+        _t((64, 128256), BF16), _t((64, 128256), BF16, False), _labels(64, 128256), 1.0)),
+    "mutual_kl[2,128,100]fp32": lambda: K.mutual_kl_loss([_t((128, 100)), _t((128, 100))], 2.0).sum(),
+    "mutual_kl[4,256,1000]bf16": lambda: K.mutual_kl_loss(_t((4, 256, 1000), BF16), 2.0).sum(),
+    "attention_distance[16,64,56,56]bf16,channels-last": lambda: K.attention_distance(
+        _t((16, 64, 56, 56), BF16, channels_last=True), _t((16, 64, 56, 56), BF16, channels_last=True)),
+    "attention_distance[128,64,8,8]fp32": lambda: K.attention_distance(_t((128, 64, 8, 8)), _t((128, 128, 8, 8))),
+    "attention_map[8,16,32,32]fp32,slice": lambda: K.attention_map(_t((8, 16, 32, 40))[..., 3:35]).sum(),
+    "normalized_distance[128,32,16,16]fp32": lambda: K.normalized_distance(_t((128, 32, 16, 16)),
+                                                                           _t((128, 32, 16, 16), grad=False)),
+    "normalized_distance[64,3000]bf16": lambda: K.normalized_distance(_t((64, 3000), BF16), _t((64, 3000), BF16)),
+    "diversity_loss[128,1,8,8]fp32": lambda: K.diversity_loss(_t((128, 1, 8, 8)), _t((128, 1, 8, 8), grad=False)),
+    "diversity_loss[16,1,56,56]bf16": lambda: K.diversity_loss(_t((16, 1, 56, 56), BF16),
+                                                               _t((16, 1, 56, 56), BF16, False)),
+    "diversity_shift[128,64,8,8]fp32,channels-last": lambda: K.diversity_shift(
+        _t((128, 64, 8, 8), channels_last=True)).sum(),
+}
+
+
+def _forward_backward(case: str) -> None:
+    loss = CASES[case]()
+    loss.backward(torch.ones_like(loss))
+
+
+def compile_every_case() -> dict[str, list[dict]]:
+    """For each case, each distinct launch: its kernel, launch keywords, and registers and spills (or the error)."""
+    report: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as workdir, pytest.MonkeyPatch.context() as monkeypatch:
+        # The ops take their Triton path on these CPU tensors; the launches are recorded, never run.
+        monkeypatch.setattr(_dispatch, "INTERPRETER", True)
+        for case in CASES:
+            with recorded_launches(monkeypatch, execute=False) as launches:
+                _forward_backward(case)
+            rows, seen = [], set()
+            for launch in launches:
+                kwargs = {k: str(v) for k, v in launch.kwargs.items()}
+                key = (launch.name, json.dumps(kwargs, sort_keys=True))
+                if key in seen:
+                    continue
+                seen.add(key)
+                row = {"kernel": launch.name, "kwargs": kwargs}
+                try:
+                    compiled = compile_for_h100(launch)
+                    row.update(vars(ptxas_resources(compiled.asm["ptx"], Path(workdir))))
+                except Exception as error:  # reported, and failed, by the test of this case
+                    row["error"] = f"{type(error).__name__}: {error}"
+                rows.append(row)
+            report[case] = rows
+    return report
+
+
+@pytest.fixture(scope="module")
+def compiled_cases() -> dict[str, list[dict]]:
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tests.test_kernel_compile"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_launches_compile_for_h100_without_spills(case, compiled_cases):
+    rows = compiled_cases[case]
+    assert rows, f"{case}: no Triton kernel was launched"
+    for row in rows:
+        print(f"{case}: {row}")
+        assert "error" not in row, row
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_launchers_make_no_host_synchronisation(case, monkeypatch):
+    with recorded_launches(monkeypatch, execute=False) as launches:
+        forbid_host_syncs(monkeypatch)
+        _forward_backward(case)
+        monkeypatch.undo()
+    assert launches
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_every_case()))
