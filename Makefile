@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q -ra --durations=10
+
+# On a GPU machine, with its own python (torch and triton there; nothing is downloaded): the CUDA tests, then the
+# kernel sweep, whose JSON lines land in benchmarks/results/. Commit them.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-index --no-build-isolation -e .
+	$(GPU_PYTHON) -m pytest tests -q -ra -m cuda
+	$(GPU_PYTHON) benchmarks/kernel_sweep.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -5,9 +5,10 @@ Run it explicitly (``pytest tests`` does not collect it; the project's testpaths
     python -m pytest benchmarks/test_bench_losses.py                      # timings, grouped by op and shape
     python -m pytest benchmarks/test_bench_losses.py --benchmark-disable  # each variant once, as a smoke test
 
-Each group holds three variants side by side: ``public`` (what ``ffsd_kernels`` exports: the reference today, the
-Triton kernels later), ``reference`` (the eager ``*_reference``) and ``compiled`` (``torch.compile`` of the public
-function). Runs on CUDA when there is one, else on the CPU. ``compiled`` is skipped with the reason when
+Each group holds three variants side by side: ``public`` (what ``ffsd_kernels`` exports: the Triton kernels on CUDA,
+the reference on a CPU), ``reference`` (the eager ``*_reference``) and ``compiled`` (``torch.compile`` of the
+reference). Runs on CUDA when there is one, else on the CPU. The GPU sweep with the bandwidth floor and JSON lines is
+``benchmarks/kernel_sweep.py``. ``compiled`` is skipped with the reason when
 ``torch.compile`` is unavailable or fails here (on a CPU it needs a C++ compiler).
 
 On a CPU, ``FFSD_BENCH_THREADS=N`` sets torch's thread count (default: torch's own). On a small or shared machine
@@ -57,9 +58,9 @@ def _variant(name: str, public, reference, *example_args):
     reason = _compile_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    compiled = torch.compile(public, dynamic=False)
+    compiled = torch.compile(reference, dynamic=False)
     try:
-        expected = public(*example_args)
+        expected = reference(*example_args)
         got = compiled(*example_args)
         _sync()
     except Exception as error:  # any compile/backend failure: skip with the cause, the eager variants still run

@@ -1,0 +1,45 @@
+"""The GPU sweep script runs end to end on tiny shapes (its numbers mean nothing here; GPU sessions are rare, and a
+script that breaks there wastes one)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from ffsd_kernels._dispatch import INTERPRETER
+
+SWEEP = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sweep.py"
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("kernel_sweep", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton variant needs TRITON_INTERPRET=1 on a CPU")
+def test_kernel_sweep_writes_one_row_per_case_mode_and_variant(tmp_path, capsys):
+    sweep = _load_sweep()
+    sweep.main(["--quick", "--device", "cpu", "--variants", "triton,eager", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("kernels-cpu-*-quick.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == len(sweep.cases(quick=True)) * len(sweep.MODES) * 2
+    for row in rows:
+        assert {"device", "torch", "triton", "commit", "op", "shape", "dtype", "mode", "variant", "ms", "gb_per_s",
+                "floor_ms", "fraction_of_copy_bw", "speedup_vs_eager"} <= row.keys()
+        assert row["ms"] > 0 and row["bytes"] > 0
+        if row["variant"] == "eager":
+            assert row["speedup_vs_eager"] == pytest.approx(1.0)
+    assert {r["op"] for r in rows} == {c.op for c in sweep.cases(quick=True)}
+    assert "of copy bw" in capsys.readouterr().out
+
+
+def test_bytes_that_must_move():
+    import torch
+
+    sweep = _load_sweep()
+    s, t = torch.zeros(4, 10), torch.zeros(4, 10)
+    assert sweep.must_move("forward", [s, t, 2.0], [s]) == 320
+    assert sweep.must_move("forward+backward", [s, t, 2.0], [s]) == 2 * 320 + 160
