@@ -67,7 +67,8 @@ class Config:
     # Running.
     seed: int = _field(0, "seed of the weights, the shuffling and the augmentation")
     device: str | None = _field(None, "cpu | cuda (default: cuda when available)", choices=("cpu", "cuda"))
-    kernels: str = _field("torch", "loss implementation: torch (plain PyTorch) | triton (fused kernels)",
+    kernels: str = _field("torch", "loss implementation: torch (plain PyTorch) | triton (fused Triton kernels on CUDA; "
+                          "the PyTorch references on a CPU unless TRITON_INTERPRET=1)",
                           choices=("torch", "triton"))
     workers: int = _field(4, "data-loading worker processes (ImageNet folders)")
     output_dir: str = _field("runs", "where run directories are created")

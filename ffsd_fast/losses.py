@@ -87,14 +87,11 @@ def ffsd_losses(
     leader_attention = [ops.attention_map(f) for f in leader_taps]
 
     num_students = nets.num_students
+    # Deep mutual learning, every student from every other one's detached logits, in one op.
+    mutual = ops.mutual_kl_loss(student_logits, temperature)
     for i in range(num_students):
         add(f"student{i}.ce", F.cross_entropy(student_logits[i], labels))
-        mutual = sum(
-            ops.kl_div_loss(student_logits[i], student_logits[j].detach(), temperature)
-            for j in range(num_students)
-            if j != i
-        )
-        add(f"student{i}.mutual", mutual / (num_students - 1))
+        add(f"student{i}.mutual", mutual[i])
         if i == 0 or not options.diversity_enabled:
             continue
         add(
@@ -112,12 +109,14 @@ def ffsd_losses(
             student_sd_weight,
         )
 
-    ensemble_logits = torch.stack(student_logits).mean(dim=0).detach()
-    add("fusion.ce", F.cross_entropy(fusion_logits, labels))
-    add("fusion.kl", ops.kl_div_loss(fusion_logits, ensemble_logits, temperature))
+    # The fusion module's teacher is the students' ensemble: the mean of their logits.
+    ce, kl = ops.cross_entropy_kl_loss(fusion_logits, [z.detach() for z in student_logits], labels, temperature)
+    add("fusion.ce", ce)
+    add("fusion.kl", kl)
 
-    add("leader.ce", F.cross_entropy(leader_logits, labels))
-    add("leader.kl", ops.kl_div_loss(leader_logits, fusion_logits.detach(), temperature))
+    ce, kl = ops.cross_entropy_kl_loss(leader_logits, fusion_logits.detach(), labels, temperature)
+    add("leader.ce", ce)
+    add("leader.kl", kl)
     fused = fused.detach()
     add("leader.fusion", ops.normalized_distance(leader_attention[-1], ops.attention_map(fused)), lambda_f)
     # A(concat(f_1 … f_m)) is the mean of the students' maps A(f_i): every student has C channels.

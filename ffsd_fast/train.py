@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import ffsd_kernels
+import ffsd_kernels.reference
 from ffsd_fast import checkpoint, models
 from ffsd_fast.config import Config, parse_args, resolve, to_dict
 from ffsd_fast.data import build_loaders
@@ -42,10 +43,9 @@ class NonFiniteLoss(UserError):
 
 
 def kernel_ops(name: str) -> ModuleType:
-    """The loss library behind ``--kernels``."""
-    if name == "torch":
-        return ffsd_kernels
-    raise UserError("--kernels triton: the fused Triton kernels are not part of this version yet; use --kernels torch")
+    """The loss library behind ``--kernels``: the fused ops (Triton on CUDA tensors, their references elsewhere) or
+    the plain PyTorch references under the same names."""
+    return ffsd_kernels if name == "triton" else ffsd_kernels.reference
 
 
 def single_process_world() -> None:

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import ffsd_kernels
-from ffsd_fast.losses import LossOptions
+import ffsd_kernels.reference
+from ffsd_fast.losses import LossOptions, ffsd_losses
 from ffsd_fast.method import build_networks
 from ffsd_fast.step import make_optimizers, train_step
+from ffsd_kernels._dispatch import INTERPRETER
 from tests.sequential_reference import make_reference_optimizers, reference_step
 
 # Large enough λ's that every term moves the weights visibly (the defaults make some terms ~1e-5 of the loss).
@@ -79,3 +81,34 @@ def test_parity_detects_a_wrong_term():
         assert _max_relative_error(nets, reference) > 1e-6
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
+])
+def test_triton_kernels_step_equals_torch_step(device):
+    """``--kernels triton`` against ``--kernels torch``: every loss term and every gradient, in float32."""
+    nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16).to(device).train()
+    twin = copy.deepcopy(nets)
+    x, y = torch.randn(6, 3, 16, 16, device=device), torch.randint(0, 10, (6,), device=device)
+    lambdas = torch.tensor(LAMBDAS, device=device)
+    terms = {}
+    for name, networks, ops in (("triton", nets, ffsd_kernels), ("torch", twin, ffsd_kernels.reference)):
+        # Same BN state and dropout-free networks: the two forward passes see identical weights and inputs.
+        terms[name] = ffsd_losses(networks, x, y, lambdas, LossOptions(), ops)
+        terms[name].total.backward()
+    for key, value in terms["torch"].values.items():
+        got = terms["triton"].values[key]
+        assert got.dtype == value.dtype == torch.float32, key
+        assert (got - value).abs().item() <= 1e-5 * max(value.abs().item(), 1e-6), (key, got.item(), value.item())
+    worst = 0.0
+    for (name, p), q in zip(nets.named_parameters(), twin.parameters(), strict=True):
+        scale = q.grad.abs().max().item()
+        if scale > 1e-8:
+            worst = max(worst, (p.grad - q.grad).abs().max().item() / scale)
+        else:
+            assert (p.grad - q.grad).abs().max().item() < 1e-8, name
+    print(f"triton vs torch step: worst gradient relative error {worst:.2e}")
+    assert worst < 2e-5

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from ffsd_fast import checkpoint
+import ffsd_kernels
+import ffsd_kernels.reference
+from ffsd_fast import checkpoint, train
 from ffsd_fast.export import main as export_main
 from ffsd_fast.train import main
 
@@ -142,9 +144,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
         assert torch.equal(value, after["networks"][name])
 
 
-def test_triton_kernels_flag_is_refused_clearly(capsys):
-    err = one_line_error(capsys, [*FAST, "--kernels", "triton"])
-    assert "--kernels torch" in err
+def test_kernels_flag_picks_the_loss_library():
+    assert train.kernel_ops("triton") is ffsd_kernels
+    assert train.kernel_ops("torch") is ffsd_kernels.reference
+    assert ffsd_kernels.reference.kl_div_loss is ffsd_kernels.kl_div_loss_reference
 
 
 def test_config_file_and_flags(capsys, tmp_path):
