@@ -1,8 +1,9 @@
 """ffsd_kernels: knowledge-distillation losses for any PyTorch code.
 
-Each op has a plain PyTorch reference (``*_reference``) that defines what it computes, a functional API and an
-``nn.Module``. The functional API runs the reference for now; fused Triton kernels arrive behind the same names.
-Install the project and ``from ffsd_kernels import kl_div_loss``.
+Each op has fused Triton forward and backward kernels, a functional API, an ``nn.Module`` and a plain PyTorch
+reference (``*_reference``) that defines what it computes. The functions run the kernels on CUDA tensors (and on CPU
+tensors under ``TRITON_INTERPRET=1``), their references elsewhere; ``ffsd_kernels.reference`` holds the references
+under the public names. Install the project and ``from ffsd_kernels import kl_div_loss``.
 """
 
 from ffsd_kernels.attention import (

@@ -378,20 +378,22 @@ def test_diversity_shift_zero_sample_and_small_blocks(small_blocks):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+REFERENCES = [
+    (attention_module, "attention_map_reference"),
+    (attention_module, "normalized_distance_reference"),
+    (attention_module, "attention_distance_reference"),
+    (diversity_module, "diversity_loss_reference"),
+    (diversity_module, "diversity_shift_reference"),
+]
+
+
 def _raise(*args, **kwargs):
     raise AssertionError("the reference ran instead of the Triton kernels")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_path_runs(monkeypatch, dtype):
-    for module, name in [
-        (attention_module, "attention_map_reference"),
-        (attention_module, "normalized_distance_reference"),
-        (attention_module, "attention_distance_reference"),
-        (diversity_module, "diversity_loss_reference"),
-        (diversity_module, "diversity_shift_reference"),
-        (diversity_module, "_reflected_target"),
-    ]:
+    for module, name in [*REFERENCES, (diversity_module, "_reflected_target")]:
         monkeypatch.setattr(module, name, _raise)
     monkeypatch.setattr(torch.Tensor, "kthvalue", _raise)
     x = feature((2, 3, 4, 5), dtype, "channels_last")
@@ -411,13 +413,7 @@ def test_float64_runs_the_reference(monkeypatch):
 
         return wrapped
 
-    for module, name in [
-        (attention_module, "attention_map_reference"),
-        (attention_module, "normalized_distance_reference"),
-        (attention_module, "attention_distance_reference"),
-        (diversity_module, "diversity_loss_reference"),
-        (diversity_module, "diversity_shift_reference"),
-    ]:
+    for module, name in REFERENCES:
         monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=DEVICE)
     y = torch.randn(2, 1, 4, 5, dtype=torch.float64, device=DEVICE)
