@@ -23,6 +23,7 @@ from ffsd_kernels.diversity import (
     diversity_shift,
     diversity_shift_reference,
 )
+from ffsd_kernels.fusion import FusionBlock, fusion_block, fusion_block_reference
 from ffsd_kernels.kl_div import (
     CrossEntropyKLLoss,
     KLDivLoss,
@@ -39,6 +40,7 @@ __all__ = [
     "AttentionDistance",
     "CrossEntropyKLLoss",
     "DiversityLoss",
+    "FusionBlock",
     "KLDivLoss",
     "MutualKLLoss",
     "NormalizedDistance",
@@ -52,6 +54,8 @@ __all__ = [
     "diversity_loss_reference",
     "diversity_shift",
     "diversity_shift_reference",
+    "fusion_block",
+    "fusion_block_reference",
     "kl_div_loss",
     "kl_div_loss_reference",
     "mutual_kl_loss",

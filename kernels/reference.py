@@ -9,6 +9,7 @@ from ffsd_kernels.attention import attention_map_reference as attention_map
 from ffsd_kernels.attention import normalized_distance_reference as normalized_distance
 from ffsd_kernels.diversity import diversity_loss_reference as diversity_loss
 from ffsd_kernels.diversity import diversity_shift_reference as diversity_shift
+from ffsd_kernels.fusion import fusion_block_reference as fusion_block
 from ffsd_kernels.kl_div import cross_entropy_kl_loss_reference as cross_entropy_kl_loss
 from ffsd_kernels.kl_div import kl_div_loss_reference as kl_div_loss
 from ffsd_kernels.kl_div import mutual_kl_loss_reference as mutual_kl_loss
@@ -19,6 +20,7 @@ __all__ = [
     "cross_entropy_kl_loss",
     "diversity_loss",
     "diversity_shift",
+    "fusion_block",
     "kl_div_loss",
     "mutual_kl_loss",
     "normalized_distance",
