@@ -12,6 +12,7 @@ from torch import nn
 
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
+from ffsd_kernels import FusionBlock
 
 
 def reference_conv_init_(module: nn.Module) -> None:
@@ -25,46 +26,37 @@ def reference_conv_init_(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Depthwise 3×3 → BN → ReLU → 1×1 → BN → ReLU, no conv bias: the fusion module and the trans-fusion head.
-
-    Its state-dict keys (``0.weight``, ``1.*``, ``3.weight``, ``4.*``) are what the fused kernel's module loads.
-    """
-    return nn.Sequential(
-        nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
-        nn.BatchNorm2d(in_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(in_channels, out_channels, 1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
 class FusionModule(nn.Module):
-    """``φ = block(concat(maps))`` with ``block`` m·C → C, and a classifier ``z_F = fc(avgpool(φ))``."""
+    """``φ = block(concat(maps))`` with ``block`` m·C → C, and a classifier ``z_F = fc(avgpool(φ))``.
 
-    def __init__(self, channels: int, num_inputs: int, num_classes: int) -> None:
+    ``block`` is ``ffsd_kernels.FusionBlock``: the ``nn.Sequential`` depthwise 3×3 → BN → ReLU → 1×1 → BN → ReLU
+    (keys ``0.weight``, ``1.*``, ``3.weight``, ``4.*``), computed without the concatenation by fused kernels when
+    ``fused``, else by its modules on ``torch.cat``.
+    """
+
+    def __init__(self, channels: int, num_inputs: int, num_classes: int, fused: bool = False) -> None:
         super().__init__()
-        self.block = conv_block(channels * num_inputs, channels)
+        self.block = FusionBlock(channels, num_inputs, channels, fused=fused)
         self.fc = nn.Linear(channels, num_classes)
         reference_conv_init_(self.block)
 
     def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        fused = self.block(torch.cat(maps, dim=1))
+        fused = self.block(maps)
         logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(fused, 1), 1))
         return logits, fused
 
 
 class Leader(nn.Module):
-    """The backbone plus the trans-fusion head ``τ = block(f^K)`` (C → m·C) on its last stage.
+    """The backbone plus the trans-fusion head ``τ = block(f^K)`` (C → m·C) on its last stage, the fusion module's
+    block with one input.
 
     Only ``backbone`` is kept after training; the head exists to mimic the students' concatenated maps.
     """
 
-    def __init__(self, backbone: nn.Module, channels: int, num_students: int) -> None:
+    def __init__(self, backbone: nn.Module, channels: int, num_students: int, fused: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = conv_block(channels, channels * num_students)
+        self.head = FusionBlock(channels, 1, channels * num_students, fused=fused)
         # The reference builds the head inside the backbone, before the backbone's conv init runs over both.
         reference_conv_init_(self.head)
 
@@ -134,9 +126,13 @@ class FFSDNetworks(nn.Module):
 
 
 def build_networks(
-    model: str, num_classes: int, num_students: int, image_size: int, probe_forward: bool = True
+    model: str, num_classes: int, num_students: int, image_size: int, probe_forward: bool = True,
+    fused_blocks: bool = False,
 ) -> FFSDNetworks:
     """Builds every network in the reference's order, so that a seeded run draws its weights in the same sequence.
+
+    ``fused_blocks``: the fusion module and the trans-fusion head run the fused Triton fusion block (``--kernels
+    triton``); the weights and state dict are the same either way.
 
     ``probe_forward`` (quirk, on by default): the reference runs student 1 once in train mode on
     ``randn(1, 3, H, W)`` to read its last stage's shape. That updates student 1's BN running statistics and
@@ -156,6 +152,6 @@ def build_networks(
     tap_channels = [c for c, _, _ in taps]
     decoders = [SelfDistillationDecoder(tap_channels) for _ in range(1, num_students)]
     leader_decoder = SelfDistillationDecoder(tap_channels)
-    fusion = FusionModule(channels, num_students, num_classes)
-    leader = Leader(models.create(model, num_classes), channels, num_students)
+    fusion = FusionModule(channels, num_students, num_classes, fused=fused_blocks)
+    leader = Leader(models.create(model, num_classes), channels, num_students, fused=fused_blocks)
     return FFSDNetworks(students, decoders, leader_decoder, fusion, leader)

@@ -201,7 +201,8 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed)
     nets: FFSDNetworks = build_networks(cfg.model, info.num_classes, cfg.num_students, cfg.image_size,
-                                        probe_forward=cfg.quirk_probe_forward).to(device)
+                                        probe_forward=cfg.quirk_probe_forward,
+                                        fused_blocks=cfg.kernels == "triton").to(device)
     optimizers = make_optimizers(nets, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.fusion_weight_decay,
                                  cfg.decoder_lr, cfg.decoder_weight_decay)
     history: list[dict] = []

@@ -24,6 +24,8 @@ def setup():
 def test_step_makes_no_host_synchronisation(setup, monkeypatch, kernels):
     nets, optimizers, x, y = setup
     ops = ffsd_kernels.reference if kernels == "torch" else ffsd_kernels
+    for block in (nets.fusion.block, nets.leader.head):
+        block.fused = kernels == "triton"
 
     set_learning_rates(optimizers, 0.05, 1e-4)
     # The interpreter reads tensors on the host to run a kernel: here the Triton launches are recorded, not run.
@@ -71,3 +73,19 @@ def test_terms_weighted_in_one_place(setup):
     clean = train_step(nets, optimizers, x, y, lambdas, LossOptions(student_sd_uses_lambda_div=False), ffsd_kernels)
     assert torch.allclose(clean.weighted["student1.self_distillation"],
                           7.0 * clean.values["student1.self_distillation"])
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs TRITON_INTERPRET=1")
+def test_ffsd_trains_with_triton_kernels_on_a_tiny_batch():
+    """``--kernels triton`` end to end through the interpreter: fused losses and fusion blocks, several steps on one
+    batch, every network's loss going down."""
+    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16, fused_blocks=True).train()
+    optimizers = make_optimizers(nets)
+    set_learning_rates(optimizers, 0.05, 1e-3)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    lambdas = torch.tensor([1e-5, 1000.0, 10.0])
+    history = [train_step(nets, optimizers, x, y, lambdas, LossOptions(), ffsd_kernels) for _ in range(4)]
+    for key in ("student0.ce", "student1.ce", "fusion.ce", "leader.ce"):
+        first, last = history[0].values[key].item(), history[-1].values[key].item()
+        assert last < first, (key, first, last)
+    assert all(torch.isfinite(terms.total) for terms in history)

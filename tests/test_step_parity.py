@@ -89,9 +89,13 @@ def test_parity_detects_a_wrong_term():
                                 pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
 ])
 def test_triton_kernels_step_equals_torch_step(device):
-    """``--kernels triton`` against ``--kernels torch``: every loss term and every gradient, in float32."""
-    nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16).to(device).train()
+    """``--kernels triton`` (fused losses and fusion blocks) against ``--kernels torch``: every loss term, every
+    gradient and every BatchNorm statistic, in float32."""
+    nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16, fused_blocks=True)
+    nets = nets.to(device).train()
     twin = copy.deepcopy(nets)
+    for block in (twin.fusion.block, twin.leader.head):
+        block.fused = False
     x, y = torch.randn(6, 3, 16, 16, device=device), torch.randint(0, 10, (6,), device=device)
     lambdas = torch.tensor(LAMBDAS, device=device)
     terms = {}
@@ -110,5 +114,7 @@ def test_triton_kernels_step_equals_torch_step(device):
             worst = max(worst, (p.grad - q.grad).abs().max().item() / scale)
         else:
             assert (p.grad - q.grad).abs().max().item() < 1e-8, name
+    for (name, b), c in zip(nets.named_buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
     print(f"triton vs torch step: worst gradient relative error {worst:.2e}")
     assert worst < 2e-5
