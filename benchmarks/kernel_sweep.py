@@ -9,10 +9,11 @@ Triton path), ``eager`` (its ``*_reference``) and ``compile`` (``torch.compile``
 ``triton.testing.do_bench`` (which clears the L2 cache before each call) on CUDA, of wall-clock repeats elsewhere.
 
 The floor is the time the bytes that must move take at the device's measured copy bandwidth (a device-to-device
-``copy_``, bytes read plus written, per second). Bytes that must move: ``forward`` reads every input once;
-``forward+backward`` reads them once in the forward, once more in the backward (an autograd op cannot know its
-upstream gradient in the forward, so it either reads the inputs again or writes then reads a saved gradient, which
-moves as much) and writes each gradient once. ``fraction_of_copy_bw`` is floor / measured time.
+``copy_``, bytes read plus written, per second). Bytes that must move: ``forward`` reads every input once and
+writes the output; ``forward+backward`` does that, then reads the inputs once more in the backward (an autograd op
+cannot know its upstream gradient in the forward, so it either reads the inputs again or writes then reads a saved
+gradient, which moves as much) together with the upstream gradient, and writes each input's gradient once.
+``fraction_of_copy_bw`` is floor / measured time.
 
 One JSON object per (case, mode, variant) line: device, torch, triton, commit, date, op, shape, dtype, layout,
 mode, variant, ms, bytes, gb_per_s, floor_ms, copy_gb_per_s, fraction_of_copy_bw, speedup_vs_eager,
@@ -129,18 +130,35 @@ def diversity_case(shape, dtype) -> Case:
     return Case("diversity_loss", shape, dtype, "nchw", make, K.diversity_loss, K.diversity_loss_reference)
 
 
+def fusion_block_case(batch, num_inputs, channels, size, dtype, layout="channels_last") -> Case:
+    """FFSD's fusion module block (m·C → C); eager is ``torch.cat`` and the Sequential (cuDNN)."""
+
+    def make(device):
+        block = K.FusionBlock(channels, num_inputs, channels).to(device, dtype).train()
+        maps = [_randn((batch, channels, size, size), dtype, device, True, layout == "channels_last")
+                for _ in range(num_inputs)]
+        return [*maps, block], maps
+
+    def call(fn):
+        return lambda *args: fn(list(args[:-1]), args[-1])
+
+    return Case("fusion_block", (num_inputs, batch, channels, size, size), dtype, layout, make,
+                call(K.fusion_block), call(K.fusion_block_reference))
+
+
 def cases(quick: bool) -> list[Case]:
     bf16, fp32 = torch.bfloat16, torch.float32
     if quick:
         return [kl_case(3, 37, fp32), cross_entropy_kl_case(3, 37, fp32), mutual_case(3, 2, 37, fp32),
                 attention_case((2, 5, 3, 3), fp32, "channels_last"), distance_case((2, 3, 4, 4), fp32),
-                diversity_case((2, 1, 4, 4), fp32)]
+                diversity_case((2, 1, 4, 4), fp32), fusion_block_case(2, 2, 3, 4, fp32)]
     return [
         kl_case(8192, 128256, bf16), kl_case(128, 100, fp32), kl_case(256, 1000, fp32),
         cross_entropy_kl_case(8192, 128256, bf16), cross_entropy_kl_case(128, 100, fp32),
         mutual_case(3, 128, 100, fp32), mutual_case(4, 256, 1000, bf16),
         attention_case((256, 64, 56, 56), bf16, "channels_last"), attention_case((128, 64, 8, 8), fp32, "nchw"),
         distance_case((128, 32, 16, 16), fp32), diversity_case((128, 1, 8, 8), fp32),
+        fusion_block_case(128, 2, 64, 8, bf16), fusion_block_case(256, 2, 512, 7, bf16),
     ]
 
 
@@ -176,9 +194,13 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def must_move(mode: str, inputs: list, grad_inputs: list[torch.Tensor]) -> int:
-    read = sum(_nbytes(t) for t in inputs)
-    return read if mode == "forward" else 2 * read + sum(_nbytes(t) for t in grad_inputs)
+def must_move(mode: str, inputs: list, grad_inputs: list[torch.Tensor], output: torch.Tensor) -> int:
+    """Forward: the inputs read and the output written. Forward+backward adds the inputs read again, the upstream
+    gradient read and each input's gradient written (the output of a loss is a scalar: nothing)."""
+    forward = sum(_nbytes(t) for t in inputs) + _nbytes(output)
+    if mode == "forward":
+        return forward
+    return 2 * forward + sum(_nbytes(t) for t in grad_inputs)
 
 
 def variant_fn(case: Case, variant: str, inputs: list) -> Callable:
@@ -194,6 +216,7 @@ def variant_fn(case: Case, variant: str, inputs: list) -> Callable:
 
 def run_case(case: Case, device: torch.device, variants: tuple[str, ...], copy_bw: float, meta: dict) -> list[dict]:
     inputs, grad_inputs = case.make(device)
+    grad_output = torch.ones_like(case.reference(*inputs))
     rows = []
     for mode in MODES:
         times = {}
@@ -204,10 +227,10 @@ def run_case(case: Case, device: torch.device, variants: tuple[str, ...], copy_b
                     fn(*inputs)
             else:
                 def step(fn=fn):
-                    fn(*inputs).backward()
+                    fn(*inputs).backward(grad_output)
             step()  # compiles (torch.compile, Triton) outside the timing
             times[variant] = time_ms(step, device, grad_inputs)
-        nbytes = must_move(mode, inputs, grad_inputs)
+        nbytes = must_move(mode, inputs, grad_inputs, grad_output)
         floor_ms = nbytes / copy_bw * 1e3
         for variant, ms in times.items():
             rows.append({

@@ -40,6 +40,6 @@ def test_bytes_that_must_move():
     import torch
 
     sweep = _load_sweep()
-    s, t = torch.zeros(4, 10), torch.zeros(4, 10)
-    assert sweep.must_move("forward", [s, t, 2.0], [s]) == 320
-    assert sweep.must_move("forward+backward", [s, t, 2.0], [s]) == 2 * 320 + 160
+    s, t, loss = torch.zeros(4, 10), torch.zeros(4, 10), torch.zeros(())
+    assert sweep.must_move("forward", [s, t, 2.0], [s], loss) == 320 + 4
+    assert sweep.must_move("forward+backward", [s, t, 2.0], [s], loss) == 2 * (320 + 4) + 160

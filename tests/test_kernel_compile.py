@@ -62,6 +62,13 @@ CASES = {
                                                                _t((16, 1, 56, 56), BF16, False)),
     "diversity_shift[128,64,8,8]fp32,channels-last": lambda: K.diversity_shift(
         _t((128, 64, 8, 8), channels_last=True)).sum(),
+    "fusion_block[8,2x64,8,8]fp32": lambda: K.FusionBlock(64, 2, 64)([_t((8, 64, 8, 8)), _t((8, 64, 8, 8))]).sum(),
+    "fusion_block[8,2x512,7,7]bf16,channels-last": lambda: K.FusionBlock(512, 2, 512).to(BF16)(
+        [_t((8, 512, 7, 7), BF16, channels_last=True) for _ in range(2)]).sum(),
+    "fusion_block[8,3x64,56,56]fp32,channels-last,eval": lambda: K.FusionBlock(64, 3, 64).eval()(
+        [_t((8, 64, 56, 56), channels_last=True) for _ in range(3)]).sum(),
+    "trans_fusion_head[8,64->128,8,8]fp64": lambda: K.FusionBlock(64, 1, 128).double()(
+        _t((8, 64, 8, 8), torch.float64)).sum(),
 }
 
 
