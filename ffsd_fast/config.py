@@ -17,6 +17,7 @@ import yaml
 from ffsd_fast import models
 from ffsd_fast.data import DATASETS, DEFAULT_DATASET
 from ffsd_fast.errors import UserError
+from ffsd_fast.method import METHODS
 
 
 def _field(default, help: str, **kwargs):
@@ -26,6 +27,8 @@ def _field(default, help: str, **kwargs):
 @dataclass
 class Config:
     # What to train.
+    method: str = _field("ffsd", "ffsd | dml (deep mutual learning among the students) | independent (each student "
+                                 "alone, plain CE): the baselines train the students only", choices=METHODS)
     model: str = _field("resnet20", "backbone of every network: " + ", ".join(models.names()))
     dataset: str = _field(DEFAULT_DATASET, "digits (embedded, no download) | cifar10 | cifar100 | imagenet",
                           choices=DATASETS)
@@ -150,7 +153,9 @@ def resolve(config: Config) -> Config:
     if c.dataset not in DATASETS:
         raise UserError(f"unknown dataset '{c.dataset}'; known datasets: {', '.join(DATASETS)}")
     models.family(c.model)  # raises UserError listing the known models
-    if c.num_students < 2:
+    if c.method not in METHODS:
+        raise UserError(f"unknown method '{c.method}'; known methods: {', '.join(METHODS)}")
+    if c.num_students < (1 if c.method == "independent" else 2):
         raise UserError(f"--num-students must be at least 2 (the mutual and diversity terms need two), "
                         f"got {c.num_students}")
     digits, imagenet = c.dataset == "digits", c.dataset == "imagenet"

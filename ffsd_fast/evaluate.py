@@ -1,4 +1,5 @@
-"""Evaluation of every FFSD network on a loader: students, fusion module, leader, their average and ensembles."""
+"""Evaluation of every network of a run on a loader: students, fusion module and leader (FFSD), the students'
+average and ensembles."""
 
 import torch
 
@@ -14,7 +15,8 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
 def evaluate(nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,)) -> dict[str, float]:
     """Accuracies in percent, keyed ``student{i}_top{k}``, ``fusion_top{k}``, ``leader_top{k}``,
     ``average_top{k}`` (mean of the students'), ``ensemble_top{k}`` (mean logits of the students) and
-    ``oracle_ensemble_top{k}`` (a sample counts when any student gets it: what the reference calls its ensemble).
+    ``oracle_ensemble_top{k}`` (a sample counts when any student gets it: what the reference calls its ensemble);
+    the baselines have no fusion or leader entries.
 
     Counts stay on the device and are read back once, at the end.
     """
@@ -29,13 +31,15 @@ def evaluate(nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,)) -> dict[s
             logits, taps = student(images)
             student_logits.append(logits)
             last_maps.append(taps[-1])
-        fusion_logits, _ = nets.fusion(last_maps)
-        leader_logits, _ = nets.leader.backbone(images)
+        if nets.leader is not None:
+            fusion_logits, _ = nets.fusion(last_maps)
+            leader_logits, _ = nets.leader.backbone(images)
         for k in topk:
             hits = [_correct(z, labels, k) for z in student_logits]
             batch = {f"student{i}_top{k}": hits[i] for i in range(m)}
-            batch[f"fusion_top{k}"] = _correct(fusion_logits, labels, k)
-            batch[f"leader_top{k}"] = _correct(leader_logits, labels, k)
+            if nets.leader is not None:
+                batch[f"fusion_top{k}"] = _correct(fusion_logits, labels, k)
+                batch[f"leader_top{k}"] = _correct(leader_logits, labels, k)
             batch[f"ensemble_top{k}"] = _correct(torch.stack(student_logits).mean(0), labels, k)
             batch[f"oracle_ensemble_top{k}"] = torch.stack(hits).any(dim=0)
             for name, hit in batch.items():

@@ -1,7 +1,8 @@
 """``ffsd-export RUN_DIR --out leader.pt``: the product of an FFSD run, the leader's backbone alone.
 
 The file is a plain state dict (no trans-fusion head, no other network). For the ImageNet ResNets it loads into the
-stock ``torchvision.models.resnetXX(num_classes=…)`` with ``strict=True``.
+stock ``torchvision.models.resnetXX(num_classes=…)`` with ``strict=True``. A baseline run (``--method dml`` or
+``independent``) has no leader: its first student is written.
 """
 
 import argparse
@@ -13,12 +14,11 @@ import torch
 from ffsd_fast import checkpoint, models
 from ffsd_fast.errors import UserError
 
-_PREFIX = "leader.backbone."
-
 
 def leader_state_dict(state: dict) -> dict[str, torch.Tensor]:
-    """The leader backbone's parameters and buffers out of a full training checkpoint."""
-    weights = {k[len(_PREFIX):]: v for k, v in state["networks"].items() if k.startswith(_PREFIX)}
+    """The leader backbone's parameters and buffers (a baseline's first student's) out of a full checkpoint."""
+    prefix = "leader.backbone." if state["config"].get("method", "ffsd") == "ffsd" else "students.0."
+    weights = {k[len(prefix):]: v for k, v in state["networks"].items() if k.startswith(prefix)}
     # Build the backbone to prove that the weights are complete and of the right shapes before writing anything.
     backbone = models.create(state["config"]["model"], state["num_classes"])
     backbone.load_state_dict(weights, strict=True)

@@ -145,3 +145,32 @@ def ffsd_losses(
         )
 
     return LossTerms(values, weighted, total=sum(weighted.values()))
+
+
+def baseline_losses(
+    nets: FFSDNetworks, images: torch.Tensor, labels: torch.Tensor, options: LossOptions, ops: ModuleType
+) -> LossTerms:
+    """The baselines' terms: each student's CE and, for ``dml``, its mutual KL from every other (detached) student
+    (the same ``student{i}.mutual`` as FFSD's). ``independent`` is CE alone: the students never meet."""
+    values: dict[str, torch.Tensor] = {}
+    student_logits = [student(images)[0] for student in nets.students]
+    mutual = ops.mutual_kl_loss(student_logits, options.temperature) if nets.method == "dml" else None
+    for i, logits in enumerate(student_logits):
+        values[f"student{i}.ce"] = F.cross_entropy(logits, labels)
+        if mutual is not None:
+            values[f"student{i}.mutual"] = mutual[i]
+    return LossTerms(values, dict(values), total=sum(values.values()))
+
+
+def step_losses(
+    nets: FFSDNetworks,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lambdas: torch.Tensor,
+    options: LossOptions,
+    ops: ModuleType,
+) -> LossTerms:
+    """The loss terms of one step of the run's method (``nets.method``: a static choice, no tensor branching)."""
+    if nets.method == "ffsd":
+        return ffsd_losses(nets, images, labels, lambdas, options, ops)
+    return baseline_losses(nets, images, labels, options, ops)

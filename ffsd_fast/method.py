@@ -102,16 +102,24 @@ class SelfDistillationDecoder(nn.Module):
         return outputs[::-1]
 
 
+METHODS = ("ffsd", "dml", "independent")
+
+
 class FFSDNetworks(nn.Module):
-    """All networks of one FFSD run. ``decoders[i − 1]`` belongs to student ``i`` (0-based, ``i ≥ 1``)."""
+    """All networks of one run. ``decoders[i − 1]`` belongs to student ``i`` (0-based, ``i ≥ 1``).
+
+    ``method`` is ``ffsd``, or a baseline trained on the students alone: ``dml`` (deep mutual learning) or
+    ``independent`` (plain cross-entropy). The baselines have no decoders, fusion module or leader (``None``).
+    """
 
     def __init__(
         self,
         students: list[nn.Module],
         decoders: list[SelfDistillationDecoder],
-        leader_decoder: SelfDistillationDecoder,
-        fusion: FusionModule,
-        leader: Leader,
+        leader_decoder: SelfDistillationDecoder | None,
+        fusion: FusionModule | None,
+        leader: Leader | None,
+        method: str = "ffsd",
     ) -> None:
         super().__init__()
         self.students = nn.ModuleList(students)
@@ -119,6 +127,7 @@ class FFSDNetworks(nn.Module):
         self.leader_decoder = leader_decoder
         self.fusion = fusion
         self.leader = leader
+        self.method = method
 
     @property
     def num_students(self) -> int:
@@ -127,19 +136,22 @@ class FFSDNetworks(nn.Module):
 
 def build_networks(
     model: str, num_classes: int, num_students: int, image_size: int, probe_forward: bool = True,
-    fused_blocks: bool = False,
+    fused_blocks: bool = False, method: str = "ffsd",
 ) -> FFSDNetworks:
     """Builds every network in the reference's order, so that a seeded run draws its weights in the same sequence.
 
     ``fused_blocks``: the fusion module and the trans-fusion head run the fused Triton fusion block (``--kernels
-    triton``); the weights and state dict are the same either way.
+    triton``); the weights and state dict are the same either way. ``method``: ``ffsd``, or a baseline (``dml``,
+    ``independent``) that builds the students alone, drawing their weights as FFSD's run does.
 
     ``probe_forward`` (quirk, on by default): the reference runs student 1 once in train mode on
     ``randn(1, 3, H, W)`` to read its last stage's shape. That updates student 1's BN running statistics and
     consumes random numbers. Skipped when the last stage is 1×1, where BN cannot train on a single value.
     """
-    if num_students < 2:
-        raise UserError(f"FFSD needs at least 2 students (the mutual and diversity terms), got {num_students}")
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    if num_students < 2 and method != "independent":
+        raise UserError(f"{method} needs at least 2 students (the mutual and diversity terms), got {num_students}")
     models.check_image_size(model, image_size)
     taps = models.tap_shapes(model, image_size)
     channels = taps[-1][0]
@@ -149,6 +161,8 @@ def build_networks(
         students[0].train()
         with torch.no_grad():
             students[0](probe)
+    if method != "ffsd":
+        return FFSDNetworks(students, [], None, None, None, method)
     tap_channels = [c for c, _, _ in taps]
     decoders = [SelfDistillationDecoder(tap_channels) for _ in range(1, num_students)]
     leader_decoder = SelfDistillationDecoder(tap_channels)

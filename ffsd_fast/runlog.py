@@ -61,6 +61,8 @@ class RunLog:
         curves.update({"fusion": "fusion_top1", "ensemble (mean logits)": "ensemble_top1",
                        "leader": "leader_top1"})
         for label, key in curves.items():
+            if key not in history[-1]:  # the baselines have no fusion module or leader
+                continue
             style = {"linewidth": 2.5} if key == "leader_top1" else {"linewidth": 1, "alpha": 0.8}
             ax.plot(epochs, [h[key] for h in history], marker=".", label=label, **style)
         ax.set_xlabel("epoch")

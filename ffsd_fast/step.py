@@ -9,7 +9,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ffsd_fast.losses import LossOptions, LossTerms, ffsd_losses
+from ffsd_fast.losses import LossOptions, LossTerms, step_losses
 from ffsd_fast.method import FFSDNetworks
 
 
@@ -40,11 +40,11 @@ def make_optimizers(
     def lr_tensor(value: float) -> torch.Tensor:
         return torch.tensor(value, dtype=lr_dtype, device=device)
 
+    groups = [{"params": _params(*nets.students, *filter(None, [nets.leader])), "weight_decay": weight_decay}]
+    if nets.fusion is not None:
+        groups.append({"params": _params(nets.fusion), "weight_decay": fusion_weight_decay})
     sgd = torch.optim.SGD(
-        [
-            {"params": _params(*nets.students, nets.leader), "weight_decay": weight_decay},
-            {"params": _params(nets.fusion), "weight_decay": fusion_weight_decay},
-        ],
+        groups,
         lr=lr_tensor(lr),
         momentum=momentum,
         nesterov=True,
@@ -52,20 +52,21 @@ def make_optimizers(
     )
     for group in sgd.param_groups[1:]:
         group["lr"] = lr_tensor(lr)  # one tensor per group, so that loading a state dict keeps them independent
-    adam = torch.optim.Adam(
-        _params(*nets.decoders, nets.leader_decoder), lr=lr_tensor(decoder_lr), weight_decay=decoder_weight_decay,
-        fused=True,
-    )
+    decoders = _params(*nets.decoders, *filter(None, [nets.leader_decoder]))
+    if not decoders:  # the baselines: students only
+        return [sgd]
+    adam = torch.optim.Adam(decoders, lr=lr_tensor(decoder_lr), weight_decay=decoder_weight_decay, fused=True)
     return [sgd, adam]
 
 
 def set_learning_rates(optimizers: list[torch.optim.Optimizer], sgd_lr: float, decoder_lr: float) -> None:
     """Writes the schedule's values into the optimisers' lr tensors in place (no host sync, graph-safe)."""
-    sgd, adam = optimizers
+    sgd, *decoder_optimizers = optimizers
     for group in sgd.param_groups:
         group["lr"].fill_(sgd_lr)
-    for group in adam.param_groups:
-        group["lr"].fill_(decoder_lr)
+    for adam in decoder_optimizers:
+        for group in adam.param_groups:
+            group["lr"].fill_(decoder_lr)
 
 
 def train_step(
@@ -77,10 +78,11 @@ def train_step(
     options: LossOptions,
     ops: ModuleType,
 ) -> LossTerms:
-    """One FFSD step; returns the loss terms (device tensors, detached) for logging at the caller's pace."""
+    """One step of the run's method; returns the loss terms (device tensors, detached) for logging at the caller's
+    pace."""
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    terms = ffsd_losses(nets, images, labels, lambdas, options, ops)
+    terms = step_losses(nets, images, labels, lambdas, options, ops)
     terms.total.backward()
     for optimizer in optimizers:
         optimizer.step()

@@ -35,7 +35,7 @@ from ffsd_fast.step import make_optimizers, set_learning_rates, train_step
 
 IMAGENET_DECODER_MILESTONES = [30, 60, 80]
 # Fields that must agree between a checkpoint and the run that resumes it.
-_RUN_IDENTITY = ("model", "dataset", "num_students", "image_size")
+_RUN_IDENTITY = ("method", "model", "dataset", "num_students", "image_size")
 
 
 class NonFiniteLoss(UserError):
@@ -82,7 +82,9 @@ def check_batchnorm_batches(cfg: Config, num_train: int) -> None:
 
 
 def new_run_dir(cfg: Config) -> str:
-    name = cfg.run_name or f"{cfg.dataset}-{cfg.model}-m{cfg.num_students}-{time.strftime('%Y%m%d-%H%M%S')}"
+    method = "" if cfg.method == "ffsd" else f"-{cfg.method}"
+    name = cfg.run_name or (f"{cfg.dataset}-{cfg.model}-m{cfg.num_students}{method}-"
+                            f"{time.strftime('%Y%m%d-%H%M%S')}")
     path = os.path.join(cfg.output_dir, name)
     suffix = 1
     while os.path.exists(path) and cfg.run_name is None:
@@ -103,14 +105,16 @@ def summarize(history: list[dict], num_students: int, topk: tuple[int, ...]) -> 
     """Final-epoch accuracies, and each network's best over epochs (at its own epoch, as the paper reports)."""
     final, summary = history[-1], {}
     for k in topk:
-        keys = ["leader", "fusion", "ensemble", "average", "oracle_ensemble"]
-        for key in keys:
+        for key in ("leader", "fusion", "ensemble", "average", "oracle_ensemble"):
+            if f"{key}_top{k}" not in final:  # the baselines have no leader or fusion module
+                continue
             summary[f"{key}_top{k}"] = final[f"{key}_top{k}"]
             summary[f"best_{key}_top{k}"] = max(h[f"{key}_top{k}"] for h in history)
         students = [f"student{i}_top{k}" for i in range(num_students)]
         summary[f"students_top{k}"] = [final[s] for s in students]
         summary[f"best_students_top{k}"] = [max(h[s] for h in history) for s in students]
-    summary["best_leader_epoch"] = max(history, key=lambda h: h["leader_top1"])["epoch"]
+    if "leader_top1" in final:
+        summary["best_leader_epoch"] = max(history, key=lambda h: h["leader_top1"])["epoch"]
     return summary
 
 
@@ -119,7 +123,8 @@ def print_table(summary: dict, num_students: int) -> None:
             for i in range(num_students)]
     rows += [(label, summary[f"{key}_top1"], summary[f"best_{key}_top1"]) for label, key in [
         ("fusion module", "fusion"), ("leader", "leader"), ("students' average", "average"),
-        ("ensemble (mean logits)", "ensemble"), ("oracle ensemble (any)", "oracle_ensemble")]]
+        ("ensemble (mean logits)", "ensemble"), ("oracle ensemble (any)", "oracle_ensemble")]
+        if f"{key}_top1" in summary]
     print(f"\n{'network':<24}{'final top-1':>12}{'best top-1':>12}")
     for label, final, best in rows:
         print(f"{label:<24}{final:>11.2f}%{best:>11.2f}%")
@@ -170,7 +175,7 @@ def train_epoch(cfg: Config, epoch: int, nets: FFSDNetworks, optimizers: list[to
                 raise NonFiniteLoss(f"non-finite loss in epoch {epoch} by step {step + 1}: stopped; {last_good}; "
                                     "try a lower --lr")
             run_log.log({"kind": "train", "epoch": epoch, "step": step + 1, **means}, (epoch - 1) * steps + step + 1)
-            bar.set_postfix(loss=f"{means['total']:.3f}", leader_ce=f"{means['leader.ce']:.3f}")
+            bar.set_postfix(loss=f"{means['total']:.3f}", ce=f"{means.get('leader.ce', means['student0.ce']):.3f}")
     bar.close()
     if lambdas.device.type == "cuda":
         torch.cuda.synchronize()
@@ -202,7 +207,7 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     nets: FFSDNetworks = build_networks(cfg.model, info.num_classes, cfg.num_students, cfg.image_size,
                                         probe_forward=cfg.quirk_probe_forward,
-                                        fused_blocks=cfg.kernels == "triton").to(device)
+                                        fused_blocks=cfg.kernels == "triton", method=cfg.method).to(device)
     optimizers = make_optimizers(nets, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.fusion_weight_decay,
                                  cfg.decoder_lr, cfg.decoder_weight_decay)
     history: list[dict] = []
@@ -246,9 +251,10 @@ def train(cfg: Config) -> dict:
             run_log.log(record, epoch)
             run_log.plot_accuracy(history, cfg.num_students)
             students = " ".join(f"{accuracies[f'student{i}_top1']:.2f}" for i in range(cfg.num_students))
-            tqdm.write(f"epoch {epoch}/{cfg.epochs}  leader {accuracies['leader_top1']:.2f}  students {students}  "
-                       f"fusion {accuracies['fusion_top1']:.2f}  ensemble {accuracies['ensemble_top1']:.2f}  "
-                       f"({seconds:.1f}s, {epoch_images / seconds:.0f} img/s)")
+            leader = (f"leader {accuracies['leader_top1']:.2f}  fusion {accuracies['fusion_top1']:.2f}  "
+                      if "leader_top1" in accuracies else "")
+            tqdm.write(f"epoch {epoch}/{cfg.epochs}  {leader}students {students}  ensemble "
+                       f"{accuracies['ensemble_top1']:.2f}  ({seconds:.1f}s, {epoch_images / seconds:.0f} img/s)")
             checkpoint.save_atomic({
                 "format": 1,
                 "config": to_dict(cfg),
@@ -264,7 +270,8 @@ def train(cfg: Config) -> dict:
 
     summary = {
         **summarize(history, cfg.num_students, topk),
-        "model": cfg.model, "dataset": cfg.dataset, "num_students": cfg.num_students, "epochs": cfg.epochs,
+        "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "num_students": cfg.num_students,
+        "epochs": cfg.epochs,
         "train_seconds": train_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "run_dir": os.path.abspath(run_dir), **code_version(),

@@ -89,3 +89,23 @@ def test_ffsd_trains_with_triton_kernels_on_a_tiny_batch():
         first, last = history[0].values[key].item(), history[-1].values[key].item()
         assert last < first, (key, first, last)
     assert all(torch.isfinite(terms.total) for terms in history)
+
+
+@pytest.mark.parametrize("method", ["dml", "independent"])
+def test_baseline_step_is_ce_plus_mutual_kl_on_the_students_alone(method):
+    nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16, method=method).train()
+    assert nets.leader is None and nets.fusion is None and len(nets.decoders) == 0
+    optimizers = make_optimizers(nets)
+    assert len(optimizers) == 1
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        logits = [s(x)[0] for s in nets.students]
+    expected = 0.0
+    for i, z in enumerate(logits):
+        expected += torch.nn.functional.cross_entropy(z, y)
+        if method == "dml":
+            expected += sum(ffsd_kernels.kl_div_loss_reference(z, logits[j], 2.0) for j in range(3) if j != i) / 2
+    before = [p.detach().clone() for p in nets.parameters()]
+    terms = train_step(nets, optimizers, x, y, torch.zeros(3), LossOptions(), ffsd_kernels.reference)
+    assert torch.allclose(terms.total, expected, rtol=1e-5)
+    assert all(not torch.equal(p, b) for p, b in zip(nets.parameters(), before, strict=True) if p.dim() > 1)

@@ -11,7 +11,7 @@ import torchvision
 
 import ffsd_kernels
 import ffsd_kernels.reference
-from ffsd_fast import checkpoint, train
+from ffsd_fast import checkpoint, models, train
 from ffsd_fast.export import main as export_main
 from ffsd_fast.train import main
 
@@ -49,6 +49,29 @@ def test_short_run_writes_every_artifact(tmp_path):
     assert {"leader.ce", "weighted/leader.fusion", "decoder1.feature", "student1.diversity"} <= set(trains[0])
     # λ warm-up: epoch 2 of 5 is exp(-5 (1 - 2/5)^2) of λ_f = 10.
     assert evals[1]["lambda_f"] == pytest.approx(10 * 2.718281828459045 ** (-5 * 0.36))
+
+
+@pytest.mark.parametrize("method", ["dml", "independent"])
+def test_baseline_methods_train_the_students_alone(method, tmp_path):
+    run = run_ok([*FAST, "--method", method], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == method and len(summary["students_top1"]) == 2
+    assert "leader_top1" not in summary and "fusion_top1" not in summary
+    assert 0.0 <= summary["ensemble_top1"] <= 100.0
+    trains = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert ("student1.mutual" in trains[0]) == (method == "dml")
+    assert not any(key.startswith(("leader", "fusion", "decoder")) for key in trains[0])
+    state = checkpoint.load(str(run))
+    assert {key.split(".")[0] for key in state["networks"]} == {"students"}
+    assert export_main([str(run), "--out", str(tmp_path / "student.pt")]) == 0
+    models.create("resnet20", 10).load_state_dict(torch.load(tmp_path / "student.pt"), strict=True)
+
+
+def test_unknown_method_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*FAST, "--method", "kd"])
+    assert stop.value.code == 2
+    assert "'ffsd', 'dml', 'independent'" in capsys.readouterr().err
 
 
 def test_resume_gives_the_same_weights_as_running_straight_through(tmp_path):
