@@ -6,17 +6,25 @@ from torch import nn
 
 from ffsd_fast.errors import UserError
 from ffsd_fast.models.cifar_resnet import CifarResNet
+from ffsd_fast.models.densenet import DenseNet, densenet_tap_channels
+from ffsd_fast.models.googlenet import GOOGLENET_TAP_CHANNELS, GoogLeNet
 from ffsd_fast.models.imagenet_resnet import ImageNetResNet
+from ffsd_fast.models.wrn import WideResNet
 
-# name -> (family, depth)
+# name -> (family, architecture, depth, width); the family decides the input size, the architecture the layout.
+# width: WRN's widen factor k, DenseNet's growth rate k, unused (0) elsewhere.
 _MODELS = {
-    "resnet20": ("cifar", 20),
-    "resnet32": ("cifar", 32),
-    "resnet56": ("cifar", 56),
-    "resnet110": ("cifar", 110),
-    "resnet18": ("imagenet", 18),
-    "resnet34": ("imagenet", 34),
-    "resnet50": ("imagenet", 50),
+    "resnet20": ("cifar", "resnet", 20, 0),
+    "resnet32": ("cifar", "resnet", 32, 0),
+    "resnet56": ("cifar", "resnet", 56, 0),
+    "resnet110": ("cifar", "resnet", 110, 0),
+    "resnet18": ("imagenet", "resnet", 18, 0),
+    "resnet34": ("imagenet", "resnet", 34, 0),
+    "resnet50": ("imagenet", "resnet", 50, 0),
+    "wrn16_2": ("cifar", "wrn", 16, 2),
+    "wrn40_2": ("cifar", "wrn", 40, 2),
+    "densenet40": ("cifar", "densenet", 40, 12),
+    "googlenet": ("cifar", "googlenet", 22, 0),
 }
 
 # Input size is divided by this before the first tap, then halved per later tap; a size that is a multiple of
@@ -29,22 +37,28 @@ def names() -> list[str]:
     return list(_MODELS)
 
 
-def _lookup(name: str) -> tuple[str, int]:
+def _lookup(name: str) -> tuple[str, str, int, int]:
     if name not in _MODELS:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(names())}")
     return _MODELS[name]
 
 
 def family(name: str) -> str:
-    """'cifar' or 'imagenet': which stem and stage layout the model uses."""
+    """'cifar' (small images, 32 px; no downsampling stem) or 'imagenet' (224 px; stride-4 stem)."""
     return _lookup(name)[0]
 
 
 def create(name: str, num_classes: int) -> nn.Module:
     """A freshly initialised model whose forward returns (logits, list of tap feature maps)."""
-    fam, depth = _lookup(name)
+    fam, arch, depth, width = _lookup(name)
     if num_classes < 1:
         raise UserError(f"number of classes must be at least 1, got {num_classes}")
+    if arch == "wrn":
+        return WideResNet(depth, width, num_classes)
+    if arch == "densenet":
+        return DenseNet(depth, width, num_classes)
+    if arch == "googlenet":
+        return GoogLeNet(num_classes)
     if fam == "cifar":
         return CifarResNet(depth, num_classes)
     return ImageNetResNet(depth, num_classes)
@@ -61,10 +75,18 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
 
 def tap_shapes(name: str, image_size: int) -> list[tuple[int, int, int]]:
     """(C, H, W) of each tap for a square input of side `image_size`, by conv arithmetic (no forward pass)."""
-    fam, depth = _lookup(name)
+    fam, arch, depth, width = _lookup(name)
     s = image_size
-    if fam == "cifar":
-        channels = [16, 32, 64]
+    if arch == "densenet":
+        # Stem and dense layers keep the size; each transition's AvgPool2d(2) floors it to half.
+        sizes = [s, s // 2, s // 4]
+        return [(c, h, h) for c, h in zip(densenet_tap_channels(depth, width), sizes, strict=True)]
+    if arch == "googlenet":
+        # Stem and inception modules keep the size; max-pool(3, stride 2, pad 1) after 3b and 4e.
+        sizes = [s, _conv_out(s, 3, 2, 1), _conv_out(_conv_out(s, 3, 2, 1), 3, 2, 1)]
+        return [(c, h, h) for c, h in zip(GOOGLENET_TAP_CHANNELS, sizes, strict=True)]
+    if fam == "cifar":  # CIFAR ResNet and WRN: the same strides, WRN k times wider
+        channels = [16 * width, 32 * width, 64 * width] if arch == "wrn" else [16, 32, 64]
         strides = [1, 2, 2]
         s = _conv_out(s, 3, 1, 1)
     else:
