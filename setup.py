@@ -28,6 +28,7 @@ setup(
         "console_scripts": [
             "ffsd-train=ffsd_fast.train:main",
             "ffsd-export=ffsd_fast.export:main",
+            "ffsd-eval=ffsd_fast.eval:main",
         ]
     },
 )

@@ -51,14 +51,27 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def load(path: str, device: torch.device | str = "cpu") -> dict:
+def read(path: str, device: torch.device | str = "cpu") -> dict:
+    """Whatever dict a ``.pt`` file holds (a training checkpoint or an exported state dict), read safely."""
     path = resolve_path(path)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which, in one line
         raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(state, dict) or "networks" not in state or "config" not in state:
-        raise UserError(f"{path} is not an ffsd-fast checkpoint")
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds no state dict")
+    return state
+
+
+def is_training_checkpoint(state: dict) -> bool:
+    return "networks" in state and "config" in state
+
+
+def load(path: str, device: torch.device | str = "cpu") -> dict:
+    """A full training checkpoint (networks, optimisers, history, RNG and config)."""
+    state = read(path, device)
+    if not is_training_checkpoint(state):
+        raise UserError(f"{resolve_path(path)} is not an ffsd-fast checkpoint")
     return state
 
 

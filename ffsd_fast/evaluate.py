@@ -52,3 +52,19 @@ def evaluate(nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,)) -> dict[s
     for k in topk:
         result[f"average_top{k}"] = sum(result[f"student{i}_top{k}"] for i in range(m)) / m
     return result
+
+
+@torch.no_grad()
+def evaluate_network(network: torch.nn.Module, loader, topk: tuple[int, ...] = (1,)) -> dict[str, float]:
+    """Accuracies in percent of one backbone (``(logits, taps)`` from its forward), keyed ``top{k}``."""
+    was_training = network.training
+    network.eval()
+    counts = torch.zeros(len(topk), dtype=torch.long)
+    total = 0
+    for images, labels in loader:
+        logits, _ = network(images)
+        counts = counts.to(labels.device) + torch.stack([_correct(logits, labels, k).sum() for k in topk])
+        total += labels.shape[0]
+    network.train(was_training)
+    values = counts.double().mul(100.0 / max(total, 1)).tolist()  # host sync
+    return {f"top{k}": v for k, v in zip(topk, values, strict=True)}

@@ -12,6 +12,7 @@ import torchvision
 import ffsd_kernels
 import ffsd_kernels.reference
 from ffsd_fast import checkpoint, models, train
+from ffsd_fast.eval import main as eval_main
 from ffsd_fast.export import main as export_main
 from ffsd_fast.train import main
 
@@ -72,6 +73,23 @@ def test_unknown_method_is_refused_with_the_choices(capsys):
         main([*FAST, "--method", "kd"])
     assert stop.value.code == 2
     assert "'ffsd', 'dml', 'independent'" in capsys.readouterr().err
+
+
+def test_eval_reproduces_the_run_and_the_exported_leader(tmp_path, capsys):
+    run = run_ok(FAST, tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert eval_main([str(run), "--json", str(tmp_path / "all.json")]) == 0
+    accuracies = json.loads((tmp_path / "all.json").read_text())
+    assert accuracies["leader_top1"] == pytest.approx(summary["leader_top1"])
+    assert accuracies["student1_top1"] == pytest.approx(summary["students_top1"][1])
+    assert export_main([str(run), "--out", str(tmp_path / "leader.pt")]) == 0
+    leader = [str(tmp_path / "leader.pt"), "--model", "resnet20", "--dataset", "digits", "--image-size", "16"]
+    assert eval_main([*leader, "--json", str(tmp_path / "leader.json")]) == 0
+    assert json.loads((tmp_path / "leader.json").read_text())["top1"] == pytest.approx(summary["leader_top1"])
+    capsys.readouterr()
+    assert eval_main([str(tmp_path / "leader.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ffsd-eval: error: ") and "--model" in err and "\n" not in err
 
 
 def test_resume_gives_the_same_weights_as_running_straight_through(tmp_path):
@@ -252,7 +270,7 @@ def test_shipped_configs_resolve(path):
     assert cfg.epochs >= 1 and cfg.model in path
 
 
-@pytest.mark.parametrize("script", ["ffsd-train", "ffsd-export"])
+@pytest.mark.parametrize("script", ["ffsd-train", "ffsd-export", "ffsd-eval"])
 def test_console_scripts_are_installed(script):
     path = os.path.join(os.path.dirname(sys.executable), script)
     proc = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=300)
