@@ -15,6 +15,7 @@ from ffsd_fast import checkpoint, models, train
 from ffsd_fast.eval import main as eval_main
 from ffsd_fast.export import main as export_main
 from ffsd_fast.train import main
+from tests.test_data import write_cifar, write_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "1", "--no-progress", "--workers", "0"]
@@ -240,8 +241,6 @@ def test_demo_leader_learns(tmp_path):
 
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_trains_on_a_cifar_tree(tmp_path, num_classes):
-    from tests.test_data import write_cifar
-
     write_cifar(tmp_path / "data", num_classes, train_per_file=40 if num_classes == 100 else 8, test=20)
     dataset = f"cifar{num_classes}"
     run = run_ok(["--dataset", dataset, "--data-root", str(tmp_path / "data"), *FAST, "--batch-size", "16"],
@@ -252,8 +251,6 @@ def test_trains_on_a_cifar_tree(tmp_path, num_classes):
 
 
 def test_trains_on_an_image_folder_with_top5(tmp_path):
-    from tests.test_data import write_folder
-
     classes = [f"n{i:03d}" for i in range(6)]
     write_folder(tmp_path / "data", classes=classes, train=4, val=2)
     run = run_ok(["--imagenet", "--data-root", str(tmp_path / "data"), "--model", "resnet18", "--image-size", "64",
@@ -268,6 +265,21 @@ def test_shipped_configs_resolve(path):
 
     cfg = resolve(parse_args(["-c", os.path.join(ROOT, "configs", path), "--data-root", "/data"]))
     assert cfg.epochs >= 1 and cfg.model in path
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(ROOT, "configs")) if p.endswith(".yaml")))
+def test_shipped_recipes_train_on_generated_data_of_their_shape(path, tmp_path):
+    """Each recipe as written (model, m, image size, schedule, λ's), for a few steps on a few generated images."""
+    if path.startswith("imagenet"):
+        root, batch = write_folder(tmp_path / "data", train=2, val=1), 2
+    else:
+        root, batch = tmp_path / "data", 4
+        write_cifar(root, 100, train_per_file=2, test=4)
+    args = ["-c", os.path.join(ROOT, "configs", path), "--data-root", str(root), "--epochs", "1",
+            "--batch-size", str(batch), "--log-every", "1"]
+    run = run_ok([*args, "--no-progress", "--workers", "0"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] in path and summary["epochs"] == 1 and 0.0 <= summary["leader_top1"] <= 100.0
 
 
 @pytest.mark.parametrize("script", ["ffsd-train", "ffsd-export", "ffsd-eval"])
