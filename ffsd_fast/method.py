@@ -4,7 +4,6 @@ Everything here is a plain module; the loss terms are in ``losses.py``. Shapes c
 nothing needs a dummy forward pass (except the reference's probe, kept as a quirk in ``build_networks``).
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -12,18 +11,8 @@ from torch import nn
 
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
+from ffsd_fast.models.init import reference_conv_init_
 from ffsd_kernels import FusionBlock
-
-
-def reference_conv_init_(module: nn.Module) -> None:
-    """The reference's init: conv weights ~ N(0, 2 / (k·k·out_channels)), BN weight 1 and bias 0."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels
-            nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / fan_out))
-        elif isinstance(layer, nn.BatchNorm2d):
-            nn.init.ones_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
 
 class FusionModule(nn.Module):

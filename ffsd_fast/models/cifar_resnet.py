@@ -1,10 +1,11 @@
 """CIFAR ResNet-(6n+2) with a projection shortcut, returning the three stage outputs as taps."""
 
-import math
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+
+from ffsd_fast.models.init import reference_conv_init_
 
 
 def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
@@ -40,14 +41,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
 
-        # He init with fan_out, as in the reference code; the Linear keeps PyTorch's default.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, mean=0.0, std=math.sqrt(2.0 / k))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reference_conv_init_(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -1,10 +1,11 @@
 """DenseNet for small images (no bottleneck, no compression), returning the three dense blocks' outputs as taps."""
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ffsd_fast.models.init import reference_conv_init_
 
 
 class _DenseLayer(nn.Module):
@@ -67,14 +68,7 @@ class DenseNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(c3, num_classes)
 
-        # Conv weights ~ N(0, 2 / (k·k·out_channels)), BN weight 1 and bias 0; the Linear keeps PyTorch's default.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, mean=0.0, std=math.sqrt(2.0 / k))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reference_conv_init_(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.conv1(x)

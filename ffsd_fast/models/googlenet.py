@@ -1,10 +1,11 @@
 """GoogLeNet for small images (no downsampling stem), returning the outputs of inception 3b, 4e and 5b as taps."""
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ffsd_fast.models.init import reference_conv_init_
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
@@ -79,15 +80,7 @@ class GoogLeNet(nn.Module):
         self.b5 = Inception(*_CONFIG["b5"])
         self.fc = nn.Linear(1024, num_classes)
 
-        # Conv weights ~ N(0, 2 / (k·k·out_channels)), BN weight 1 and bias 0; conv biases and the Linear keep
-        # PyTorch's defaults.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, mean=0.0, std=math.sqrt(2.0 / k))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reference_conv_init_(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.pre_layers(x)
