@@ -720,45 +720,35 @@ def mutual_kl_loss(logits: TeacherLogits, temperature: float = 1.0) -> torch.Ten
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class KLDivLoss(nn.Module):
-    """``nn.Module`` form of :func:`kl_div_loss`: ``KLDivLoss(temperature=4)(student_logits, teacher_logits)``."""
+class _TemperatureLoss(nn.Module):
+    """A loss module holding its temperature ``T``."""
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = temperature
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: TeacherLogits) -> torch.Tensor:
-        return kl_div_loss(student_logits, teacher_logits, self.temperature)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
 
-class CrossEntropyKLLoss(nn.Module):
-    """``nn.Module`` form of :func:`cross_entropy_kl_loss`: ``ce, kl = CrossEntropyKLLoss(4)(s, t, labels)``."""
+class KLDivLoss(_TemperatureLoss):
+    """``nn.Module`` form of :func:`kl_div_loss`: ``KLDivLoss(temperature=4)(student_logits, teacher_logits)``."""
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = temperature
+    def forward(self, student_logits: torch.Tensor, teacher_logits: TeacherLogits) -> torch.Tensor:
+        return kl_div_loss(student_logits, teacher_logits, self.temperature)
+
+
+class CrossEntropyKLLoss(_TemperatureLoss):
+    """``nn.Module`` form of :func:`cross_entropy_kl_loss`: ``ce, kl = CrossEntropyKLLoss(4)(s, t, labels)``."""
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: TeacherLogits, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return cross_entropy_kl_loss(student_logits, teacher_logits, labels, self.temperature)
 
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
 
-
-class MutualKLLoss(nn.Module):
+class MutualKLLoss(_TemperatureLoss):
     """``nn.Module`` form of :func:`mutual_kl_loss`: ``MutualKLLoss(temperature=4)(logits)`` gives ``[M]``."""
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = temperature
 
     def forward(self, logits: TeacherLogits) -> torch.Tensor:
         return mutual_kl_loss(logits, self.temperature)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
