@@ -73,6 +73,12 @@ class Config:
     kernels: str = _field("torch", "loss implementation: torch (plain PyTorch) | triton (fused Triton kernels on CUDA; "
                           "the PyTorch references on a CPU unless TRITON_INTERPRET=1)",
                           choices=("torch", "triton"))
+    amp: str = _field("off", "autocast dtype of the forward passes: bf16 | fp16 (with a gradient scaler) | off",
+                      choices=("bf16", "fp16", "off"))
+    channels_last: bool = _field(False, "networks and inputs in the channels-last memory format")
+    optimizer_impl: str = _field("fused", "SGD and Adam implementation: fused | foreach (PyTorch's) | apex "
+                                          "(NVIDIA apex's FusedSGD/FusedAdam, when apex is installed)",
+                                 choices=("fused", "foreach", "apex"))
     workers: int = _field(4, "data-loading worker processes (ImageNet folders)")
     output_dir: str = _field("runs", "where run directories are created")
     run_name: str | None = _field(None, "run directory name (default: dataset-model-mM-time)")

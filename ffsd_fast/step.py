@@ -4,17 +4,29 @@ This function is the unit that gets compiled or captured in a CUDA graph, so it 
 ``.item()``, no Python branching on tensor values; λ's and learning rates live in device tensors.
 """
 
+import contextlib
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import nn
 
+from ffsd_fast.errors import UserError
 from ffsd_fast.losses import LossOptions, LossTerms, step_losses
 from ffsd_fast.method import FFSDNetworks
 
 
 def _params(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for module in modules for p in module.parameters()]
+
+
+def _apex_optimizers():
+    try:
+        from apex.optimizers import FusedAdam, FusedSGD
+    except ImportError:
+        raise UserError("--optimizer-impl apex: NVIDIA apex is not installed here (it is not on PyPI: build it from "
+                        "github.com/NVIDIA/apex); use --optimizer-impl fused or foreach") from None
+    return FusedSGD, FusedAdam
 
 
 def make_optimizers(
@@ -25,48 +37,60 @@ def make_optimizers(
     fusion_weight_decay: float = 1e-5,
     decoder_lr: float = 1e-3,
     decoder_weight_decay: float = 1e-4,
+    impl: str = "fused",
 ) -> list[torch.optim.Optimizer]:
     """SGD (Nesterov) for students, leader and fusion module; Adam (L2, not AdamW) for the SD decoders.
 
-    The reference has one optimiser per network; since every update is element-wise, parameter groups of one fused
-    optimiser per kind are the same arithmetic in fewer launches. Learning rates are 0-dim device tensors, written in
-    place by the schedule, which CUDA-graph replay requires.
+    The reference has one optimiser per network; since every update is element-wise, parameter groups of one
+    multi-tensor optimiser per kind are the same arithmetic in fewer launches. ``impl``: PyTorch's ``fused`` (the
+    default) or ``foreach`` kernels, whose learning rates are 0-dim device tensors written in place by the schedule
+    (CUDA-graph replay requires it; foreach on a CPU takes floats), or NVIDIA apex's ``FusedSGD``/``FusedAdam``
+    (Python-float learning rates).
     """
     device = next(nets.parameters()).device
     # The fused CUDA kernels read a tensor lr as float32; the CPU ones read it as a double, and float64 there keeps
     # the float64 parity runs exact (0.1 in float32 is off by 1.5e-8).
     lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
 
-    def lr_tensor(value: float) -> torch.Tensor:
-        return torch.tensor(value, dtype=lr_dtype, device=device)
+    # foreach Adam takes a tensor lr only when capturable, which needs a GPU: on a CPU foreach gets Python floats.
+    tensor_lr = impl == "fused" or (impl == "foreach" and device.type == "cuda")
+
+    def lr_value(value: float) -> torch.Tensor | float:
+        return torch.tensor(value, dtype=lr_dtype, device=device) if tensor_lr else value
 
     groups = [{"params": _params(*nets.students, *filter(None, [nets.leader])), "weight_decay": weight_decay}]
     if nets.fusion is not None:
         groups.append({"params": _params(nets.fusion), "weight_decay": fusion_weight_decay})
-    sgd = torch.optim.SGD(
-        groups,
-        lr=lr_tensor(lr),
-        momentum=momentum,
-        nesterov=True,
-        fused=True,
-    )
-    for group in sgd.param_groups[1:]:
-        group["lr"] = lr_tensor(lr)  # one tensor per group, so that loading a state dict keeps them independent
     decoders = _params(*nets.decoders, *filter(None, [nets.leader_decoder]))
+    if impl == "apex":
+        sgd_class, adam_class = _apex_optimizers()
+        sgd = sgd_class(groups, lr=lr, momentum=momentum, nesterov=True)
+        optimizers = [sgd]
+        if decoders:
+            optimizers.append(adam_class(decoders, lr=decoder_lr, weight_decay=decoder_weight_decay,
+                                         adam_w_mode=False))
+        return optimizers
+    kind = {"fused": True} if impl == "fused" else {"foreach": True}
+    sgd = torch.optim.SGD(groups, lr=lr_value(lr), momentum=momentum, nesterov=True, **kind)
+    if impl == "foreach" and tensor_lr:
+        kind["capturable"] = True  # Adam's step counts on the device, as graph capture needs
+    for group in sgd.param_groups[1:]:
+        group["lr"] = lr_value(lr)  # one tensor per group, so that loading a state dict keeps them independent
     if not decoders:  # the baselines: students only
         return [sgd]
-    adam = torch.optim.Adam(decoders, lr=lr_tensor(decoder_lr), weight_decay=decoder_weight_decay, fused=True)
+    adam = torch.optim.Adam(decoders, lr=lr_value(decoder_lr), weight_decay=decoder_weight_decay, **kind)
     return [sgd, adam]
 
 
 def set_learning_rates(optimizers: list[torch.optim.Optimizer], sgd_lr: float, decoder_lr: float) -> None:
     """Writes the schedule's values into the optimisers' lr tensors in place (no host sync, graph-safe)."""
     sgd, *decoder_optimizers = optimizers
-    for group in sgd.param_groups:
-        group["lr"].fill_(sgd_lr)
-    for adam in decoder_optimizers:
-        for group in adam.param_groups:
-            group["lr"].fill_(decoder_lr)
+    for optimizer, value in [(sgd, sgd_lr), *((adam, decoder_lr) for adam in decoder_optimizers)]:
+        for group in optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)
+            else:  # apex: Python floats
+                group["lr"] = value
 
 
 def train_step(
@@ -77,13 +101,56 @@ def train_step(
     lambdas: torch.Tensor,
     options: LossOptions,
     ops: ModuleType,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> LossTerms:
     """One step of the run's method; returns the loss terms (device tensors, detached) for logging at the caller's
-    pace."""
+    pace.
+
+    ``amp_dtype`` (bf16 or fp16) runs the forward passes under autocast; ``scaler`` scales the fp16 loss (with the
+    fused optimisers it unscales and skips steps on the device, no host sync).
+    """
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    terms = step_losses(nets, images, labels, lambdas, options, ops)
-    terms.total.backward()
-    for optimizer in optimizers:
-        optimizer.step()
+    autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        terms = step_losses(nets, images, labels, lambdas, options, ops)
+    if scaler is None:
+        terms.total.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+    else:
+        scaler.scale(terms.total).backward()
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+        scaler.update()
     return terms.detach()
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """``--amp``'s autocast dtype and, for fp16, the gradient scaler (kept in the checkpoint)."""
+    return AMP_DTYPES[amp], torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+@dataclass
+class Stepper:
+    """Everything a training step needs besides the batch: ``stepper(images, labels)`` runs one (``train_step``)."""
+
+    nets: FFSDNetworks
+    optimizers: list[torch.optim.Optimizer]
+    lambdas: torch.Tensor
+    options: LossOptions
+    ops: ModuleType
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return train_step(self.nets, self.optimizers, images, labels, self.lambdas, self.options, self.ops,
+                          self.amp_dtype, self.scaler)

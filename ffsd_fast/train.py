@@ -31,7 +31,7 @@ from ffsd_fast.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions, LossT
 from ffsd_fast.method import FFSDNetworks, build_networks
 from ffsd_fast.runlog import RunLog, code_version
 from ffsd_fast.schedules import imagenet_sgd_lr, multistep_lr, warmed_up_lambda
-from ffsd_fast.step import make_optimizers, set_learning_rates, train_step
+from ffsd_fast.step import Stepper, make_optimizers, mixed_precision, set_learning_rates
 
 IMAGENET_DECODER_MILESTONES = [30, 60, 80]
 # Fields that must agree between a checkpoint and the run that resumes it.
@@ -155,19 +155,18 @@ class LossMeter:
         return dict(zip(self.names, values[:-1], strict=True)), values[-1] > 0
 
 
-def train_epoch(cfg: Config, epoch: int, nets: FFSDNetworks, optimizers: list[torch.optim.Optimizer], loader,
-                lambdas: torch.Tensor, options: LossOptions, ops: ModuleType, run_log: RunLog,
+def train_epoch(cfg: Config, epoch: int, step_fn: Stepper, loader, run_log: RunLog,
                 last_good: str) -> tuple[float, int]:
     """One epoch of steps; losses are read back every ``--log-every`` steps. Returns (seconds, images)."""
     loader.set_epoch(epoch)
-    nets.train()
+    step_fn.nets.train()
     meter, images_seen, steps = LossMeter(), 0, len(loader)
     started = time.perf_counter()
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False,
                dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
-        set_learning_rates(optimizers, *learning_rates(cfg, epoch, step, steps))
-        meter.add(train_step(nets, optimizers, images, labels, lambdas, options, ops))
+        set_learning_rates(step_fn.optimizers, *learning_rates(cfg, epoch, step, steps))
+        meter.add(step_fn(images, labels))
         images_seen += labels.shape[0]
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             means, non_finite = meter.read()
@@ -177,7 +176,7 @@ def train_epoch(cfg: Config, epoch: int, nets: FFSDNetworks, optimizers: list[to
             run_log.log({"kind": "train", "epoch": epoch, "step": step + 1, **means}, (epoch - 1) * steps + step + 1)
             bar.set_postfix(loss=f"{means['total']:.3f}", ce=f"{means.get('leader.ce', means['student0.ce']):.3f}")
     bar.close()
-    if lambdas.device.type == "cuda":
+    if step_fn.lambdas.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started, images_seen
 
@@ -208,14 +207,19 @@ def train(cfg: Config) -> dict:
     nets: FFSDNetworks = build_networks(cfg.model, info.num_classes, cfg.num_students, cfg.image_size,
                                         probe_forward=cfg.quirk_probe_forward,
                                         fused_blocks=cfg.kernels == "triton", method=cfg.method).to(device)
+    if cfg.channels_last:
+        nets = nets.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(nets, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.fusion_weight_decay,
-                                 cfg.decoder_lr, cfg.decoder_weight_decay)
+                                 cfg.decoder_lr, cfg.decoder_weight_decay, impl=cfg.optimizer_impl)
+    amp_dtype, scaler = mixed_precision(cfg.amp, device)
     history: list[dict] = []
     start_epoch = 1
     if saved is not None:
         nets.load_state_dict(saved["networks"])
         for optimizer, state in zip(optimizers, saved["optimizers"], strict=True):
             optimizer.load_state_dict(state)
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         history = saved["history"]
         start_epoch = saved["epoch"] + 1
         checkpoint.set_rng_state(saved["rng"])
@@ -226,6 +230,7 @@ def train(cfg: Config) -> dict:
                           diversity_enabled=cfg.lambda_div > 0)
     topk = (1, 5) if cfg.dataset == "imagenet" and info.num_classes >= 5 else (1,)
     lambdas = torch.zeros(3, device=device)
+    step_fn = Stepper(nets, optimizers, lambdas, options, ops, amp_dtype, scaler, cfg.channels_last)
     ckpt_path = os.path.join(run_dir, checkpoint.CHECKPOINT_NAME)
     print(f"run directory: {run_dir}", flush=True)
     train_seconds = sum(h["train_seconds"] for h in history)
@@ -236,8 +241,7 @@ def train(cfg: Config) -> dict:
             lambdas.copy_(torch.tensor(epoch_lambdas))
             last_good = (f"the last good checkpoint is {ckpt_path} (epoch {epoch - 1})" if os.path.exists(ckpt_path)
                          else "no checkpoint was written yet")
-            seconds, epoch_images = train_epoch(cfg, epoch, nets, optimizers, train_loader, lambdas, options, ops,
-                                                run_log, last_good)
+            seconds, epoch_images = train_epoch(cfg, epoch, step_fn, train_loader, run_log, last_good)
             train_seconds += seconds
             images_seen += epoch_images
 
@@ -262,6 +266,7 @@ def train(cfg: Config) -> dict:
                 "epoch": epoch,
                 "networks": nets.state_dict(),
                 "optimizers": [o.state_dict() for o in optimizers],
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "history": history,
                 "rng": checkpoint.rng_state(),
             }, ckpt_path)

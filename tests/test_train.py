@@ -93,6 +93,25 @@ def test_eval_reproduces_the_run_and_the_exported_leader(tmp_path, capsys):
     assert err.startswith("ffsd-eval: error: ") and "--model" in err and "\n" not in err
 
 
+def test_channels_last_foreach_run(tmp_path):
+    # bf16 autocast is not run here: on this kind of CPU it is ~15× slower than fp32 (a digits epoch 64 s vs 4.3 s);
+    # tests/test_step.py runs the bf16 step itself.
+    run = run_ok([*FAST, "--channels-last", "--optimizer-impl", "foreach"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["leader_top1"] <= 100.0
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
+def test_amp_flag_picks_the_autocast_dtype_and_scaler(amp):
+    dtype, scaler = train.mixed_precision(amp, torch.device("cpu"))
+    assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    assert (scaler is not None) == (amp == "fp16")
+
+
+def test_apex_without_apex_is_a_one_line_error(capsys):
+    assert "apex" in one_line_error(capsys, [*FAST, "--optimizer-impl", "apex"])
+
+
 def test_resume_gives_the_same_weights_as_running_straight_through(tmp_path):
     # Explicit milestones: the digits default derives them from --epochs, which differs between the two runs.
     args = [*FAST, "--batch-size", "128", "--lr-milestones", "1", "3"]
