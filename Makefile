@@ -25,12 +25,13 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -ra --durations=10
 
 # On a GPU machine, with its own python (torch and triton there; nothing is downloaded): the CUDA tests, then the
-# kernel sweep, whose JSON lines land in benchmarks/results/. Commit them.
+# kernel sweep and the training-throughput benchmark, whose JSON lines land in benchmarks/results/. Commit them.
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-index --no-build-isolation -e .
 	$(GPU_PYTHON) -m pytest tests -q -ra -m cuda
 	$(GPU_PYTHON) benchmarks/kernel_sweep.py
+	$(GPU_PYTHON) benchmarks/train_throughput.py --device cuda --workload cifar100-resnet32-m2-b128,imagenet-resnet18-m2-b256
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -76,6 +76,8 @@ class Config:
     amp: str = _field("off", "autocast dtype of the forward passes: bf16 | fp16 (with a gradient scaler) | off",
                       choices=("bf16", "fp16", "off"))
     channels_last: bool = _field(False, "networks and inputs in the channels-last memory format")
+    cuda_graph: bool = _field(False, "capture the whole training step once as a CUDA graph and replay it (CUDA "
+                                     "only; the optimisers must be fused or foreach)")
     optimizer_impl: str = _field("fused", "SGD and Adam implementation: fused | foreach (PyTorch's) | apex "
                                           "(NVIDIA apex's FusedSGD/FusedAdam, when apex is installed)",
                                  choices=("fused", "foreach", "apex"))

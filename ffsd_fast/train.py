@@ -27,6 +27,7 @@ from ffsd_fast.config import Config, parse_args, resolve, to_dict
 from ffsd_fast.data import build_loaders
 from ffsd_fast.errors import UserError
 from ffsd_fast.evaluate import evaluate
+from ffsd_fast.graph import CapturedStep, check_capturable
 from ffsd_fast.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions, LossTerms
 from ffsd_fast.method import FFSDNetworks, build_networks
 from ffsd_fast.runlog import RunLog, code_version
@@ -155,7 +156,7 @@ class LossMeter:
         return dict(zip(self.names, values[:-1], strict=True)), values[-1] > 0
 
 
-def train_epoch(cfg: Config, epoch: int, step_fn: Stepper, loader, run_log: RunLog,
+def train_epoch(cfg: Config, epoch: int, step_fn: Stepper | CapturedStep, loader, run_log: RunLog,
                 last_good: str) -> tuple[float, int]:
     """One epoch of steps; losses are read back every ``--log-every`` steps. Returns (seconds, images)."""
     loader.set_epoch(epoch)
@@ -188,6 +189,8 @@ def train(cfg: Config) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
     device = torch.device(cfg.device)
+    if cfg.cuda_graph:
+        check_capturable(device, cfg.optimizer_impl)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution algorithms once
 
@@ -231,6 +234,8 @@ def train(cfg: Config) -> dict:
     topk = (1, 5) if cfg.dataset == "imagenet" and info.num_classes >= 5 else (1,)
     lambdas = torch.zeros(3, device=device)
     step_fn = Stepper(nets, optimizers, lambdas, options, ops, amp_dtype, scaler, cfg.channels_last)
+    if cfg.cuda_graph:
+        step_fn = CapturedStep(step_fn)
     ckpt_path = os.path.join(run_dir, checkpoint.CHECKPOINT_NAME)
     print(f"run directory: {run_dir}", flush=True)
     train_seconds = sum(h["train_seconds"] for h in history)

@@ -57,6 +57,7 @@ def make_reference_optimizers(nets, lr, decoder_lr):
 
 def reference_step(nets, optimizers, x, y, lambda_div, lambda_sd, lambda_f, t=2.0, student_sd_lambda=None):
     student_opts, fusion_opt, leader_opt, decoder_opts = optimizers
+    losses = []  # every network's loss, detached: the reference reads each back (.item()) every step
     student_sd_lambda = lambda_div if student_sd_lambda is None else student_sd_lambda
     m = len(nets.students)
 
@@ -89,11 +90,13 @@ def reference_step(nets, optimizers, x, y, lambda_div, lambda_sd, lambda_f, t=2.
                 sd = sd + dist(att(maps[i][k]), att(g.detach()))
             loss = loss + student_sd_lambda * sd
         student_opts[i].zero_grad()
+        losses.append(loss.detach())
         loss.backward()
         student_opts[i].step()
 
     loss = F.cross_entropy(fusion_out, y) + kl(fusion_out, ensemble.detach(), t)
     fusion_opt.zero_grad()
+    losses.append(loss.detach())
     loss.backward()
     fusion_opt.step()
 
@@ -106,6 +109,7 @@ def reference_step(nets, optimizers, x, y, lambda_div, lambda_sd, lambda_f, t=2.
     for k, g in enumerate(targets):
         loss = loss + lambda_f * dist(att(leader_maps[k]), att(g.detach()))
     leader_opt.zero_grad()
+    losses.append(loss.detach())
     loss.backward()
     leader_opt.step()
 
@@ -116,5 +120,7 @@ def reference_step(nets, optimizers, x, y, lambda_div, lambda_sd, lambda_f, t=2.
         for k, g in enumerate(outputs):
             loss = loss + lambda_sd * dist(g, own[k].detach()) + lambda_sd * dist(att(g), att(own[k].detach()))
         opt.zero_grad()
+        losses.append(loss.detach())
         loss.backward()
         opt.step()
+    return losses

@@ -43,3 +43,26 @@ def test_bytes_that_must_move():
     s, t, loss = torch.zeros(4, 10), torch.zeros(4, 10), torch.zeros(())
     assert sweep.must_move("forward", [s, t, 2.0], [s], loss) == 320 + 4
     assert sweep.must_move("forward+backward", [s, t, 2.0], [s], loss) == 2 * (320 + 4) + 160
+
+
+THROUGHPUT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+
+
+def test_train_throughput_writes_its_schema(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_throughput", THROUGHPUT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "throughput.jsonl"
+    variants = ["reference", "one-backward", "fast", "backbones-only"]
+    module.main(["--device", "cpu", "--workload", "cifar100-resnet20-m2-b4", "--variants", ",".join(variants),
+                 "--steps", "2", "--warmup", "1", "--window", "1", "--output", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == variants
+    for row in rows:
+        assert {"device", "run_id", "workload", "variant", "images_per_s", "step_ms", "peak_mem_mb", "torch",
+                "triton", "commit"} <= row.keys()
+        assert row["images_per_s"] > 0 and row["workload"] == "cifar100-resnet20-m2-b4"
+    assert len({r["run_id"] for r in rows}) == 1
+    assert "vs reference" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(["--device", "cpu", "--workload", "cifar100-resnet20-2-32"])

@@ -108,6 +108,10 @@ def test_amp_flag_picks_the_autocast_dtype_and_scaler(amp):
     assert (scaler is not None) == (amp == "fp16")
 
 
+def test_cuda_graph_on_a_cpu_is_a_one_line_error(capsys):
+    assert "CPU" in one_line_error(capsys, [*FAST, "--device", "cpu", "--cuda-graph"])
+
+
 def test_apex_without_apex_is_a_one_line_error(capsys):
     assert "apex" in one_line_error(capsys, [*FAST, "--optimizer-impl", "apex"])
 

@@ -1,0 +1,209 @@
+"""Training throughput of one FFSD step, variant against variant, in one run.
+
+    python benchmarks/train_throughput.py --device cuda --workload cifar100-resnet32-m2-b128,imagenet-resnet18-m2-b256
+    python benchmarks/train_throughput.py --device cpu --workload cifar100-resnet20-m2-b32 --steps 10 --warmup 2
+
+Synthetic batches of the workload's shape already on the device (the input pipeline is measured elsewhere). A
+workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px, 1000 classes). Variants:
+
+* ``reference``: the authors' structure (``tests/sequential_reference.py``): one backward and one optimiser step per
+  network, every loss read back to the host each step, fp32, NCHW;
+* ``one-backward``: this project's step (one forward of every network, one backward, one fused optimiser step per
+  kind), fp32, NCHW, PyTorch losses: the structure alone;
+* each lever on top of ``one-backward`` alone: ``amp`` (bf16 autocast), ``channels-last``, ``cuda-graph`` (the
+  whole step captured and replayed; CUDA only, skipped on a CPU), ``triton-kernels`` (``--kernels triton``: the fused
+  losses and fusion blocks);
+* ``fast``: the levers together (on a CPU: none of them, which is the trainer's CPU default);
+* ``backbones-only``: the same ``m + 1`` backbones trained with plain CE (``--method independent``) with the fast
+  flags: the floor for FFSD's overhead.
+
+Images/s is the median over windows of ``--window`` steps (CUDA-event timed on a GPU, wall clock on a CPU). One
+JSON line per (workload, variant) is appended to ``--output``: device, run_id, workload, variant, images_per_s,
+step_ms, peak_mem_mb (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS so far), torch, triton, commit.
+A table is printed last.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the plain transcription lives in tests/
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import ffsd_kernels  # noqa: E402
+import ffsd_kernels.reference  # noqa: E402
+from ffsd_fast.graph import CapturedStep  # noqa: E402
+from ffsd_fast.losses import LossOptions  # noqa: E402
+from ffsd_fast.method import build_networks  # noqa: E402
+from ffsd_fast.runlog import code_version  # noqa: E402
+from ffsd_fast.step import Stepper, make_optimizers, set_learning_rates  # noqa: E402
+from tests.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
+
+VARIANTS = ("reference", "one-backward", "amp", "channels-last", "cuda-graph", "triton-kernels", "fast",
+            "backbones-only")
+DATASETS = {"cifar100": (32, 100), "imagenet": (224, 1000)}
+LAMBDAS = (1e-5, 1000.0, 10.0)
+
+
+def parse_workload(name: str) -> dict:
+    try:
+        dataset, model, m, b = name.split("-")
+        assert m[0] == "m" and b[0] == "b" and dataset in DATASETS
+        size, classes = DATASETS[dataset]
+        return {"name": name, "dataset": dataset, "model": model, "m": int(m[1:]), "batch": int(b[1:]),
+                "size": size, "classes": classes}
+    except (ValueError, AssertionError):
+        raise SystemExit(f"workload {name!r}: expected DATASET-MODEL-mM-bB with DATASET one of "
+                         f"{', '.join(DATASETS)}, e.g. cifar100-resnet32-m2-b128") from None
+
+
+def levers(variant: str, device: torch.device) -> dict:
+    """The flags a variant turns on, over fp32 NCHW PyTorch losses."""
+    gpu = device.type == "cuda"
+    fast = {"amp": gpu, "channels_last": gpu, "triton": gpu, "cuda_graph": gpu}
+    return {
+        "one-backward": {},
+        "amp": {"amp": True},
+        "channels-last": {"channels_last": True},
+        "cuda-graph": {"cuda_graph": True},
+        "triton-kernels": {"triton": True},
+        "fast": fast,
+        "backbones-only": fast,
+    }[variant]
+
+
+def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A function of one batch that runs one training step of the variant (and nothing else)."""
+    torch.manual_seed(0)
+    if variant == "reference":
+        nets = build_networks(workload["model"], workload["classes"], workload["m"], workload["size"]).to(device)
+        optimizers = make_reference_optimizers(nets, lr=0.1, decoder_lr=1e-3)
+
+        def reference(images: torch.Tensor, labels: torch.Tensor) -> None:
+            losses = reference_step(nets, optimizers, images, labels, *LAMBDAS)
+            [loss.item() for loss in losses]  # host sync: the reference logs every loss every step
+
+        return reference
+    flags = levers(variant, device)
+    method, students = ("independent", workload["m"] + 1) if variant == "backbones-only" else ("ffsd", workload["m"])
+    nets = build_networks(workload["model"], workload["classes"], students, workload["size"],
+                          fused_blocks=flags.get("triton", False), method=method).to(device)
+    if flags.get("channels_last"):
+        nets = nets.to(memory_format=torch.channels_last)
+    optimizers = make_optimizers(nets)
+    set_learning_rates(optimizers, 0.1, 1e-3)
+    ops = ffsd_kernels if flags.get("triton") else ffsd_kernels.reference
+    amp = torch.bfloat16 if flags.get("amp") else None
+    stepper = Stepper(nets.train(), optimizers, torch.tensor(LAMBDAS, device=device), LossOptions(), ops, amp,
+                      channels_last=flags.get("channels_last", False))
+    return CapturedStep(stepper) if flags.get("cuda_graph") else stepper
+
+
+def measure(step: Callable, workload: dict, device: torch.device, steps: int, warmup: int, window: int) -> dict:
+    images = torch.randn(workload["batch"], 3, workload["size"], workload["size"], device=device)
+    labels = torch.randint(0, workload["classes"], (workload["batch"],), device=device)
+    for _ in range(warmup):
+        step(images, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    window_ms = []
+    for start in range(0, steps, window):
+        count = min(window, steps - start)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(count):
+                step(images, labels)
+            end.record()
+            end.synchronize()
+            window_ms.append(begin.elapsed_time(end) / count)
+        else:
+            begin_s = time.perf_counter()
+            for _ in range(count):
+                step(images, labels)
+            window_ms.append((time.perf_counter() - begin_s) * 1e3 / count)
+    step_ms = statistics.median(window_ms)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"images_per_s": workload["batch"] / (step_ms * 1e-3), "step_ms": step_ms, "peak_mem_mb": peak}
+
+
+def _commit() -> str:
+    version = code_version()
+    return version["commit"] + ("+dirty" if version["dirty"] else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'workload':<28}{'variant':<16}{'images/s':>11}{'step ms':>10}{'peak MB':>10}{'vs reference':>14}")
+    for r in rows:
+        base = next((x for x in rows if x["workload"] == r["workload"] and x["variant"] == "reference"), None)
+        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
+        print(f"{r['workload']:<28}{r['variant']:<16}{r['images_per_s']:>11.1f}{r['step_ms']:>10.2f}"
+              f"{r['peak_mem_mb']:>10.0f}{ratio:>14}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    parser.add_argument("--workload", default="cifar100-resnet32-m2-b128,imagenet-resnet18-m2-b256")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotuning, Triton JIT)")
+    parser.add_argument("--window", type=int, default=10, help="steps per timed window; the median window counts")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "train_throughput.jsonl"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(variants) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    if "triton-kernels" in variants and device.type == "cpu" and not os.environ.get("TRITON_INTERPRET") == "1":
+        print("note: on a CPU without TRITON_INTERPRET=1 the triton-kernels variant runs the PyTorch references",
+              file=sys.stderr)
+    meta = {"device": device_name(device), "run_id": uuid.uuid4().hex[:12], "torch": torch.__version__,
+            "triton": triton.__version__, "commit": _commit(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    if device.type == "cpu" and "cuda-graph" in variants:
+        print("note: cuda-graph needs a CUDA device: skipped", file=sys.stderr)
+        variants.remove("cuda-graph")
+    rows = []
+    for workload in map(parse_workload, args.workload.split(",")):
+        for variant in variants:
+            result = measure(make_step(workload, variant, device), workload, device, args.steps, args.warmup,
+                             args.window)
+            rows.append({**meta, "workload": workload["name"], "variant": variant, **result})
+            print(f"{workload['name']} {variant}: {result['images_per_s']:.1f} images/s", file=sys.stderr)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    print_table(rows)
+    print(f"\n{len(rows)} rows appended to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

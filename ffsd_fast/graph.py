@@ -1,0 +1,94 @@
+"""``--cuda-graph``: the whole training step captured once as one CUDA graph, then replayed.
+
+Small CIFAR networks are launch-bound: one step is hundreds of small kernels (every network's forward, every loss,
+one backward, every optimiser). A graph replays them with one launch. What makes the step capturable is kept
+elsewhere: no host synchronisation, static shapes, and the learning rates and λ's in device tensors that the trainer
+writes in place. The batch is copied into static input buffers before each replay; a batch of another shape (the
+last, partial one of an epoch) runs the same step eagerly, on the same parameters and optimiser state.
+"""
+
+import torch
+
+from ffsd_fast.errors import UserError
+from ffsd_fast.losses import LossTerms
+from ffsd_fast.step import Stepper
+
+
+def check_capturable(device: torch.device, optimizer_impl: str) -> None:
+    """One-line errors for what cannot be captured, before any work starts."""
+    if device.type != "cuda":
+        raise UserError("--cuda-graph captures the step on a CUDA device: this run is on the CPU (drop --cuda-graph)")
+    if optimizer_impl == "apex":
+        raise UserError("--cuda-graph with --optimizer-impl apex: apex's optimisers take Python-float learning "
+                        "rates, which a captured graph cannot see change; use fused or foreach")
+
+
+class CapturedStep:
+    """Runs ``stepper`` like ``stepper(images, labels)``, replaying a captured graph for batches of the captured
+    shape.
+
+    Capture happens on the first batch, after ``warmup`` eager steps on a side stream (they let cuDNN pick its
+    algorithms and Triton compile its kernels outside the capture). Those steps are then undone in place, so that
+    training is the eager run's: parameters and buffers get their values back, optimiser state that existed before
+    gets its values back, and state the warm-up created (momentum buffers, Adam's moments and step counts) is
+    zeroed, which is what a first step starts from. In place, because the graph holds those tensors' addresses.
+    """
+
+    def __init__(self, stepper: Stepper, warmup: int = 3) -> None:
+        self.stepper = stepper
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.shape: tuple[torch.Size, torch.Size] | None = None
+
+    # The trainer reads these from whichever step object it holds.
+    @property
+    def nets(self):
+        return self.stepper.nets
+
+    @property
+    def optimizers(self):
+        return self.stepper.optimizers
+
+    @property
+    def lambdas(self):
+        return self.stepper.lambdas
+
+    def _state(self) -> list[torch.Tensor]:
+        nets, tensors = self.stepper.nets, []
+        tensors += [*nets.parameters(), *nets.buffers()]
+        for optimizer in self.stepper.optimizers:
+            for state in optimizer.state.values():
+                tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        return tensors
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        before = {id(t): t.detach().clone() for t in self._state()}
+        self.static_images, self.static_labels = images.clone(), labels.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.stepper(self.static_images, self.static_labels)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_terms = self.stepper(self.static_images, self.static_labels)
+        self.shape = (images.shape, labels.shape)
+        with torch.no_grad():
+            for tensor in self._state():
+                if id(tensor) in before:
+                    tensor.copy_(before[id(tensor)])
+                else:
+                    tensor.zero_()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
+        if self.graph is None:
+            self._capture(images, labels)
+            self.graph.replay()
+            return self.static_terms
+        if (images.shape, labels.shape) != self.shape:
+            return self.stepper(images, labels)
+        self.static_images.copy_(images)
+        self.static_labels.copy_(labels)
+        self.graph.replay()
+        return self.static_terms
