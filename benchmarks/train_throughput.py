@@ -11,9 +11,10 @@ workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px
 * ``one-backward``: this project's step (one forward of every network, one backward, one fused optimiser step per
   kind), fp32, NCHW, PyTorch losses: the structure alone;
 * each lever on top of ``one-backward`` alone: ``amp`` (bf16 autocast), ``channels-last``, ``cuda-graph`` (the
-  whole step captured and replayed; CUDA only, skipped on a CPU), ``triton-kernels`` (``--kernels triton``: the fused
-  losses and fusion blocks);
-* ``fast``: the levers together (on a CPU: none of them, which is the trainer's CPU default);
+  whole step captured and replayed; CUDA only, skipped on a CPU), ``compile`` (every network through
+  ``torch.compile``), ``triton-kernels`` (``--kernels triton``: the fused losses and fusion blocks);
+* ``fast``: the levers together except ``compile``, until a GPU run shows whether it pays (on a CPU: none of them,
+  which is the trainer's CPU default);
 * ``backbones-only``: the same ``m + 1`` backbones trained with plain CE (``--method independent``) with the fast
   flags: the floor for FFSD's overhead.
 
@@ -46,12 +47,12 @@ import ffsd_kernels  # noqa: E402
 import ffsd_kernels.reference  # noqa: E402
 from ffsd_fast.graph import CapturedStep  # noqa: E402
 from ffsd_fast.losses import LossOptions  # noqa: E402
-from ffsd_fast.method import build_networks  # noqa: E402
+from ffsd_fast.method import build_networks, compile_networks  # noqa: E402
 from ffsd_fast.runlog import code_version  # noqa: E402
 from ffsd_fast.step import Stepper, make_optimizers, set_learning_rates  # noqa: E402
 from tests.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
 
-VARIANTS = ("reference", "one-backward", "amp", "channels-last", "cuda-graph", "triton-kernels", "fast",
+VARIANTS = ("reference", "one-backward", "amp", "channels-last", "cuda-graph", "compile", "triton-kernels", "fast",
             "backbones-only")
 DATASETS = {"cifar100": (32, 100), "imagenet": (224, 1000)}
 LAMBDAS = (1e-5, 1000.0, 10.0)
@@ -78,6 +79,7 @@ def levers(variant: str, device: torch.device) -> dict:
         "amp": {"amp": True},
         "channels-last": {"channels_last": True},
         "cuda-graph": {"cuda_graph": True},
+        "compile": {"compile": True},
         "triton-kernels": {"triton": True},
         "fast": fast,
         "backbones-only": fast,
@@ -102,6 +104,8 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
                           fused_blocks=flags.get("triton", False), method=method).to(device)
     if flags.get("channels_last"):
         nets = nets.to(memory_format=torch.channels_last)
+    if flags.get("compile"):
+        compile_networks(nets)
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.1, 1e-3)
     ops = ffsd_kernels if flags.get("triton") else ffsd_kernels.reference

@@ -76,6 +76,7 @@ class Config:
     amp: str = _field("off", "autocast dtype of the forward passes: bf16 | fp16 (with a gradient scaler) | off",
                       choices=("bf16", "fp16", "off"))
     channels_last: bool = _field(False, "networks and inputs in the channels-last memory format")
+    compile: bool = _field(False, "torch.compile every network (in place; on a CPU Inductor needs a C++ compiler)")
     cuda_graph: bool = _field(False, "capture the whole training step once as a CUDA graph and replay it (CUDA "
                                      "only; the optimisers must be fused or foreach)")
     optimizer_impl: str = _field("fused", "SGD and Adam implementation: fused | foreach (PyTorch's) | apex "

@@ -158,3 +158,11 @@ def build_networks(
     fusion = FusionModule(channels, num_students, num_classes, fused=fused_blocks)
     leader = Leader(models.create(model, num_classes), channels, num_students, fused=fused_blocks)
     return FFSDNetworks(students, decoders, leader_decoder, fusion, leader)
+
+
+def compile_networks(nets: FFSDNetworks) -> None:
+    """``torch.compile`` every network in place (``nn.Module.compile``: the state-dict keys stay as they are, so
+    checkpoints and exports do not change)."""
+    for network in [*nets.students, *nets.decoders, nets.leader_decoder, nets.fusion, nets.leader]:
+        if network is not None:
+            network.compile()

@@ -29,7 +29,7 @@ from ffsd_fast.errors import UserError
 from ffsd_fast.evaluate import evaluate
 from ffsd_fast.graph import CapturedStep, check_capturable
 from ffsd_fast.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions, LossTerms
-from ffsd_fast.method import FFSDNetworks, build_networks
+from ffsd_fast.method import FFSDNetworks, build_networks, compile_networks
 from ffsd_fast.runlog import RunLog, code_version
 from ffsd_fast.schedules import imagenet_sgd_lr, multistep_lr, warmed_up_lambda
 from ffsd_fast.step import Stepper, make_optimizers, mixed_precision, set_learning_rates
@@ -212,6 +212,8 @@ def train(cfg: Config) -> dict:
                                         fused_blocks=cfg.kernels == "triton", method=cfg.method).to(device)
     if cfg.channels_last:
         nets = nets.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_networks(nets)
     optimizers = make_optimizers(nets, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.fusion_weight_decay,
                                  cfg.decoder_lr, cfg.decoder_weight_decay, impl=cfg.optimizer_impl)
     amp_dtype, scaler = mixed_precision(cfg.amp, device)

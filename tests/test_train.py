@@ -108,6 +108,15 @@ def test_amp_flag_picks_the_autocast_dtype_and_scaler(amp):
     assert (scaler is not None) == (amp == "fp16")
 
 
+def test_compile_flag_compiles_every_network(tmp_path, monkeypatch):
+    # nn.Module.compile is recorded, not run: Inductor would take minutes on this CPU. The wiring is what is tested.
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(type(self).__name__))
+    run_ok([*FAST, "--compile"], tmp_path)
+    assert sorted(compiled) == ["CifarResNet", "CifarResNet", "FusionModule", "Leader", "SelfDistillationDecoder",
+                                "SelfDistillationDecoder"]
+
+
 def test_cuda_graph_on_a_cpu_is_a_one_line_error(capsys):
     assert "CPU" in one_line_error(capsys, [*FAST, "--device", "cpu", "--cuda-graph"])
 
