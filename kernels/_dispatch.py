@@ -15,10 +15,11 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is of a kernel dtype and on CUDA (or on the CPU under the interpreter)."""
+def use_triton(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> bool:
+    """True when every tensor is of one of ``dtypes`` (the op's kernel dtypes) and on CUDA (or on the CPU under the
+    interpreter)."""
     for t in tensors:
-        if t.dtype not in KERNEL_DTYPES:
+        if t.dtype not in dtypes:
             return False
         if not (t.is_cuda or (INTERPRETER and t.device.type == "cpu")):
             return False

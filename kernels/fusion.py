@@ -494,13 +494,7 @@ class _DepthwiseConcatFunction(torch.autograd.Function):
 
 
 def _use_fused(inputs: list[torch.Tensor]) -> bool:
-    dtype = inputs[0].dtype
-    for t in inputs:
-        if t.dtype != dtype or t.dtype not in FUSION_DTYPES:
-            return False
-        if not (t.is_cuda or (_dispatch.INTERPRETER and t.device.type == "cpu")):
-            return False
-    return True
+    return all(t.dtype == inputs[0].dtype for t in inputs) and _dispatch.use_triton(*inputs, dtypes=FUSION_DTYPES)
 
 
 def _as_list(inputs: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
