@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import torch
 import triton
 
 import ffsd_kernels as K
+from ffsd_fast.runlog import commit_label
 from ffsd_kernels._dispatch import use_triton
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,16 +245,8 @@ def run_case(case: Case, device: torch.device, variants: tuple[str, ...], copy_b
 
 
 def metadata(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "commit": commit + ("+dirty" if dirty else ""),
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "commit": commit_label(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 

@@ -48,7 +48,7 @@ import ffsd_kernels.reference  # noqa: E402
 from ffsd_fast.graph import CapturedStep  # noqa: E402
 from ffsd_fast.losses import LossOptions  # noqa: E402
 from ffsd_fast.method import build_networks, compile_networks  # noqa: E402
-from ffsd_fast.runlog import code_version  # noqa: E402
+from ffsd_fast.runlog import commit_label  # noqa: E402
 from ffsd_fast.step import Stepper, make_optimizers, set_learning_rates  # noqa: E402
 from tests.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
 
@@ -147,11 +147,6 @@ def measure(step: Callable, workload: dict, device: torch.device, steps: int, wa
     return {"images_per_s": workload["batch"] / (step_ms * 1e-3), "step_ms": step_ms, "peak_mem_mb": peak}
 
 
-def _commit() -> str:
-    version = code_version()
-    return version["commit"] + ("+dirty" if version["dirty"] else "")
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -193,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         print("note: on a CPU without TRITON_INTERPRET=1 the triton-kernels variant runs the PyTorch references",
               file=sys.stderr)
     meta = {"device": device_name(device), "run_id": uuid.uuid4().hex[:12], "torch": torch.__version__,
-            "triton": triton.__version__, "commit": _commit(),
+            "triton": triton.__version__, "commit": commit_label(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     if device.type == "cpu" and "cuda-graph" in variants:
         print("note: cuda-graph needs a CUDA device: skipped", file=sys.stderr)

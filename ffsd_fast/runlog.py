@@ -21,6 +21,12 @@ def code_version() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
+def commit_label() -> str:
+    """The commit, with ``+dirty`` when the tree had uncommitted changes: what benchmark rows record."""
+    version = code_version()
+    return version["commit"] + ("+dirty" if version["dirty"] else "")
+
+
 class RunLog:
     """Appends to ``metrics.jsonl``, writes TensorBoard scalars under ``tensorboard/``, redraws ``accuracy.png``."""
 
