@@ -63,23 +63,18 @@ def make_optimizers(
         groups.append({"params": _params(nets.fusion), "weight_decay": fusion_weight_decay})
     decoders = _params(*nets.decoders, *filter(None, [nets.leader_decoder]))
     if impl == "apex":
-        sgd_class, adam_class = _apex_optimizers()
-        sgd = sgd_class(groups, lr=lr, momentum=momentum, nesterov=True)
-        optimizers = [sgd]
-        if decoders:
-            optimizers.append(adam_class(decoders, lr=decoder_lr, weight_decay=decoder_weight_decay,
-                                         adam_w_mode=False))
-        return optimizers
-    kind = {"fused": True} if impl == "fused" else {"foreach": True}
-    sgd = torch.optim.SGD(groups, lr=lr_value(lr), momentum=momentum, nesterov=True, **kind)
-    if impl == "foreach" and tensor_lr:
-        kind["capturable"] = True  # Adam's step counts on the device, as graph capture needs
+        (sgd_class, adam_class), sgd_kind, adam_kind = _apex_optimizers(), {}, {"adam_w_mode": False}
+    else:
+        sgd_class, adam_class = torch.optim.SGD, torch.optim.Adam
+        sgd_kind = {"fused": True} if impl == "fused" else {"foreach": True}
+        # foreach Adam with a tensor lr keeps its step counts on the device (capturable), as graph capture needs.
+        adam_kind = {**sgd_kind, "capturable": True} if impl == "foreach" and tensor_lr else sgd_kind
+    sgd = sgd_class(groups, lr=lr_value(lr), momentum=momentum, nesterov=True, **sgd_kind)
     for group in sgd.param_groups[1:]:
         group["lr"] = lr_value(lr)  # one tensor per group, so that loading a state dict keeps them independent
     if not decoders:  # the baselines: students only
         return [sgd]
-    adam = torch.optim.Adam(decoders, lr=lr_value(decoder_lr), weight_decay=decoder_weight_decay, **kind)
-    return [sgd, adam]
+    return [sgd, adam_class(decoders, lr=lr_value(decoder_lr), weight_decay=decoder_weight_decay, **adam_kind)]
 
 
 def set_learning_rates(optimizers: list[torch.optim.Optimizer], sgd_lr: float, decoder_lr: float) -> None:
