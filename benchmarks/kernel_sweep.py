@@ -219,7 +219,7 @@ def run_case(case: Case, device: torch.device, variants: tuple[str, ...], copy_b
     grad_output = torch.ones_like(case.reference(*inputs))
     rows = []
     for mode in MODES:
-        times = {}
+        times, errors = {}, {}
         for variant in variants:
             fn = variant_fn(case, variant, inputs)
             if mode == "forward":
@@ -228,15 +228,23 @@ def run_case(case: Case, device: torch.device, variants: tuple[str, ...], copy_b
             else:
                 def step(fn=fn):
                     fn(*inputs).backward(grad_output)
-            step()  # compiles (torch.compile, Triton) outside the timing
-            times[variant] = time_ms(step, device, grad_inputs)
+            # One variant failing (a torch.compile error, say) must not cost the others' numbers on a rare GPU.
+            try:
+                step()  # compiles (torch.compile, Triton) outside the timing
+                times[variant] = time_ms(step, device, grad_inputs)
+            except Exception as exc:  # noqa: BLE001
+                errors[variant] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"{case.op} {mode} {variant} failed: {errors[variant]}", file=sys.stderr)
         nbytes = must_move(mode, inputs, grad_inputs, grad_output)
         floor_ms = nbytes / copy_bw * 1e3
+        base = {**meta, "op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
+                "layout": case.layout, "mode": mode, "bytes": nbytes, "floor_ms": floor_ms,
+                "copy_gb_per_s": copy_bw / 1e9}
+        for variant, error in errors.items():
+            rows.append({**base, "variant": variant, "error": error})
         for variant, ms in times.items():
             rows.append({
-                **meta, "op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
-                "layout": case.layout, "mode": mode, "variant": variant, "ms": ms, "bytes": nbytes,
-                "gb_per_s": nbytes / (ms * 1e-3) / 1e9, "floor_ms": floor_ms, "copy_gb_per_s": copy_bw / 1e9,
+                **base, "variant": variant, "ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9,
                 "fraction_of_copy_bw": floor_ms / ms,
                 "speedup_vs_eager": times["eager"] / ms if "eager" in times else None,
                 "speedup_vs_compile": times["compile"] / ms if "compile" in times else None,
@@ -259,6 +267,10 @@ def print_table(rows: list[dict]) -> None:
 
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
+        if "error" in r:
+            print(f"{r['op']:<22} {shape:<20} {r['dtype']:<9} {r['layout']:<13} {r['mode']:<17} {r['variant']:<8} "
+                  f"failed: {r['error'][:80]}")
+            continue
         print(f"{r['op']:<22} {shape:<20} {r['dtype']:<9} {r['layout']:<13} {r['mode']:<17} {r['variant']:<8} "
               f"{r['ms']:>9.4f} {r['gb_per_s']:>8.1f} {r['floor_ms']:>9.4f} {r['fraction_of_copy_bw']:>10.1%} "
               f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}")
@@ -280,13 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     meta = metadata(device)
     torch.manual_seed(0)
     copy_bw = copy_bandwidth(device)
-    rows = []
-    for case in selected:
-        rows += run_case(case, device, variants, copy_bw, meta)
     slug = "".join(ch if ch.isalnum() else "-" for ch in meta["device"]).strip("-").lower()
     out = Path(args.out) / f"kernels-{slug}-{meta['commit'][:12]}{'-quick' if args.quick else ''}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out.write_text("")
+    rows = []
+    for case in selected:
+        case_rows = run_case(case, device, variants, copy_bw, meta)
+        rows += case_rows
+        with out.open("a") as fh:  # as measured, so a run cut short keeps what it measured
+            fh.writelines(json.dumps(r) + "\n" for r in case_rows)
     print_table(rows)
     print(f"\n{len(rows)} rows -> {out}", file=sys.stderr)
 

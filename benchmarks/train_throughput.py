@@ -160,7 +160,11 @@ def device_name(device: torch.device) -> str:
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'workload':<28}{'variant':<16}{'images/s':>11}{'step ms':>10}{'peak MB':>10}{'vs reference':>14}")
     for r in rows:
-        base = next((x for x in rows if x["workload"] == r["workload"] and x["variant"] == "reference"), None)
+        if "error" in r:
+            print(f"{r['workload']:<28}{r['variant']:<16} failed: {r['error'][:80]}")
+            continue
+        base = next((x for x in rows if x["workload"] == r["workload"] and x["variant"] == "reference"
+                     and "error" not in x), None)
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
         print(f"{r['workload']:<28}{r['variant']:<16}{r['images_per_s']:>11.1f}{r['step_ms']:>10.2f}"
               f"{r['peak_mem_mb']:>10.0f}{ratio:>14}")
@@ -193,17 +197,26 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu" and "cuda-graph" in variants:
         print("note: cuda-graph needs a CUDA device: skipped", file=sys.stderr)
         variants.remove("cuda-graph")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for workload in map(parse_workload, args.workload.split(",")):
         for variant in variants:
-            result = measure(make_step(workload, variant, device), workload, device, args.steps, args.warmup,
-                             args.window)
-            rows.append({**meta, "workload": workload["name"], "variant": variant, **result})
-            print(f"{workload['name']} {variant}: {result['images_per_s']:.1f} images/s", file=sys.stderr)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+            row = {**meta, "workload": workload["name"], "variant": variant}
+            # A variant that fails (a compile or capture error) is recorded, and the others still get measured:
+            # a GPU is rare here, and one run has to bring back every number it can.
+            try:
+                row |= measure(make_step(workload, variant, device), workload, device, args.steps, args.warmup,
+                               args.window)
+                print(f"{workload['name']} {variant}: {row['images_per_s']:.1f} images/s", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"{workload['name']} {variant} failed: {row['error']}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            with out.open("a") as fh:  # as measured, so a run cut short keeps what it measured
+                fh.write(json.dumps(row) + "\n")
     print_table(rows)
     print(f"\n{len(rows)} rows appended to {out}", file=sys.stderr)
 

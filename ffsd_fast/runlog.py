@@ -17,7 +17,8 @@ def code_version() -> dict:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
+        # A copy of the tree without .git (the GPU machine gets one) names its commit through the environment.
+        return {"commit": os.environ.get("FFSD_COMMIT", "unknown"), "dirty": None}
     return {"commit": commit, "dirty": dirty}
 
 
