@@ -14,7 +14,8 @@ workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px
   whole step captured and replayed; CUDA only, skipped on a CPU), ``compile`` (every network through
   ``torch.compile``), ``triton-kernels`` (``--kernels triton``: the fused losses and fusion blocks);
 * ``fast``: the levers together except ``compile``, until a GPU run shows whether it pays (on a CPU: none of them,
-  which is the trainer's CPU default);
+  which is the trainer's CPU default); ``fast-cudnn-blocks``: the same with the fusion blocks on ``torch.cat`` and
+  cuDNN instead of the Triton fusion-block kernels (the fused losses kept);
 * ``backbones-only``: the same ``m + 1`` backbones trained with plain CE (``--method independent``) with the fast
   flags: the floor for FFSD's overhead.
 
@@ -53,7 +54,7 @@ from ffsd_fast.step import Stepper, make_optimizers, set_learning_rates  # noqa:
 from tests.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
 
 VARIANTS = ("reference", "one-backward", "amp", "channels-last", "cuda-graph", "compile", "triton-kernels", "fast",
-            "backbones-only")
+            "fast-cudnn-blocks", "backbones-only")
 DATASETS = {"cifar100": (32, 100), "imagenet": (224, 1000)}
 LAMBDAS = (1e-5, 1000.0, 10.0)
 
@@ -82,6 +83,7 @@ def levers(variant: str, device: torch.device) -> dict:
         "compile": {"compile": True},
         "triton-kernels": {"triton": True},
         "fast": fast,
+        "fast-cudnn-blocks": {**fast, "fused_blocks": False},
         "backbones-only": fast,
     }[variant]
 
@@ -101,7 +103,7 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
     flags = levers(variant, device)
     method, students = ("independent", workload["m"] + 1) if variant == "backbones-only" else ("ffsd", workload["m"])
     nets = build_networks(workload["model"], workload["classes"], students, workload["size"],
-                          fused_blocks=flags.get("triton", False), method=method).to(device)
+                          fused_blocks=flags.get("fused_blocks", flags.get("triton", False)), method=method).to(device)
     if flags.get("channels_last"):
         nets = nets.to(memory_format=torch.channels_last)
     if flags.get("compile"):
