@@ -70,22 +70,36 @@ class Config:
     # Running.
     seed: int = _field(0, "seed of the weights, the shuffling and the augmentation")
     device: str | None = _field(None, "cpu | cuda (default: cuda when available)", choices=("cpu", "cuda"))
-    kernels: str = _field("torch", "loss implementation: torch (plain PyTorch) | triton (fused Triton kernels on CUDA; "
-                          "the PyTorch references on a CPU unless TRITON_INTERPRET=1)",
-                          choices=("torch", "triton"))
-    amp: str = _field("off", "autocast dtype of the forward passes: bf16 | fp16 (with a gradient scaler) | off",
-                      choices=("bf16", "fp16", "off"))
-    channels_last: bool = _field(False, "networks and inputs in the channels-last memory format")
+    # Speed levers. Unset, they take the defaults that benchmarks/train_throughput.py measured fastest on an H100
+    # (benchmarks/results/train_throughput.jsonl): on CUDA bf16 autocast, channels-last, the Triton losses and a
+    # captured step (single process); on a CPU none of them.
+    kernels: str | None = _field(None, "loss implementation: torch (plain PyTorch) | triton (fused Triton kernels on "
+                                       "CUDA; the PyTorch references on a CPU unless TRITON_INTERPRET=1); default "
+                                       "triton on CUDA, torch on a CPU", choices=("torch", "triton"))
+    fusion_kernel: str = _field("torch", "fusion blocks: torch (torch.cat + cuDNN; measured faster on an H100) | "
+                                         "triton (the concat-free Triton fusion block)", choices=("torch", "triton"))
+    amp: str | None = _field(None, "autocast dtype of the forward passes: bf16 | fp16 (with a gradient scaler) | off; "
+                                   "default bf16 on CUDA, off on a CPU", choices=("bf16", "fp16", "off"))
+    channels_last: bool | None = _field(None, "networks and inputs in the channels-last memory format (default: on "
+                                              "CUDA)")
     compile: bool = _field(False, "torch.compile every network (in place; on a CPU Inductor needs a C++ compiler)")
-    cuda_graph: bool = _field(False, "capture the whole training step once as a CUDA graph and replay it (CUDA "
-                                     "only; the optimisers must be fused or foreach)")
+    cuda_graph: bool | None = _field(None, "capture the whole training step once as a CUDA graph and replay it "
+                                           "(CUDA only; the optimisers must be fused or foreach); default: on for "
+                                           "a single CUDA process, off otherwise")
     optimizer_impl: str = _field("fused", "SGD and Adam implementation: fused | foreach (PyTorch's) | apex "
                                           "(NVIDIA apex's FusedSGD/FusedAdam, when apex is installed)",
                                  choices=("fused", "foreach", "apex"))
-    workers: int = _field(4, "data-loading worker processes (ImageNet folders)")
+    workers: int = _field(4, "data-loading worker processes, or DALI threads (ImageNet folders)")
+    loader: str = _field("auto", "ImageNet folders: dali (NVIDIA DALI, GPU decoding on CUDA) | torchvision | auto "
+                                 "(DALI when installed)", choices=("auto", "dali", "torchvision"))
+    check_images: bool = _field(True, "decode every ImageNet image once before training and leave the corrupt ones "
+                                      "out (named in the log; cached under --output-dir)")
+    sync_bn: bool = _field(False, "synchronise BatchNorm statistics across processes (CUDA, multi-process)")
     output_dir: str = _field("runs", "where run directories are created")
     run_name: str | None = _field(None, "run directory name (default: dataset-model-mM-time)")
-    resume: str | None = _field(None, "continue a run: its checkpoint.pt or its run directory")
+    resume: str | None = _field(None, "continue a run: its checkpoint.pt, its run directory, or auto (the newest "
+                                      "checkpoint of --run-name under --output-dir, else of a run with this "
+                                      "method, model, dataset, m and image size; a fresh start when none)")
     log_every: int = _field(20, "read the losses back from the device every N steps (a host sync)")
     progress: bool = _field(True, "show progress bars")
 
@@ -192,6 +206,19 @@ def resolve(config: Config) -> Config:
         import torch
 
         c.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = c.device == "cuda"
+    if c.kernels is None:
+        c.kernels = "triton" if gpu else "torch"
+    if c.amp is None:
+        c.amp = "bf16" if gpu else "off"
+    if c.channels_last is None:
+        c.channels_last = gpu
+    if c.cuda_graph is None:
+        # Capture across processes (NCCL inside the graph) has not been measured here: a choice, not a default.
+        c.cuda_graph = gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not c.compile
+    if c.sync_bn and c.fusion_kernel == "triton":
+        raise UserError("--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
+                        "batch statistics; use --fusion-kernel torch")
     for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "lambda_warmup_epochs"):
         if getattr(c, name) < 1:
             raise UserError(f"{_flag(name)} must be at least 1, got {getattr(c, name)}")

@@ -1,19 +1,14 @@
 """Data loading for FFSD: scikit-learn digits, CIFAR-10/100 and ImageNet-style image folders.
 
-Every loader yields ``(images, labels)`` already on the training device: ``images`` float32
-``[B, 3, image_size, image_size]``, normalised; ``labels`` int64 ``[B]``.
+Every loader yields ``(images, labels)`` already on the training device: ``images`` ``[B, 3, image_size,
+image_size]``, normalised; ``labels`` int64 ``[B]``. Which samples each rank visits in each epoch, and how, is
+``ffsd_fast.sampling``'s rule, shared by all loaders. Digits and CIFAR live as one tensor on the device and are
+augmented there in batches (the last training batch may be partial, as in the reference); ImageNet folders go
+through DALI (``ffsd_fast.dali_loader``) or torchvision (``ffsd_fast.torchvision_loader``), in full batches only.
 
-Randomness (shuffling, augmentation) comes only from ``(seed, epoch)`` through private generators, so a run
-resumed at epoch ``e`` sees exactly the batches an uninterrupted run would, and the global RNG is never touched.
-Digits and CIFAR live as one tensor on the device and are augmented there in batches; ImageNet goes through a
-``DataLoader`` with worker processes.
-
-Sharding (``world_size > 1``) follows ``DistributedSampler``: every rank uses the same epoch permutation and
-takes every ``world_size``-th index starting at ``rank``; without ``drop_last`` the permutation is padded by
-wrapping around so that every rank gets the same number of samples, with ``drop_last`` it is cut to a multiple
-of ``world_size``. Evaluation shards are disjoint and never padded, so every test sample is counted exactly
-once over all ranks: sum the per-rank counts (``all_reduce``) after the loop, and do not run per-batch
-collectives during evaluation, since ranks may differ by one batch.
+Evaluation shards are disjoint, so every test sample is counted exactly once over all ranks: sum the per-rank
+counts (``all_reduce``) after the loop, and do not run per-batch collectives during evaluation, since ranks may
+differ by one batch. A label of ``sampling.PAD_LABEL`` marks a slot that only fills a batch: it is not counted.
 """
 
 from __future__ import annotations
@@ -29,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from torchvision import transforms
 
 from ffsd_fast.errors import UserError
+from ffsd_fast.image_folder import ImageFolderIndex, index_images
+from ffsd_fast.sampling import AUGMENTATION, PERMUTATION, generator, shard
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 DEFAULT_DATASET = "digits"
@@ -43,10 +38,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 DIGITS_NUM_TRAIN = 1347  # of 1797; the remaining 450 are the test split
 
-# Tags that keep the random streams drawn from one (seed, epoch) apart from each other.
-_PERMUTATION, _AUGMENTATION, _SAMPLE, _WORKERS = 0, 1, 2, 3
-
-
 @dataclass(frozen=True)
 class DatasetInfo:
     """What the model and the schedule need to know about a dataset."""
@@ -55,6 +46,7 @@ class DatasetInfo:
     num_classes: int
     num_train: int  # samples in the whole training set (all ranks)
     num_test: int
+    corrupt: tuple[str, ...] = ()  # image files left out because they could not be decoded
 
 
 class Loader(Protocol):
@@ -65,27 +57,6 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-
-def _seed_for(seed: int, epoch: int, tag: int, key: int = 0) -> int:
-    """A 64-bit seed for one random stream; SeedSequence keeps streams of neighbouring keys independent."""
-    sequence = np.random.SeedSequence(seed % 2**64, spawn_key=(epoch, tag, key))
-    return int(sequence.generate_state(1, np.uint64)[0])
-
-
-def _generator(seed: int, epoch: int, tag: int, key: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed_for(seed, epoch, tag, key))
-
-
-def _shard(order: torch.Tensor, rank: int, world_size: int, drop_last: bool) -> torch.Tensor:
-    """This rank's interleaved share of ``order``, padded by wrapping around (or cut) like DistributedSampler."""
-    n = len(order)
-    if drop_last:
-        order = order[: n - n % world_size]
-    elif n % world_size:
-        padding = world_size - n % world_size
-        order = torch.cat([order, order.repeat(math.ceil(padding / n))[:padding]])
-    return order[rank::world_size]
 
 
 def _random_crop(padded: torch.Tensor, size: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -134,8 +105,8 @@ class TensorLoader:
         n = len(self.labels)
         if not self.shuffle:
             return torch.arange(self.rank, n, self.world_size)
-        order = torch.randperm(n, generator=_generator(self.seed, self.epoch, _PERMUTATION))
-        return _shard(order, self.rank, self.world_size, self.drop_last)
+        order = torch.randperm(n, generator=generator(self.seed, self.epoch, PERMUTATION))
+        return shard(order, self.rank, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -150,7 +121,7 @@ class TensorLoader:
         order = self.indices()
         if self.augment:
             # One draw per epoch and rank: a few host-to-device copies instead of several per batch.
-            g = _generator(self.seed, self.epoch, _AUGMENTATION, self.rank)
+            g = generator(self.seed, self.epoch, AUGMENTATION, self.rank)
             offsets = torch.randint(0, 2 * self.pad + 1, (len(order), 2), generator=g).to(device)
             flips = (torch.rand(len(order), generator=g) < 0.5).to(device)
         order = order.to(device)
@@ -251,112 +222,40 @@ def _cifar(name: str, root: str, image_size: int, device: torch.device, batch_si
     return train_loader, test_loader, DatasetInfo(name, num_classes, len(train_y), len(test_y))
 
 
-class _SeededImageFolder(torchvision.datasets.ImageFolder):
-    """An ImageFolder indexed by ``(index, sample_seed)``: each sample's augmentation depends on its seed only.
-
-    torchvision transforms draw from the global torch RNG; seeding it per sample (inside ``fork_rng``, so the
-    caller's state survives when there are no workers) makes the crops independent of worker count, worker
-    scheduling and persistent workers, which is what lets a resumed run reproduce an epoch exactly.
-    """
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, sample_seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed)
-            return super().__getitem__(index)
+LOADERS = ("auto", "dali", "torchvision")
 
 
-class _SeededSampler(Sampler):
-    """Wraps a DistributedSampler, pairing each index with a seed derived from (seed, epoch, index)."""
-
-    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
-        self.sampler, self.seed, self.epoch = sampler, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((i, _seed_for(self.seed, self.epoch, _SAMPLE, i)) for i in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-class FolderLoader:
-    """Batches from a torch DataLoader, moved to the device (ImageNet-style folders)."""
+def _imagenet(index: ImageFolderIndex, loader: str, image_size: int, device: torch.device, batch_size: int,
+              eval_batch_size: int, seed: int, drop_last: bool, workers: int, rank: int, world_size: int,
+              dtype: torch.dtype, channels_last: bool) -> tuple[Loader, Loader, DatasetInfo]:
+    """The tree's train and val lists through DALI or torchvision; both take the same samples in full batches."""
+    if loader == "auto":
+        loader = "dali" if dali_available() else "torchvision"
+    if loader == "dali" and not dali_available():
+        raise UserError("--loader dali: NVIDIA DALI is not installed (pip install 'ffsd-fast[dali]', i.e. "
+                        "nvidia-dali-cuda130), or use --loader torchvision")
+    _check_shard(len(index.train), batch_size, drop_last, world_size)
+    common = dict(image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
+                  seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, dtype=dtype,
+                  channels_last=channels_last)
+    if loader == "dali":
+        from ffsd_fast.dali_loader import dali_loaders
 
-    def __init__(self, loader: DataLoader, device: torch.device) -> None:
-        self.loader, self.device = loader, device
+        train_loader, val_loader = dali_loaders(index.train, index.val, threads=max(workers, 1), **common)
+    else:
+        from ffsd_fast.torchvision_loader import torchvision_loaders
 
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.loader.sampler, _SeededSampler):
-            self.loader.sampler.set_epoch(epoch)
-
-    def indices(self) -> torch.Tensor:
-        """Sample indices this rank visits in the current epoch, in order."""
-        sampler = self.loader.sampler
-        if isinstance(sampler, _SeededSampler):
-            sampler = sampler.sampler  # skip deriving the per-sample seeds
-        return torch.tensor(list(sampler), dtype=torch.int64)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-
-def _class_folders(directory: str) -> list[str]:
-    # Same rule as torchvision's find_classes, so the names agree with the ImageFolder's.
-    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
-
-
-def _imagenet(root: str, image_size: int, device: torch.device, batch_size: int, eval_batch_size: int,
-              seed: int, drop_last: bool, workers: int, rank: int,
-              world_size: int) -> tuple[FolderLoader, FolderLoader, DatasetInfo]:
-    """An ImageFolder tree ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` with the standard transforms."""
-    if not os.path.isdir(root):
-        raise UserError(f"imagenet: data root {root} does not exist or is not a directory")
-    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
-    for directory in (train_dir, val_dir):
-        if not os.path.isdir(directory):
-            raise UserError(f"imagenet: {directory} is missing (expected {root}/train/<class>/* and "
-                            f"{root}/val/<class>/*)")
-    train_classes, val_classes = _class_folders(train_dir), _class_folders(val_dir)
-    if not train_classes:
-        raise UserError(f"imagenet: no class folders in {train_dir} (expected {train_dir}/<class>/<image>)")
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        raise UserError(f"imagenet: class folders of {val_dir} differ from {train_dir}: "
-                        f"only in train: {', '.join(only_train[:5]) or '-'}{' ...' if len(only_train) > 5 else ''}; "
-                        f"only in val: {', '.join(only_val[:5]) or '-'}{' ...' if len(only_val) > 5 else ''}")
-
-    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_set = _SeededImageFolder(train_dir, allow_empty=True, transform=transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]))
-    val_set = torchvision.datasets.ImageFolder(val_dir, allow_empty=True, transform=transforms.Compose(
-        [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size), *normalize]))
-    for dataset, directory in ((train_set, train_dir), (val_set, val_dir)):
-        counts = np.bincount(np.asarray(dataset.targets, dtype=np.int64), minlength=len(dataset.classes))
-        empty = [os.path.join(directory, c) for c, n in zip(dataset.classes, counts, strict=True) if n == 0]
-        if empty:
-            raise UserError(f"imagenet: no images in class folder {', '.join(empty[:3])}"
-                            f"{f' (and {len(empty) - 3} more)' if len(empty) > 3 else ''}")
-
-    _check_shard(len(train_set), batch_size, drop_last, world_size)
-    options = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                   generator=torch.Generator().manual_seed(_seed_for(seed, 0, _WORKERS)))
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=drop_last)
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=_SeededSampler(sampler, seed),
-                              drop_last=drop_last, **options)
-    val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=list(range(rank, len(val_set), world_size)),
-                            **options)
-    info = DatasetInfo("imagenet", len(train_classes), len(train_set), len(val_set))
-    return FolderLoader(train_loader, device), FolderLoader(val_loader, device), info
+        train_loader, val_loader = torchvision_loaders(index.train, index.val, workers=workers, **common)
+    info = DatasetInfo("imagenet", len(index.classes), len(index.train), len(index.val), tuple(index.corrupt))
+    return train_loader, val_loader, info
 
 
 def _check_shard(num_train: int, batch_size: int, drop_last: bool, world_size: int) -> None:
@@ -368,13 +267,17 @@ def _check_shard(num_train: int, batch_size: int, drop_last: bool, world_size: i
 
 def build_loaders(dataset: str, data_root: str | None, image_size: int, batch_size: int, eval_batch_size: int,
                   device: torch.device, seed: int, drop_last: bool = False, workers: int = 4,
-                  rank: int = 0, world_size: int = 1) -> tuple[Loader, Loader, DatasetInfo]:
+                  rank: int = 0, world_size: int = 1, loader: str = "auto", dtype: torch.dtype = torch.float32,
+                  channels_last: bool = False, index: ImageFolderIndex | None = None
+                  ) -> tuple[Loader, Loader, DatasetInfo]:
     """Train and eval loaders for this rank, plus the dataset's facts.
 
     ``dataset`` is one of ``DATASETS``; ``data_root`` is needed by all but 'digits'. The train loader
     shuffles and augments from ``(seed, epoch)`` only (call ``set_epoch`` before each epoch) and keeps the last
-    partial batch unless ``drop_last``; the eval loader keeps a fixed order and never drops. ``workers`` only
-    matters for 'imagenet'.
+    partial batch unless ``drop_last``; the eval loader keeps a fixed order and never drops. For 'imagenet':
+    ``loader`` (auto: DALI when installed), ``workers`` (DataLoader processes or DALI threads), the output
+    ``dtype`` and memory format, and ``index``, the tree's file lists (default: ``index_images(data_root)``, which
+    decodes every image once and leaves the corrupt ones out).
     """
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
@@ -388,9 +291,12 @@ def build_loaders(dataset: str, data_root: str | None, image_size: int, batch_si
     if dataset != "digits" and data_root is None:
         raise UserError(f"dataset {dataset} needs a data root (the folder that holds it)")
     device = torch.device(device)
+    if loader not in LOADERS:
+        raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
     if dataset == "imagenet":
-        return _imagenet(os.path.expanduser(data_root), image_size, device, batch_size, eval_batch_size, seed,
-                         drop_last, workers, rank, world_size)
+        index = index or index_images(data_root, workers)
+        return _imagenet(index, loader, image_size, device, batch_size, eval_batch_size, seed, drop_last, workers,
+                         rank, world_size, dtype, channels_last)
 
     common = dict(seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
     if dataset == "digits":

@@ -3,6 +3,7 @@ average and ensembles."""
 
 import torch
 
+from ffsd_fast.distributed import SINGLE_PROCESS, World, all_reduce_sum
 from ffsd_fast.method import FFSDNetworks
 
 
@@ -12,13 +13,15 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,)) -> dict[str, float]:
+def evaluate(nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,), world: World = SINGLE_PROCESS
+             ) -> dict[str, float]:
     """Accuracies in percent, keyed ``student{i}_top{k}``, ``fusion_top{k}``, ``leader_top{k}``,
     ``average_top{k}`` (mean of the students'), ``ensemble_top{k}`` (mean logits of the students) and
     ``oracle_ensemble_top{k}`` (a sample counts when any student gets it: what the reference calls its ensemble);
     the baselines have no fusion or leader entries.
 
-    Counts stay on the device and are read back once, at the end.
+    Counts stay on the device and are read back once, at the end, summed over the ranks of ``world`` (each
+    evaluates its own disjoint shard). Samples labelled ``PAD_LABEL`` (< 0) only fill a batch: never counted.
     """
     was_training = nets.training
     nets.eval()
@@ -44,10 +47,13 @@ def evaluate(nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,)) -> dict[s
             batch[f"oracle_ensemble_top{k}"] = torch.stack(hits).any(dim=0)
             for name, hit in batch.items():
                 counts[name] = counts.get(name, 0) + hit.sum()
-        total += labels.shape[0]
+        total = total + (labels >= 0).sum()
     nets.train(was_training)
     names = list(counts)
-    values = torch.stack([counts[n] for n in names]).double().mul(100.0 / max(total, 1)).tolist()  # host sync
+    device = next(nets.parameters()).device
+    summed = all_reduce_sum(torch.stack([*(counts[n] for n in names), torch.as_tensor(total, device=device)])
+                            .double(), world)
+    values = summed[:-1].mul(100.0 / summed[-1].clamp(min=1)).tolist()  # host sync
     result = dict(zip(names, values, strict=True))
     for k in topk:
         result[f"average_top{k}"] = sum(result[f"student{i}_top{k}"] for i in range(m)) / m
@@ -64,7 +70,7 @@ def evaluate_network(network: torch.nn.Module, loader, topk: tuple[int, ...] = (
     for images, labels in loader:
         logits, _ = network(images)
         counts = counts.to(labels.device) + torch.stack([_correct(logits, labels, k).sum() for k in topk])
-        total += labels.shape[0]
+        total = total + (labels >= 0).sum()  # evaluation pads (PAD_LABEL) are not counted
     network.train(was_training)
-    values = counts.double().mul(100.0 / max(total, 1)).tolist()  # host sync
+    values = (counts.double() * 100.0 / max(int(total), 1)).tolist()  # host sync
     return {f"top{k}": v for k, v in zip(topk, values, strict=True)}

@@ -83,3 +83,19 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class NullLog:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run directory)."""
+
+    def write_config(self, config: dict, version: dict) -> None:
+        pass
+
+    def log(self, record: dict, step: int) -> None:
+        pass
+
+    def plot_accuracy(self, history: list[dict], num_students: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -5,6 +5,7 @@ This function is the unit that gets compiled or captured in a CUDA graph, so it 
 """
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -99,12 +100,14 @@ def train_step(
     ops: ModuleType,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    grad_sync: Callable[[], None] | None = None,
 ) -> LossTerms:
     """One step of the run's method; returns the loss terms (device tensors, detached) for logging at the caller's
     pace.
 
     ``amp_dtype`` (bf16 or fp16) runs the forward passes under autocast; ``scaler`` scales the fp16 loss (with the
-    fused optimisers it unscales and skips steps on the device, no host sync).
+    fused optimisers it unscales and skips steps on the device, no host sync). ``grad_sync`` runs between the
+    backward and the optimisers (data parallelism: ``distributed.GradientAverager``).
     """
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
@@ -114,10 +117,14 @@ def train_step(
         terms = step_losses(nets, images, labels, lambdas, options, ops)
     if scaler is None:
         terms.total.backward()
+        if grad_sync is not None:
+            grad_sync()
         for optimizer in optimizers:
             optimizer.step()
     else:
         scaler.scale(terms.total).backward()
+        if grad_sync is not None:
+            grad_sync()  # scaled gradients: every rank then sees the same inf/NaN and skips the same steps
         for optimizer in optimizers:
             scaler.step(optimizer)
         scaler.update()
@@ -144,9 +151,10 @@ class Stepper:
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
+    grad_sync: Callable[[], None] | None = None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return train_step(self.nets, self.optimizers, images, labels, self.lambdas, self.options, self.ops,
-                          self.amp_dtype, self.scaler)
+                          self.amp_dtype, self.scaler, self.grad_sync)

@@ -235,7 +235,7 @@ def write_folder(root, classes=("ant", "bee", "cat"), train=3, val=2):
 
 
 def imagenet(root, workers=0, **kwargs):
-    return build_loaders("imagenet", str(root), 32, 4, 3, CPU, 0, workers=workers, **kwargs)
+    return build_loaders("imagenet", str(root), 32, 4, 3, CPU, 0, workers=workers, loader="torchvision", **kwargs)
 
 
 def test_imagefolder_loads_batches(tmp_path):
@@ -244,7 +244,7 @@ def test_imagefolder_loads_batches(tmp_path):
     assert info == DatasetInfo("imagenet", 3, 9, 6)
     assert (len(train), len(val)) == (3, 2)
     got = batches(train)
-    assert [len(y) for _, y in got] == [4, 4, 1]
+    assert [len(y) for _, y in got] == [4, 4, 4]  # full batches: the last one wraps around to the epoch's start
     for x, y in got + batches(val):
         assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and x.device == CPU
         assert y.dtype == torch.int64 and 0 <= y.min() and y.max() < 3
@@ -266,6 +266,27 @@ def test_imagefolder_augmentation_depends_on_seed_and_epoch_only(tmp_path):
     ranks = [imagenet(tmp_path, world_size=2, rank=r)[0] for r in range(2)]
     first, second = (set(loader.indices().tolist()) for loader in ranks)
     assert first | second == set(range(9)) and len(ranks[0]) == len(ranks[1])
+    ranks = [imagenet(tmp_path, world_size=2, rank=r, drop_last=True)[0] for r in range(2)]
+    first, second = (set(loader.indices().tolist()) for loader in ranks)
+    assert not first & second and len(first) == len(second) == 4
+
+
+def test_imagefolder_leaves_corrupt_images_out_and_names_them(tmp_path):
+    root = write_folder(tmp_path)
+    truncated = root / "train" / "bee" / "0.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    garbage = root / "val" / "cat" / "9.jpg"
+    garbage.write_bytes(b"not an image")
+    train, val, info = imagenet(root)
+    assert info.corrupt == tuple(sorted([str(truncated), str(garbage)]))
+    assert (info.num_train, info.num_test) == (8, 6)
+    assert sum(len(y) for _, y in batches(train)) == 8  # 2 full batches of 4 (no wrap needed)
+    assert torch.equal(torch.cat([y for _, y in val]), torch.tensor([0, 0, 1, 1, 2, 2]))
+
+    for name in ("0.jpg", "1.jpg", "2.jpg"):
+        (root / "val" / "ant" / name).write_bytes(b"")
+    with pytest.raises(UserError, match="every image of val/ant is unreadable"):
+        imagenet(root)
 
 
 def test_imagefolder_errors(tmp_path):

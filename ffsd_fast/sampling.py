@@ -1,0 +1,72 @@
+"""Which samples each rank visits in each epoch: the one rule that every loader (tensors, torchvision, DALI) follows.
+
+Randomness comes only from ``(seed, epoch)`` through private generators, so a run resumed at epoch ``e`` sees the
+batches an uninterrupted run would, and the global RNG is never touched. Sharding follows ``DistributedSampler``:
+every rank uses the same epoch permutation and takes every ``world_size``-th index starting at ``rank``; without
+``drop_last`` the permutation is padded by wrapping around so that every rank gets the same number of samples,
+with ``drop_last`` it is cut to a multiple of ``world_size``.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+# Tags that keep the random streams drawn from one (seed, epoch) apart from each other.
+PERMUTATION, AUGMENTATION, SAMPLE, WORKERS, PIPELINE = 0, 1, 2, 3, 4
+# The label of an evaluation slot that only pads the last batch to full size: evaluation skips it.
+PAD_LABEL = -1
+
+
+def seed_for(seed: int, epoch: int, tag: int, key: int = 0) -> int:
+    """A 64-bit seed for one random stream; SeedSequence keeps streams of neighbouring keys independent."""
+    sequence = np.random.SeedSequence(seed % 2**64, spawn_key=(epoch, tag, key))
+    return int(sequence.generate_state(1, np.uint64)[0])
+
+
+def generator(seed: int, epoch: int, tag: int, key: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_for(seed, epoch, tag, key))
+
+
+def shard(order: torch.Tensor, rank: int, world_size: int, drop_last: bool) -> torch.Tensor:
+    """This rank's interleaved share of ``order``, padded by wrapping around (or cut) like DistributedSampler."""
+    n = len(order)
+    if drop_last:
+        order = order[: n - n % world_size]
+    elif n % world_size:
+        padding = world_size - n % world_size
+        order = torch.cat([order, order.repeat(math.ceil(padding / n))[:padding]])
+    return order[rank::world_size]
+
+
+def train_batches(num_samples: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Full batches per rank and epoch under :func:`train_indices` (the same on every rank)."""
+    per_rank = num_samples // world_size if drop_last else math.ceil(num_samples / world_size)
+    return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+
+def train_indices(num_samples: int, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+                  drop_last: bool) -> torch.Tensor:
+    """The sample indices this rank trains on in ``epoch``, in order, a whole number of full batches.
+
+    Every batch is full, so the step's shapes never change (CUDA graphs, ``torch.compile``): with ``drop_last`` the
+    shard's partial last batch is dropped; without, it is filled by wrapping around to the shard's start (at most
+    ``batch_size - 1`` samples seen twice in an epoch).
+    """
+    order = torch.randperm(num_samples, generator=generator(seed, epoch, PERMUTATION))
+    mine = shard(order, rank, world_size, drop_last)
+    wanted = train_batches(num_samples, batch_size, world_size, drop_last) * batch_size
+    if wanted > len(mine):
+        mine = mine.repeat(math.ceil(wanted / len(mine)))
+    return mine[:wanted]
+
+
+def eval_indices(num_samples: int, rank: int, world_size: int, batch_size: int) -> torch.Tensor:
+    """This rank's disjoint evaluation share (``rank, rank + world_size, …``) padded with ``-1`` to full batches.
+
+    Over all ranks every sample appears exactly once; a ``-1`` slot is filled with any image and ``PAD_LABEL``,
+    which evaluation does not count.
+    """
+    mine = torch.arange(rank, num_samples, world_size)
+    padding = -len(mine) % batch_size
+    return torch.cat([mine, torch.full((padding,), -1, dtype=torch.int64)])

@@ -1,0 +1,117 @@
+"""ImageNet-style folders through torchvision transforms and a DataLoader: the fallback when DALI is absent.
+
+Same contract as ``ffsd_fast.dali_loader``: the samples of ``ffsd_fast.sampling`` (so both loaders shard and
+shuffle alike), full batches only, images on the device in the requested dtype and memory format.
+"""
+
+import sys
+from collections.abc import Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+
+from ffsd_fast.data import IMAGENET_MEAN, IMAGENET_STD
+from ffsd_fast.image_folder import ImageList, decode_error
+from ffsd_fast.sampling import PAD_LABEL, SAMPLE, WORKERS, eval_indices, seed_for, train_batches, train_indices
+
+
+class _Images(Dataset):
+    """``dataset[(index, sample_seed)]``: the transformed image and its label; index ``-1`` is an evaluation pad.
+
+    torchvision transforms draw from the global torch RNG; seeding it per sample (inside ``fork_rng``, so the
+    caller's state survives when there are no workers) makes the crops independent of worker count and
+    scheduling, which is what lets a resumed run reproduce an epoch exactly.
+    """
+
+    def __init__(self, images: ImageList, transform: transforms.Compose) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, index: int) -> Image.Image:
+        path = self.images.files[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except Exception:  # noqa: BLE001
+            # The start-up check decoded every file; one that fails now changed during the run. A multi-day run
+            # must not die on it: say which, and train on the next file instead.
+            print(f"ffsd-train: warning: cannot decode {path} ({decode_error(path)}); using the next image",
+                  file=sys.stderr, flush=True)
+            return self._load((index + 1) % len(self.images))
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, sample_seed = key
+        label = self.images.labels[index] if index >= 0 else PAD_LABEL
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed)
+            return self.transform(self._load(max(index, 0))), label
+
+
+class _EpochSampler(Sampler):
+    """This rank's indices of ``train_indices`` for the current epoch, each with its sample seed."""
+
+    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int, batch_size: int,
+                 drop_last: bool) -> None:
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.batch_size, self.drop_last, self.epoch = batch_size, drop_last, 0
+
+    def indices(self) -> torch.Tensor:
+        return train_indices(self.num_samples, self.seed, self.epoch, self.rank, self.world_size, self.batch_size,
+                             self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((i, seed_for(self.seed, self.epoch, SAMPLE, i)) for i in self.indices().tolist())
+
+    def __len__(self) -> int:
+        return train_batches(self.num_samples, self.batch_size, self.world_size, self.drop_last) * self.batch_size
+
+
+class TorchvisionLoader:
+    """Batches of a DataLoader, moved to the device in the training dtype and memory format."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, dtype: torch.dtype, channels_last: bool) -> None:
+        self.loader, self.device, self.dtype = loader, device, dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.loader.sampler, _EpochSampler):
+            self.loader.sampler.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        """Sample indices this rank visits in the current epoch, in order (``-1``: an evaluation pad)."""
+        sampler = self.loader.sampler
+        return sampler.indices() if isinstance(sampler, _EpochSampler) else torch.tensor([i for i, _ in sampler])
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield (images.to(dtype=self.dtype, memory_format=self.memory_format),
+                   labels.to(self.device, non_blocking=True))
+
+
+def torchvision_loaders(train: ImageList, val: ImageList, *, image_size: int, batch_size: int, eval_batch_size: int,
+                        device: torch.device, seed: int, rank: int, world_size: int, drop_last: bool, workers: int,
+                        dtype: torch.dtype = torch.float32, channels_last: bool = False
+                        ) -> tuple[TorchvisionLoader, TorchvisionLoader]:
+    """(train, eval) loaders: random-resized crop + flip for training, resize + centre crop for evaluation."""
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_set = _Images(train, transforms.Compose(
+        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]))
+    val_set = _Images(val, transforms.Compose(
+        [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size), *normalize]))
+    options = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                   generator=torch.Generator().manual_seed(seed_for(seed, 0, WORKERS)))
+    sampler = _EpochSampler(len(train), seed, rank, world_size, batch_size, drop_last)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, **options)
+    # Evaluation needs no randomness: the sample seed is a constant.
+    val_keys = [(i, 0) for i in eval_indices(len(val), rank, world_size, eval_batch_size).tolist()]
+    val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_keys, **options)
+    return (TorchvisionLoader(train_loader, device, dtype, channels_last),
+            TorchvisionLoader(val_loader, device, dtype, channels_last))

@@ -1,0 +1,82 @@
+"""Data parallelism on the CPU (gloo): the trainer under torchrun, and gradient averaging against one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ffsd_fast.data import dali_available
+from tests.distributed_worker import LAMBDAS, eval_mode_batchnorm, global_batch, networks
+from tests.test_data import write_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)  # the trainer's CPU path needs no Triton
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(tmp_path):
+    result = torchrun(os.path.join(ROOT, "tests", "distributed_worker.py"), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    import ffsd_kernels.reference as ops
+    from ffsd_fast.losses import LossOptions, ffsd_losses
+
+    nets = eval_mode_batchnorm(networks())
+    ffsd_losses(nets, *global_batch(), torch.tensor(LAMBDAS), LossOptions(), ops).total.backward()
+    expected = {name: p.grad for name, p in nets.named_parameters() if p.grad is not None}
+    assert set(ranks[0]["grads"]) == set(expected)
+    worst = 0.0
+    for name, grad in expected.items():
+        for rank in ranks:
+            scale = grad.abs().max().item()
+            if scale > 1e-8:
+                worst = max(worst, (rank["grads"][name] - grad).abs().max().item() / scale)
+            else:
+                assert rank["grads"][name].abs().max().item() < 1e-8, name
+    assert worst < 1e-5, worst
+
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    assert not torch.equal(ranks[0]["params"]["students.0.fc.weight"], networks().students[0].fc.weight)
+
+
+@pytest.mark.parametrize("loader", [
+    "torchvision",
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")),
+])
+def test_torchrun_trains_imagenet_folders_and_reports_the_corrupt_file(tmp_path, loader):
+    root = write_folder(tmp_path / "data", train=4)
+    corrupt = root / "train" / "bee" / "1.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:300])  # truncated: the header opens, the decode fails
+    out = tmp_path / "runs"
+    result = torchrun("ffsd_fast/train.py", "--imagenet", "--data-root", str(root), "--model", "resnet18",
+                      "--image-size", "64", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--loader",
+                      loader, "--output-dir", str(out), "--run-name", "r", "--workers", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert str(corrupt) in result.stderr and result.stderr.count("cannot be decoded") == 1  # rank 0 alone says it
+    summary = json.loads((out / "r" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["corrupt_images"] == [str(corrupt)]
+    assert 0 <= summary["leader_top1"] <= 100
+    records = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "corrupt_images" and r["files"] == [str(corrupt)] for r in records)
+    assert sorted(os.listdir(out / "r")).count("checkpoint.pt") == 1
+
+    if loader != "torchvision":
+        return  # resuming is the trainer's, not the loader's: checked once
+    # --resume auto continues the run where it stopped: epoch 2 only.
+    result = torchrun("ffsd_fast/train.py", "--imagenet", "--data-root", str(root), "--model", "resnet18",
+                      "--image-size", "64", "--batch-size", "4", "--epochs", "2", "--device", "cpu", "--loader",
+                      loader, "--output-dir", str(out), "--run-name", "r", "--workers", "1", "--no-progress",
+                      "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in evals if r["kind"] == "eval"] == [1, 2]
