@@ -157,7 +157,7 @@ def test_fp16_step_scales_the_loss_without_a_host_synchronisation(setup, monkeyp
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_captured_step_trains_exactly_like_the_eager_step():
+def test_captured_step_trains_exactly_like_the_eager_step(strict_fp32_cuda):
     """Three full batches and a partial one: replayed graph (with its warm-up undone) against eager steps."""
     nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16).cuda().train()
     twin = copy.deepcopy(nets)

@@ -88,9 +88,11 @@ def test_parity_detects_a_wrong_term():
     pytest.param("cuda", marks=[pytest.mark.cuda,
                                 pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
 ])
-def test_triton_kernels_step_equals_torch_step(device):
+def test_triton_kernels_step_equals_torch_step(device, request):
     """``--kernels triton`` (fused losses and fusion blocks) against ``--kernels torch``: every loss term, every
     gradient and every BatchNorm statistic, in float32."""
+    if device == "cuda":
+        request.getfixturevalue("strict_fp32_cuda")
     nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16, fused_blocks=True)
     nets = nets.to(device).train()
     twin = copy.deepcopy(nets)
