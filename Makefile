@@ -11,7 +11,7 @@ $(PY):
 
 # Reinstalls when the package's requirements change; constraints.txt pins torch and torchvision.
 $(STAMP): setup.py constraints.txt | $(PY)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,dali]'
 	touch $@
 
 demo: $(STAMP)
@@ -25,13 +25,18 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -ra --durations=10
 
 # On a GPU machine, with its own python (torch and triton there; nothing is downloaded): the CUDA tests, then the
-# kernel sweep and the training-throughput benchmark, whose JSON lines land in benchmarks/results/. Commit them.
+# kernel sweep, the training-throughput and the data-throughput benchmarks, whose JSON lines land in
+# benchmarks/results/. Commit them. DALI is measured when importable there: the lent machines have no internet, so
+# its wheels (nvidia-dali-cuda130 and its nvidia-nvimgcodec-cu13 / nvidia-libnvcomp-cu13 dependencies, downloaded
+# here with `pip download`) travel split into parts under the 64 MiB a call carries (`split -b 60M`), one part per
+# call while the machine stays warm, joined there with `cat` and installed with `pip install --no-deps --target`.
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-index --no-build-isolation -e .
 	$(GPU_PYTHON) -m pytest tests -q -ra -m cuda
 	$(GPU_PYTHON) benchmarks/kernel_sweep.py
 	$(GPU_PYTHON) benchmarks/train_throughput.py --device cuda --workload cifar100-resnet32-m2-b128,imagenet-resnet18-m2-b256
+	$(GPU_PYTHON) benchmarks/data_throughput.py --device cuda --threads 8
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -226,11 +226,9 @@ LOADERS = ("auto", "dali", "torchvision")
 
 
 def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from ffsd_fast.dali_loader import dali_available as importable  # imported here: it imports this module
+
+    return importable()
 
 
 def _imagenet(index: ImageFolderIndex, loader: str, image_size: int, device: torch.device, batch_size: int,
