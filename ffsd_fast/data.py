@@ -266,7 +266,7 @@ def _check_shard(num_train: int, batch_size: int, drop_last: bool, world_size: i
 def build_loaders(dataset: str, data_root: str | None, image_size: int, batch_size: int, eval_batch_size: int,
                   device: torch.device, seed: int, drop_last: bool = False, workers: int = 4,
                   rank: int = 0, world_size: int = 1, loader: str = "auto", dtype: torch.dtype = torch.float32,
-                  channels_last: bool = False, index: ImageFolderIndex | None = None
+                  channels_last: bool = False, index: ImageFolderIndex | None = None, check_images: bool = True
                   ) -> tuple[Loader, Loader, DatasetInfo]:
     """Train and eval loaders for this rank, plus the dataset's facts.
 
@@ -275,7 +275,7 @@ def build_loaders(dataset: str, data_root: str | None, image_size: int, batch_si
     partial batch unless ``drop_last``; the eval loader keeps a fixed order and never drops. For 'imagenet':
     ``loader`` (auto: DALI when installed), ``workers`` (DataLoader processes or DALI threads), the output
     ``dtype`` and memory format, and ``index``, the tree's file lists (default: ``index_images(data_root)``, which
-    decodes every image once and leaves the corrupt ones out).
+    with ``check_images`` decodes every image once and leaves the corrupt ones out).
     """
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
@@ -292,7 +292,7 @@ def build_loaders(dataset: str, data_root: str | None, image_size: int, batch_si
     if loader not in LOADERS:
         raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
     if dataset == "imagenet":
-        index = index or index_images(data_root, workers)
+        index = index or index_images(data_root, workers, check_images)
         return _imagenet(index, loader, image_size, device, batch_size, eval_batch_size, seed, drop_last, workers,
                          rank, world_size, dtype, channels_last)
 

@@ -38,8 +38,9 @@ def evaluate_checkpoint(path: str, data_root: str | None, dataset: str | None, m
         raise UserError(f"{path} is a single network's weights: give its --model and --dataset")
     image_size = image_size or models.default_image_size(model)
     topk = (1, 5) if dataset == "imagenet" else (1,)
+    # No start-up decode of every image (the training tree is listed, not read): evaluation reads val/ only.
     _, test_loader, info = build_loaders(dataset, data_root, image_size, batch_size, batch_size, device, seed=0,
-                                         workers=0)
+                                         workers=0, check_images=False)
     if checkpoint.is_training_checkpoint(state):
         nets = build_networks(model, state["num_classes"], cfg["num_students"], image_size, probe_forward=False,
                               method=cfg.get("method", "ffsd")).to(device)
