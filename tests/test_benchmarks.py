@@ -1,4 +1,4 @@
-"""The GPU sweep script runs end to end on tiny shapes (its numbers mean nothing here; GPU sessions are rare, and a
+"""The benchmark scripts run end to end on tiny shapes (their numbers mean nothing here; GPU sessions are rare, and a
 script that breaks there wastes one)."""
 
 import importlib.util
@@ -9,14 +9,18 @@ import pytest
 
 from ffsd_kernels._dispatch import INTERPRETER
 
-SWEEP = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sweep.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("kernel_sweep", SWEEP)
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_sweep():
+    return _load_script("kernel_sweep")
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="the Triton variant needs TRITON_INTERPRET=1 on a CPU")
@@ -45,13 +49,8 @@ def test_bytes_that_must_move():
     assert sweep.must_move("forward+backward", [s, t, 2.0], [s], loss) == 2 * (320 + 4) + 160
 
 
-THROUGHPUT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
-
-
 def test_train_throughput_writes_its_schema(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("train_throughput", THROUGHPUT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("train_throughput")
     out = tmp_path / "throughput.jsonl"
     variants = ["reference", "one-backward", "fast", "backbones-only"]
     module.main(["--device", "cpu", "--workload", "cifar100-resnet20-m2-b4", "--variants", ",".join(variants),
@@ -66,3 +65,30 @@ def test_train_throughput_writes_its_schema(tmp_path, capsys):
     assert "vs reference" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.main(["--device", "cpu", "--workload", "cifar100-resnet20-2-32"])
+
+
+def test_data_throughput_dali_row_schema(tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    script = _load_script("data_throughput")
+    out = tmp_path / "results" / "data.jsonl"
+    args = ["--loader", "dali", "--device", "cpu", "--images", "12", "--threads", "1", "--batch-size", "4",
+            "--image-size", "32", "--warmup", "1", "--batches", "4", "--data-root", str(tmp_path / "tree"),
+            "--out", str(out)]
+    script.main(args)
+    script.main(args)  # the second run reads the tree the first one made, and appends
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert {"time", "device", "device_type", "torch", "triton", "dali", "commit", "loader", "threads",
+                "batch_size", "image_size", "channels_last", "images", "jpeg_kb", "warmup", "batches", "seconds",
+                "images_per_s"} <= row.keys()
+        assert row["loader"] == "dali" and row["device_type"] == "cpu" and row["dali"]
+        settings = (row["threads"], row["batch_size"], row["image_size"], row["images"], row["batches"])
+        assert settings == (1, 4, 32, 12, 4)  # 4 timed batches run on into the second epoch of 3
+        assert row["images_per_s"] > 0 and row["seconds"] > 0 and row["jpeg_kb"] > 20
+    assert "dali" in capsys.readouterr().out
+
+
+def test_data_throughput_rejects_an_unknown_loader():
+    with pytest.raises(SystemExit):
+        _load_script("data_throughput").parse_args(["--loader", "pillow"])
