@@ -15,7 +15,8 @@ workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px
   ``torch.compile``), ``triton-kernels`` (``--kernels triton``: the fused losses and fusion blocks);
 * ``fast``: the levers together except ``compile``, until a GPU run shows whether it pays (on a CPU: none of them,
   which is the trainer's CPU default); ``fast-cudnn-blocks``: the same with the fusion blocks on ``torch.cat`` and
-  cuDNN instead of the Triton fusion-block kernels (the fused losses kept);
+  cuDNN instead of the Triton fusion-block kernels (the fused losses kept), which measured fastest on an H100 and
+  is the trainer's CUDA default;
 * ``backbones-only``: the same ``m + 1`` backbones trained with plain CE (``--method independent``) with the fast
   flags: the floor for FFSD's overhead.
 

@@ -213,8 +213,7 @@ def train_epoch(cfg: Config, epoch: int, step_fn: Stepper | CapturedStep, loader
     meter, images_seen, steps = LossMeter(), 0, len(loader)
     started = time.perf_counter()
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and world.is_main),
-               leave=False,
-               dynamic_ncols=True)
+               leave=False, dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
         set_learning_rates(step_fn.optimizers, *learning_rates(cfg, epoch, step, steps))
         meter.add(step_fn(images, labels))
