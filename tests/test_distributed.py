@@ -119,3 +119,14 @@ def test_resume_auto_finds_the_newest_checkpoint_of_this_run(tmp_path):
     named = resolve(Config(device="cpu", output_dir=str(tmp_path), run_name="a"))
     assert find_auto_resume(named) == older
     assert find_auto_resume(resolve(Config(device="cpu", output_dir=str(tmp_path), run_name="new"))) is None
+
+
+def test_a_bad_data_root_stops_every_rank_with_one_line(tmp_path):
+    # Rank 0 lists the tree; the others wait for it. Its error must reach them, or they would wait forever.
+    result = torchrun("ffsd_fast/train.py", "--imagenet", "--data-root", str(tmp_path / "nowhere"), "--model",
+                      "resnet18", "--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--no-progress",
+                      timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("ffsd-train: error: imagenet: data root") == 2, result.stderr[-2000:]
+    # torchrun prints its own summary of the failed children; no traceback comes from our code.
+    assert "ffsd_fast/" not in result.stderr.replace("ffsd_fast/train.py", "")
