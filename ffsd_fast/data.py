@@ -27,7 +27,7 @@ import torchvision
 
 from ffsd_fast.errors import UserError
 from ffsd_fast.image_folder import ImageFolderIndex, index_images
-from ffsd_fast.sampling import AUGMENTATION, PERMUTATION, generator, shard
+from ffsd_fast.sampling import AUGMENTATION, PERMUTATION, generator, samples_per_rank, shard, train_batches
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 DEFAULT_DATASET = "digits"
@@ -109,11 +109,9 @@ class TensorLoader:
         return shard(order, self.rank, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        if not self.shuffle:
-            n = len(range(self.rank, n, self.world_size))
-        else:
-            n = n // self.world_size if self.drop_last else math.ceil(n / self.world_size)
+        if self.shuffle:
+            return train_batches(len(self.labels), self.batch_size, self.world_size, self.drop_last)
+        n = len(range(self.rank, len(self.labels), self.world_size))
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -257,7 +255,7 @@ def _imagenet(index: ImageFolderIndex, loader: str, image_size: int, device: tor
 
 
 def _check_shard(num_train: int, batch_size: int, drop_last: bool, world_size: int) -> None:
-    per_rank = num_train // world_size if drop_last else math.ceil(num_train / world_size)
+    per_rank = samples_per_rank(num_train, world_size, drop_last)
     if drop_last and per_rank < batch_size:
         raise UserError(f"training shard of {per_rank} samples per rank ({num_train} over {world_size} ranks) is "
                         f"smaller than the batch size {batch_size}, so drop_last would leave no batch")

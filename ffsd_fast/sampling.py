@@ -39,9 +39,15 @@ def shard(order: torch.Tensor, rank: int, world_size: int, drop_last: bool) -> t
     return order[rank::world_size]
 
 
+def samples_per_rank(num_samples: int, world_size: int, drop_last: bool) -> int:
+    """The length of every rank's :func:`shard` (cut with ``drop_last``, padded without)."""
+    return num_samples // world_size if drop_last else math.ceil(num_samples / world_size)
+
+
 def train_batches(num_samples: int, batch_size: int, world_size: int, drop_last: bool) -> int:
-    """Full batches per rank and epoch under :func:`train_indices` (the same on every rank)."""
-    per_rank = num_samples // world_size if drop_last else math.ceil(num_samples / world_size)
+    """Batches per rank and epoch (the same on every rank): the partial last one dropped with ``drop_last``,
+    counted without (:func:`train_indices` fills it)."""
+    per_rank = samples_per_rank(num_samples, world_size, drop_last)
     return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
 
 
