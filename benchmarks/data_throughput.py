@@ -58,8 +58,11 @@ def _write_jpeg(path: Path, seed: int) -> None:
 def make_tree(root: Path, images: int) -> None:
     """``images`` training JPEGs over ``CLASSES`` classes, and ``VAL_PER_CLASS`` per class in ``val/``."""
     jobs = [(root / "train" / f"class{i % CLASSES:02d}" / f"{i:07d}.jpg", i) for i in range(images)]
-    jobs += [(root / "val" / f"class{k:02d}" / f"{j}.jpg", images + k * VAL_PER_CLASS + j)
-             for k in range(CLASSES) for j in range(VAL_PER_CLASS)]
+    jobs += [
+        (root / "val" / f"class{k:02d}" / f"{j}.jpg", images + k * VAL_PER_CLASS + j)
+        for k in range(CLASSES)
+        for j in range(VAL_PER_CLASS)
+    ]
     for path, _ in jobs:
         path.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # numpy and PIL's encoder release the GIL
@@ -96,8 +99,17 @@ def versions() -> dict:
 
 
 def build_loader(name: str, index: ImageFolderIndex, args: argparse.Namespace, device: torch.device):
-    options = dict(image_size=args.image_size, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-                   device=device, seed=0, rank=0, world_size=1, drop_last=True, channels_last=args.channels_last)
+    options = dict(
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        device=device,
+        seed=0,
+        rank=0,
+        world_size=1,
+        drop_last=True,
+        channels_last=args.channels_last,
+    )
     if name == "dali":
         from ffsd_fast.dali_loader import dali_available, dali_loaders
 
@@ -143,8 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loader", default=",".join(LOADERS), help="comma-separated: dali, torchvision")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=2048, help="training images to generate")
-    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
-                        help="DALI threads = DataLoader workers")
+    parser.add_argument(
+        "--threads", type=int, default=min(8, os.cpu_count() or 1), help="DALI threads = DataLoader workers"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--channels-last", action="store_true", help="NHWC batches (DALI's HWC output)")
@@ -169,18 +182,33 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
         make_tree(root, args.images)
     index = find_images(str(root))
     jpeg_kb = float(np.mean([os.path.getsize(f) for f in index.train.files[:1000]])) / 1e3
-    common = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_name(device), "device_type": device.type, **versions(), "commit": commit_label(),
-              "threads": args.threads, "batch_size": args.batch_size, "image_size": args.image_size,
-              "channels_last": args.channels_last, "images": len(index.train), "jpeg_kb": round(jpeg_kb, 1)}
+    common = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        **versions(),
+        "commit": commit_label(),
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "channels_last": args.channels_last,
+        "images": len(index.train),
+        "jpeg_kb": round(jpeg_kb, 1),
+    }
     rows = {}
     # torchvision first: forking DataLoader workers after DALI has started its threads is not safe.
     for name in sorted(args.loaders, key=lambda n: n != "torchvision"):
         loader = build_loader(name, index, args, device)
         timed = args.batches if args.batches is not None else max(1, len(loader) - args.warmup)
         seconds = measure(loader, args.warmup, timed, device)
-        rows[name] = {**common, "loader": name, "warmup": args.warmup, "batches": timed,
-                      "seconds": round(seconds, 4), "images_per_s": round(timed * args.batch_size / seconds, 1)}
+        rows[name] = {
+            **common,
+            "loader": name,
+            "warmup": args.warmup,
+            "batches": timed,
+            "seconds": round(seconds, 4),
+            "images_per_s": round(timed * args.batch_size / seconds, 1),
+        }
         del loader
     rows = [rows[name] for name in args.loaders]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -192,8 +220,10 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     by_name = {row["loader"]: row for row in rows}
     first = rows[0]
-    print(f"\n{first['device']}, {first['threads']} threads, batch {first['batch_size']}, "
-          f"{first['image_size']} px, {first['images']} images of ~{first['jpeg_kb']} KB")
+    print(
+        f"\n{first['device']}, {first['threads']} threads, batch {first['batch_size']}, "
+        f"{first['image_size']} px, {first['images']} images of ~{first['jpeg_kb']} KB"
+    )
     print(f"{'loader':<12} {'images/s':>10} {'batches':>8} {'seconds':>8}")
     for row in rows:
         print(f"{row['loader']:<12} {row['images_per_s']:>10.1f} {row['batches']:>8} {row['seconds']:>8.2f}")

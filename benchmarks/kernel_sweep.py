@@ -86,8 +86,15 @@ def cross_entropy_kl_case(batch, classes, dtype, temperature=2.0) -> Case:
         labels = torch.randint(0, classes, (batch,), device=device)
         return [s, t, labels, temperature], [s]
 
-    return Case("cross_entropy_kl_loss", (batch, classes), dtype, "-", make, _scalar(K.cross_entropy_kl_loss),
-                _scalar(K.cross_entropy_kl_loss_reference))
+    return Case(
+        "cross_entropy_kl_loss",
+        (batch, classes),
+        dtype,
+        "-",
+        make,
+        _scalar(K.cross_entropy_kl_loss),
+        _scalar(K.cross_entropy_kl_loss_reference),
+    )
 
 
 def mutual_case(students, batch, classes, dtype, temperature=2.0) -> Case:
@@ -95,8 +102,15 @@ def mutual_case(students, batch, classes, dtype, temperature=2.0) -> Case:
         z = _randn((students, batch, classes), dtype, device, True)
         return [z, temperature], [z]
 
-    return Case("mutual_kl_loss", (students, batch, classes), dtype, "-", make, _scalar(K.mutual_kl_loss),
-                _scalar(K.mutual_kl_loss_reference))
+    return Case(
+        "mutual_kl_loss",
+        (students, batch, classes),
+        dtype,
+        "-",
+        make,
+        _scalar(K.mutual_kl_loss),
+        _scalar(K.mutual_kl_loss_reference),
+    )
 
 
 def attention_case(shape, dtype, layout) -> Case:
@@ -106,8 +120,7 @@ def attention_case(shape, dtype, layout) -> Case:
         y = _randn(shape, dtype, device, True, channels_last)
         return [x, y], [x, y]
 
-    return Case("attention_distance", shape, dtype, layout, make, K.attention_distance,
-                K.attention_distance_reference)
+    return Case("attention_distance", shape, dtype, layout, make, K.attention_distance, K.attention_distance_reference)
 
 
 def distance_case(shape, dtype) -> Case:
@@ -116,8 +129,9 @@ def distance_case(shape, dtype) -> Case:
         y = _randn(shape, dtype, device, False)
         return [x, y], [x]
 
-    return Case("normalized_distance", shape, dtype, "nchw", make, K.normalized_distance,
-                K.normalized_distance_reference)
+    return Case(
+        "normalized_distance", shape, dtype, "nchw", make, K.normalized_distance, K.normalized_distance_reference
+    )
 
 
 def diversity_case(shape, dtype) -> Case:
@@ -135,30 +149,52 @@ def fusion_block_case(batch, num_inputs, channels, size, dtype, layout="channels
 
     def make(device):
         block = K.FusionBlock(channels, num_inputs, channels).to(device, dtype).train()
-        maps = [_randn((batch, channels, size, size), dtype, device, True, layout == "channels_last")
-                for _ in range(num_inputs)]
+        maps = [
+            _randn((batch, channels, size, size), dtype, device, True, layout == "channels_last")
+            for _ in range(num_inputs)
+        ]
         return [*maps, block], maps
 
     def call(fn):
         return lambda *args: fn(list(args[:-1]), args[-1])
 
-    return Case("fusion_block", (num_inputs, batch, channels, size, size), dtype, layout, make,
-                call(K.fusion_block), call(K.fusion_block_reference))
+    return Case(
+        "fusion_block",
+        (num_inputs, batch, channels, size, size),
+        dtype,
+        layout,
+        make,
+        call(K.fusion_block),
+        call(K.fusion_block_reference),
+    )
 
 
 def cases(quick: bool) -> list[Case]:
     bf16, fp32 = torch.bfloat16, torch.float32
     if quick:
-        return [kl_case(3, 37, fp32), cross_entropy_kl_case(3, 37, fp32), mutual_case(3, 2, 37, fp32),
-                attention_case((2, 5, 3, 3), fp32, "channels_last"), distance_case((2, 3, 4, 4), fp32),
-                diversity_case((2, 1, 4, 4), fp32), fusion_block_case(2, 2, 3, 4, fp32)]
+        return [
+            kl_case(3, 37, fp32),
+            cross_entropy_kl_case(3, 37, fp32),
+            mutual_case(3, 2, 37, fp32),
+            attention_case((2, 5, 3, 3), fp32, "channels_last"),
+            distance_case((2, 3, 4, 4), fp32),
+            diversity_case((2, 1, 4, 4), fp32),
+            fusion_block_case(2, 2, 3, 4, fp32),
+        ]
     return [
-        kl_case(8192, 128256, bf16), kl_case(128, 100, fp32), kl_case(256, 1000, fp32),
-        cross_entropy_kl_case(8192, 128256, bf16), cross_entropy_kl_case(128, 100, fp32),
-        mutual_case(3, 128, 100, fp32), mutual_case(4, 256, 1000, bf16),
-        attention_case((256, 64, 56, 56), bf16, "channels_last"), attention_case((128, 64, 8, 8), fp32, "nchw"),
-        distance_case((128, 32, 16, 16), fp32), diversity_case((128, 1, 8, 8), fp32),
-        fusion_block_case(128, 2, 64, 8, bf16), fusion_block_case(256, 2, 512, 7, bf16),
+        kl_case(8192, 128256, bf16),
+        kl_case(128, 100, fp32),
+        kl_case(256, 1000, fp32),
+        cross_entropy_kl_case(8192, 128256, bf16),
+        cross_entropy_kl_case(128, 100, fp32),
+        mutual_case(3, 128, 100, fp32),
+        mutual_case(4, 256, 1000, bf16),
+        attention_case((256, 64, 56, 56), bf16, "channels_last"),
+        attention_case((128, 64, 8, 8), fp32, "nchw"),
+        distance_case((128, 32, 16, 16), fp32),
+        diversity_case((128, 1, 8, 8), fp32),
+        fusion_block_case(128, 2, 64, 8, bf16),
+        fusion_block_case(256, 2, 512, 7, bf16),
     ]
 
 
@@ -223,11 +259,14 @@ def run_case(case: Case, device: torch.device, variants: tuple[str, ...], copy_b
         for variant in variants:
             fn = variant_fn(case, variant, inputs)
             if mode == "forward":
+
                 def step(fn=fn):
                     fn(*inputs)
             else:
+
                 def step(fn=fn):
                     fn(*inputs).backward(grad_output)
+
             # One variant failing (a torch.compile error, say) must not cost the others' numbers on a rare GPU.
             try:
                 step()  # compiles (torch.compile, Triton) outside the timing
@@ -237,43 +276,68 @@ def run_case(case: Case, device: torch.device, variants: tuple[str, ...], copy_b
                 print(f"{case.op} {mode} {variant} failed: {errors[variant]}", file=sys.stderr)
         nbytes = must_move(mode, inputs, grad_inputs, grad_output)
         floor_ms = nbytes / copy_bw * 1e3
-        base = {**meta, "op": case.op, "shape": list(case.shape), "dtype": str(case.dtype).removeprefix("torch."),
-                "layout": case.layout, "mode": mode, "bytes": nbytes, "floor_ms": floor_ms,
-                "copy_gb_per_s": copy_bw / 1e9}
+        base = {
+            **meta,
+            "op": case.op,
+            "shape": list(case.shape),
+            "dtype": str(case.dtype).removeprefix("torch."),
+            "layout": case.layout,
+            "mode": mode,
+            "bytes": nbytes,
+            "floor_ms": floor_ms,
+            "copy_gb_per_s": copy_bw / 1e9,
+        }
         for variant, error in errors.items():
             rows.append({**base, "variant": variant, "error": error})
         for variant, ms in times.items():
-            rows.append({
-                **base, "variant": variant, "ms": ms, "gb_per_s": nbytes / (ms * 1e-3) / 1e9,
-                "fraction_of_copy_bw": floor_ms / ms,
-                "speedup_vs_eager": times["eager"] / ms if "eager" in times else None,
-                "speedup_vs_compile": times["compile"] / ms if "compile" in times else None,
-            })
+            rows.append(
+                {
+                    **base,
+                    "variant": variant,
+                    "ms": ms,
+                    "gb_per_s": nbytes / (ms * 1e-3) / 1e9,
+                    "fraction_of_copy_bw": floor_ms / ms,
+                    "speedup_vs_eager": times["eager"] / ms if "eager" in times else None,
+                    "speedup_vs_compile": times["compile"] / ms if "compile" in times else None,
+                }
+            )
     return rows
 
 
 def metadata(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "commit": commit_label(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit_label(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'op':<22} {'shape':<20} {'dtype':<9} {'layout':<13} {'mode':<17} {'variant':<8} {'ms':>9} "
-              f"{'GB/s':>8} {'floor ms':>9} {'of copy bw':>10} {'vs eager':>8} {'vs compile':>10}")
+    header = (
+        f"{'op':<22} {'shape':<20} {'dtype':<9} {'layout':<13} {'mode':<17} {'variant':<8} {'ms':>9} "
+        f"{'GB/s':>8} {'floor ms':>9} {'of copy bw':>10} {'vs eager':>8} {'vs compile':>10}"
+    )
     print(header)
+
     def ratio(value: float | None) -> str:
         return f"{value:.2f}x" if value is not None else "-"
 
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         if "error" in r:
-            print(f"{r['op']:<22} {shape:<20} {r['dtype']:<9} {r['layout']:<13} {r['mode']:<17} {r['variant']:<8} "
-                  f"failed: {r['error'][:80]}")
+            print(
+                f"{r['op']:<22} {shape:<20} {r['dtype']:<9} {r['layout']:<13} {r['mode']:<17} {r['variant']:<8} "
+                f"failed: {r['error'][:80]}"
+            )
             continue
-        print(f"{r['op']:<22} {shape:<20} {r['dtype']:<9} {r['layout']:<13} {r['mode']:<17} {r['variant']:<8} "
-              f"{r['ms']:>9.4f} {r['gb_per_s']:>8.1f} {r['floor_ms']:>9.4f} {r['fraction_of_copy_bw']:>10.1%} "
-              f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}")
+        print(
+            f"{r['op']:<22} {shape:<20} {r['dtype']:<9} {r['layout']:<13} {r['mode']:<17} {r['variant']:<8} "
+            f"{r['ms']:>9.4f} {r['gb_per_s']:>8.1f} {r['floor_ms']:>9.4f} {r['fraction_of_copy_bw']:>10.1%} "
+            f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,8 +54,18 @@ from ffsd_fast.runlog import commit_label  # noqa: E402
 from ffsd_fast.step import Stepper, make_optimizers, set_learning_rates  # noqa: E402
 from tests.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
 
-VARIANTS = ("reference", "one-backward", "amp", "channels-last", "cuda-graph", "compile", "triton-kernels", "fast",
-            "fast-cudnn-blocks", "backbones-only")
+VARIANTS = (
+    "reference",
+    "one-backward",
+    "amp",
+    "channels-last",
+    "cuda-graph",
+    "compile",
+    "triton-kernels",
+    "fast",
+    "fast-cudnn-blocks",
+    "backbones-only",
+)
 DATASETS = {"cifar100": (32, 100), "imagenet": (224, 1000)}
 LAMBDAS = (1e-5, 1000.0, 10.0)
 
@@ -65,11 +75,20 @@ def parse_workload(name: str) -> dict:
         dataset, model, m, b = name.split("-")
         assert m[0] == "m" and b[0] == "b" and dataset in DATASETS
         size, classes = DATASETS[dataset]
-        return {"name": name, "dataset": dataset, "model": model, "m": int(m[1:]), "batch": int(b[1:]),
-                "size": size, "classes": classes}
+        return {
+            "name": name,
+            "dataset": dataset,
+            "model": model,
+            "m": int(m[1:]),
+            "batch": int(b[1:]),
+            "size": size,
+            "classes": classes,
+        }
     except (ValueError, AssertionError):
-        raise SystemExit(f"workload {name!r}: expected DATASET-MODEL-mM-bB with DATASET one of "
-                         f"{', '.join(DATASETS)}, e.g. cifar100-resnet32-m2-b128") from None
+        raise SystemExit(
+            f"workload {name!r}: expected DATASET-MODEL-mM-bB with DATASET one of "
+            f"{', '.join(DATASETS)}, e.g. cifar100-resnet32-m2-b128"
+        ) from None
 
 
 def levers(variant: str, device: torch.device) -> dict:
@@ -103,8 +122,14 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
         return reference
     flags = levers(variant, device)
     method, students = ("independent", workload["m"] + 1) if variant == "backbones-only" else ("ffsd", workload["m"])
-    nets = build_networks(workload["model"], workload["classes"], students, workload["size"],
-                          fused_blocks=flags.get("fused_blocks", flags.get("triton", False)), method=method).to(device)
+    nets = build_networks(
+        workload["model"],
+        workload["classes"],
+        students,
+        workload["size"],
+        fused_blocks=flags.get("fused_blocks", flags.get("triton", False)),
+        method=method,
+    ).to(device)
     if flags.get("channels_last"):
         nets = nets.to(memory_format=torch.channels_last)
     if flags.get("compile"):
@@ -113,8 +138,15 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
     set_learning_rates(optimizers, 0.1, 1e-3)
     ops = ffsd_kernels if flags.get("triton") else ffsd_kernels.reference
     amp = torch.bfloat16 if flags.get("amp") else None
-    stepper = Stepper(nets.train(), optimizers, torch.tensor(LAMBDAS, device=device), LossOptions(), ops, amp,
-                      channels_last=flags.get("channels_last", False))
+    stepper = Stepper(
+        nets.train(),
+        optimizers,
+        torch.tensor(LAMBDAS, device=device),
+        LossOptions(),
+        ops,
+        amp,
+        channels_last=flags.get("channels_last", False),
+    )
     return CapturedStep(stepper) if flags.get("cuda_graph") else stepper
 
 
@@ -166,11 +198,15 @@ def print_table(rows: list[dict]) -> None:
         if "error" in r:
             print(f"{r['workload']:<28}{r['variant']:<16} failed: {r['error'][:80]}")
             continue
-        base = next((x for x in rows if x["workload"] == r["workload"] and x["variant"] == "reference"
-                     and "error" not in x), None)
+        base = next(
+            (x for x in rows if x["workload"] == r["workload"] and x["variant"] == "reference" and "error" not in x),
+            None,
+        )
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
-        print(f"{r['workload']:<28}{r['variant']:<16}{r['images_per_s']:>11.1f}{r['step_ms']:>10.2f}"
-              f"{r['peak_mem_mb']:>10.0f}{ratio:>14}")
+        print(
+            f"{r['workload']:<28}{r['variant']:<16}{r['images_per_s']:>11.1f}{r['step_ms']:>10.2f}"
+            f"{r['peak_mem_mb']:>10.0f}{ratio:>14}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,11 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(variants) - set(VARIANTS):
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     if "triton-kernels" in variants and device.type == "cpu" and not os.environ.get("TRITON_INTERPRET") == "1":
-        print("note: on a CPU without TRITON_INTERPRET=1 the triton-kernels variant runs the PyTorch references",
-              file=sys.stderr)
-    meta = {"device": device_name(device), "run_id": uuid.uuid4().hex[:12], "torch": torch.__version__,
-            "triton": triton.__version__, "commit": commit_label(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        print(
+            "note: on a CPU without TRITON_INTERPRET=1 the triton-kernels variant runs the PyTorch references",
+            file=sys.stderr,
+        )
+    meta = {
+        "device": device_name(device),
+        "run_id": uuid.uuid4().hex[:12],
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit_label(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
     if device.type == "cpu" and "cuda-graph" in variants:
         print("note: cuda-graph needs a CUDA device: skipped", file=sys.stderr)
         variants.remove("cuda-graph")
@@ -209,8 +252,9 @@ def main(argv: list[str] | None = None) -> None:
             # A variant that fails (a compile or capture error) is recorded, and the others still get measured:
             # a GPU is rare here, and one run has to bring back every number it can.
             try:
-                row |= measure(make_step(workload, variant, device), workload, device, args.steps, args.warmup,
-                               args.window)
+                row |= measure(
+                    make_step(workload, variant, device), workload, device, args.steps, args.warmup, args.window
+                )
                 print(f"{workload['name']} {variant}: {row['images_per_s']:.1f} images/s", file=sys.stderr)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]

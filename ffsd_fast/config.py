@@ -27,21 +27,31 @@ def _field(default, help: str, **kwargs):
 @dataclass
 class Config:
     # What to train.
-    method: str = _field("ffsd", "ffsd | dml (deep mutual learning among the students) | independent (each student "
-                                 "alone, plain CE): the baselines train the students only", choices=METHODS)
+    method: str = _field(
+        "ffsd",
+        "ffsd | dml (deep mutual learning among the students) | independent (each student "
+        "alone, plain CE): the baselines train the students only",
+        choices=METHODS,
+    )
     model: str = _field("resnet20", "backbone of every network: " + ", ".join(models.names()))
-    dataset: str = _field(DEFAULT_DATASET, "digits (embedded, no download) | cifar10 | cifar100 | imagenet",
-                          choices=DATASETS)
-    data_root: str | None = _field(None, "dataset folder (CIFAR: the folder holding cifar-100-python/; "
-                                         "ImageNet: the folder holding train/ and val/)")
+    dataset: str = _field(
+        DEFAULT_DATASET, "digits (embedded, no download) | cifar10 | cifar100 | imagenet", choices=DATASETS
+    )
+    data_root: str | None = _field(
+        None,
+        "dataset folder (CIFAR: the folder holding cifar-100-python/; ImageNet: the folder holding train/ and val/)",
+    )
     num_students: int = _field(2, "m, the number of common students (≥ 2)")
-    image_size: int | None = _field(None, "input size (default: 16 for digits on CIFAR models, 32 for digits on "
-                                          "ImageNet models, 32 for CIFAR, 224 for ImageNet)")
+    image_size: int | None = _field(
+        None,
+        "input size (default: 16 for digits on CIFAR models, 32 for digits on "
+        "ImageNet models, 32 for CIFAR, 224 for ImageNet)",
+    )
     # Optimisation.
-    epochs: int | None = _field(None, "epochs to train (default: digits 12, CIFAR 299 and ImageNet 89, as the "
-                                      "reference's loops run)")
-    batch_size: int | None = _field(None, "training batch per process (default: digits 32, CIFAR 128, "
-                                          "ImageNet 256)")
+    epochs: int | None = _field(
+        None, "epochs to train (default: digits 12, CIFAR 299 and ImageNet 89, as the reference's loops run)"
+    )
+    batch_size: int | None = _field(None, "training batch per process (default: digits 32, CIFAR 128, ImageNet 256)")
     eval_batch_size: int | None = _field(None, "evaluation batch per process (default: the training batch)")
     drop_last: bool = _field(False, "drop the last partial training batch (the reference keeps it)")
     lr: float = _field(0.1, "SGD learning rate of students, leader and fusion module")
@@ -50,10 +60,16 @@ class Config:
     fusion_weight_decay: float = _field(1e-5, "weight decay of the fusion module")
     decoder_lr: float = _field(1e-3, "Adam learning rate of the self-distillation decoders")
     decoder_weight_decay: float = _field(1e-4, "Adam L2 weight decay of the decoders")
-    lr_schedule: str | None = _field(None, "multistep (CIFAR, digits) | imagenet (per-iteration warm-up and "
-                                           "decay); default by dataset", choices=("multistep", "imagenet"))
-    lr_milestones: list[int] | None = _field(None, "multistep: epochs after which every lr is ×0.1 (default: CIFAR "
-                                                   "150 225, digits half and three quarters of --epochs)")
+    lr_schedule: str | None = _field(
+        None,
+        "multistep (CIFAR, digits) | imagenet (per-iteration warm-up and decay); default by dataset",
+        choices=("multistep", "imagenet"),
+    )
+    lr_milestones: list[int] | None = _field(
+        None,
+        "multistep: epochs after which every lr is ×0.1 (default: CIFAR "
+        "150 225, digits half and three quarters of --epochs)",
+    )
     # The method.
     temperature: float = _field(2.0, "distillation temperature T")
     lambda_div: float = _field(1e-5, "λ_div: diversity weight (and, by the quirk, the students' SD weight)")
@@ -61,45 +77,78 @@ class Config:
     lambda_f: float = _field(10.0, "λ_f: the leader's fusion, trans-fusion and SD weight")
     lambda_warmup_epochs: int = _field(5, "λ(e) = λ·exp(−5(1 − e/W)²) for epochs e ≤ W")
     # The reference's quirks, reproduced by default; --no-quirk-… gives the clean variant.
-    quirk_student_sd_lambda_div: bool = _field(True, "weight the students' self-distillation term by λ_div, not "
-                                                     "λ_sd, as the reference does")
-    quirk_probe_forward: bool = _field(True, "run student 1 once on random input at construction, as the "
-                                             "reference does (moves its BN statistics and the RNG)")
-    quirk_imagenet_lr_epoch: bool = _field(True, "ImageNet lr formula fed the 1-based epoch, as the reference "
-                                                 "does (epochs 1–29 at the full lr)")
+    quirk_student_sd_lambda_div: bool = _field(
+        True, "weight the students' self-distillation term by λ_div, not λ_sd, as the reference does"
+    )
+    quirk_probe_forward: bool = _field(
+        True,
+        "run student 1 once on random input at construction, as the "
+        "reference does (moves its BN statistics and the RNG)",
+    )
+    quirk_imagenet_lr_epoch: bool = _field(
+        True, "ImageNet lr formula fed the 1-based epoch, as the reference does (epochs 1–29 at the full lr)"
+    )
     # Running.
     seed: int = _field(0, "seed of the weights, the shuffling and the augmentation")
     device: str | None = _field(None, "cpu | cuda (default: cuda when available)", choices=("cpu", "cuda"))
     # Speed levers. Unset, they take the defaults that benchmarks/train_throughput.py measured fastest on an H100
     # (benchmarks/results/train_throughput.jsonl): on CUDA bf16 autocast, channels-last, the Triton losses and a
     # captured step (single process); on a CPU none of them.
-    kernels: str | None = _field(None, "loss implementation: torch (plain PyTorch) | triton (fused Triton kernels on "
-                                       "CUDA; the PyTorch references on a CPU unless TRITON_INTERPRET=1); default "
-                                       "triton on CUDA, torch on a CPU", choices=("torch", "triton"))
-    fusion_kernel: str = _field("torch", "fusion blocks: torch (torch.cat + cuDNN; measured faster on an H100) | "
-                                         "triton (the concat-free Triton fusion block)", choices=("torch", "triton"))
-    amp: str | None = _field(None, "autocast dtype of the forward passes: bf16 | fp16 (with a gradient scaler) | off; "
-                                   "default bf16 on CUDA, off on a CPU", choices=("bf16", "fp16", "off"))
-    channels_last: bool | None = _field(None, "networks and inputs in the channels-last memory format (default: on "
-                                              "CUDA)")
+    kernels: str | None = _field(
+        None,
+        "loss implementation: torch (plain PyTorch) | triton (fused Triton kernels on "
+        "CUDA; the PyTorch references on a CPU unless TRITON_INTERPRET=1); default "
+        "triton on CUDA, torch on a CPU",
+        choices=("torch", "triton"),
+    )
+    fusion_kernel: str = _field(
+        "torch",
+        "fusion blocks: torch (torch.cat + cuDNN; measured faster on an H100) | "
+        "triton (the concat-free Triton fusion block)",
+        choices=("torch", "triton"),
+    )
+    amp: str | None = _field(
+        None,
+        "autocast dtype of the forward passes: bf16 | fp16 (with a gradient scaler) | off; "
+        "default bf16 on CUDA, off on a CPU",
+        choices=("bf16", "fp16", "off"),
+    )
+    channels_last: bool | None = _field(
+        None, "networks and inputs in the channels-last memory format (default: on CUDA)"
+    )
     compile: bool = _field(False, "torch.compile every network (in place; on a CPU Inductor needs a C++ compiler)")
-    cuda_graph: bool | None = _field(None, "capture the whole training step once as a CUDA graph and replay it "
-                                           "(CUDA only; the optimisers must be fused or foreach); default: on for "
-                                           "a single CUDA process, off otherwise")
-    optimizer_impl: str = _field("fused", "SGD and Adam implementation: fused | foreach (PyTorch's) | apex "
-                                          "(NVIDIA apex's FusedSGD/FusedAdam, when apex is installed)",
-                                 choices=("fused", "foreach", "apex"))
+    cuda_graph: bool | None = _field(
+        None,
+        "capture the whole training step once as a CUDA graph and replay it "
+        "(CUDA only; the optimisers must be fused or foreach); default: on for "
+        "a single CUDA process, off otherwise",
+    )
+    optimizer_impl: str = _field(
+        "fused",
+        "SGD and Adam implementation: fused | foreach (PyTorch's) | apex "
+        "(NVIDIA apex's FusedSGD/FusedAdam, when apex is installed)",
+        choices=("fused", "foreach", "apex"),
+    )
     workers: int = _field(4, "data-loading worker processes, or DALI threads (ImageNet folders)")
-    loader: str = _field("auto", "ImageNet folders: dali (NVIDIA DALI, GPU decoding on CUDA) | torchvision | auto "
-                                 "(DALI when installed)", choices=("auto", "dali", "torchvision"))
-    check_images: bool = _field(True, "decode every ImageNet image once before training and leave the corrupt ones "
-                                      "out (named in the log; cached under --output-dir)")
+    loader: str = _field(
+        "auto",
+        "ImageNet folders: dali (NVIDIA DALI, GPU decoding on CUDA) | torchvision | auto (DALI when installed)",
+        choices=("auto", "dali", "torchvision"),
+    )
+    check_images: bool = _field(
+        True,
+        "decode every ImageNet image once before training and leave the corrupt ones "
+        "out (named in the log; cached under --output-dir)",
+    )
     sync_bn: bool = _field(False, "synchronise BatchNorm statistics across processes (CUDA, multi-process)")
     output_dir: str = _field("runs", "where run directories are created")
     run_name: str | None = _field(None, "run directory name (default: dataset-model-mM-time)")
-    resume: str | None = _field(None, "continue a run: its checkpoint.pt, its run directory, or auto (the newest "
-                                      "checkpoint of --run-name under --output-dir, else of a run with this "
-                                      "method, model, dataset, m and image size; a fresh start when none)")
+    resume: str | None = _field(
+        None,
+        "continue a run: its checkpoint.pt, its run directory, or auto (the newest "
+        "checkpoint of --run-name under --output-dir, else of a run with this "
+        "method, model, dataset, m and image size; a fresh start when none)",
+    )
     log_every: int = _field(20, "read the losses back from the device every N steps (a host sync)")
     progress: bool = _field(True, "show progress bars")
 
@@ -179,12 +228,14 @@ def resolve(config: Config) -> Config:
     if c.method not in METHODS:
         raise UserError(f"unknown method '{c.method}'; known methods: {', '.join(METHODS)}")
     if c.num_students < (1 if c.method == "independent" else 2):
-        raise UserError(f"--num-students must be at least 2 (the mutual and diversity terms need two), "
-                        f"got {c.num_students}")
+        raise UserError(
+            f"--num-students must be at least 2 (the mutual and diversity terms need two), got {c.num_students}"
+        )
     digits, imagenet = c.dataset == "digits", c.dataset == "imagenet"
     if not digits and not c.data_root:
-        holds = "train/ and val/" if imagenet else "cifar-10-batches-py/" if c.dataset == "cifar10" else \
-            "cifar-100-python/"
+        holds = (
+            "train/ and val/" if imagenet else "cifar-10-batches-py/" if c.dataset == "cifar10" else "cifar-100-python/"
+        )
         raise UserError(f"--dataset {c.dataset} needs --data-root, the folder that holds {holds}")
     if c.image_size is None:
         if digits:
@@ -217,8 +268,10 @@ def resolve(config: Config) -> Config:
         # Capture across processes (NCCL inside the graph) has not been measured here: a choice, not a default.
         c.cuda_graph = gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not c.compile
     if c.sync_bn and c.fusion_kernel == "triton":
-        raise UserError("--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
-                        "batch statistics; use --fusion-kernel torch")
+        raise UserError(
+            "--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
+            "batch statistics; use --fusion-kernel torch"
+        )
     for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "lambda_warmup_epochs"):
         if getattr(c, name) < 1:
             raise UserError(f"{_flag(name)} must be at least 1, got {getattr(c, name)}")

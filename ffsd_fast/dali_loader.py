@@ -43,8 +43,14 @@ class DaliLoader:
     a pipeline error.
     """
 
-    def __init__(self, make_pipeline: Callable[[int], tuple["Pipeline", list[str]]], batches: int,
-                 device: torch.device, dtype: torch.dtype, channels_last: bool) -> None:
+    def __init__(
+        self,
+        make_pipeline: Callable[[int], tuple["Pipeline", list[str]]],
+        batches: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        channels_last: bool,
+    ) -> None:
         self.make_pipeline, self.batches = make_pipeline, batches
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.epoch = 0
@@ -69,7 +75,7 @@ class DaliLoader:
             try:
                 (batch,) = next(iterator)
             except RuntimeError as error:
-                raise RuntimeError(_failure(files[step * size:(step + 1) * size], step)) from error
+                raise RuntimeError(_failure(files[step * size : (step + 1) * size], step)) from error
             images, labels = batch["images"], batch["labels"]
             if self.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NHWC viewed as NCHW is channels_last: no copy
@@ -85,14 +91,28 @@ def _failure(files: list[str], step: int) -> str:
     return f"DALI failed on batch {step}, although PIL decodes all its files ({files[0]}, ...); see the cause above"
 
 
-def _pipeline(files: list[str], labels: list[int], *, train: bool, image_size: int, batch_size: int,
-              device: torch.device, threads: int, seed: int, dtype: torch.dtype, channels_last: bool) -> "Pipeline":
+def _pipeline(
+    files: list[str],
+    labels: list[int],
+    *,
+    train: bool,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    threads: int,
+    seed: int,
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> "Pipeline":
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device.type == "cuda"
-    normalize = dict(mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
-                     dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
-                     output_layout="HWC" if channels_last else "CHW")
+    normalize = dict(
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+        dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
+        output_layout="HWC" if channels_last else "CHW",
+    )
 
     @pipeline_def
     def graph():
@@ -100,8 +120,13 @@ def _pipeline(files: list[str], labels: list[int], *, train: bool, image_size: i
         jpegs, targets = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
         decoder = "mixed" if gpu else "cpu"
         if train:
-            images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                                   random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                device=decoder,
+                output_type=types.RGB,
+                random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+            )
             images = fn.resize(images, resize_x=image_size, resize_y=image_size)
             images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), **normalize)
         else:
@@ -115,9 +140,22 @@ def _pipeline(files: list[str], labels: list[int], *, train: bool, image_size: i
     return graph(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id, seed=seed % 2**63)
 
 
-def dali_loaders(train: ImageList, val: ImageList, *, image_size: int, batch_size: int, eval_batch_size: int,
-                 device: torch.device, seed: int, rank: int, world_size: int, drop_last: bool, threads: int,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False) -> tuple[Loader, Loader]:
+def dali_loaders(
+    train: ImageList,
+    val: ImageList,
+    *,
+    image_size: int,
+    batch_size: int,
+    eval_batch_size: int,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+    threads: int,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> tuple[Loader, Loader]:
     """Train and eval loaders for this rank over ``train`` and ``val`` (see :class:`ffsd_fast.data.Loader`).
 
     Training: RandomResizedCrop (area [0.08, 1], aspect [3/4, 4/3]) to ``image_size``, a horizontal flip with
@@ -134,8 +172,14 @@ def dali_loaders(train: ImageList, val: ImageList, *, image_size: int, batch_siz
         # the pipeline where this rank's 160k (8 ranks) cost 0.24 s (measured on this project's 2-core machine).
         order = train_indices(len(train), seed, epoch, rank, world_size, batch_size, drop_last).tolist()
         files = [train.files[i] for i in order]
-        pipeline = _pipeline(files, [train.labels[i] for i in order], train=True, batch_size=batch_size,
-                             seed=seed_for(seed, epoch, PIPELINE, rank), **common)
+        pipeline = _pipeline(
+            files,
+            [train.labels[i] for i in order],
+            train=True,
+            batch_size=batch_size,
+            seed=seed_for(seed, epoch, PIPELINE, rank),
+            **common,
+        )
         return pipeline, files
 
     mine = eval_indices(len(val), rank, world_size, eval_batch_size).tolist()
@@ -147,5 +191,7 @@ def dali_loaders(train: ImageList, val: ImageList, *, image_size: int, batch_siz
         return pipeline, eval_files
 
     batches = train_batches(len(train), batch_size, world_size, drop_last)
-    return (DaliLoader(train_pipeline, batches, device, dtype, channels_last),
-            DaliLoader(eval_pipeline, len(mine) // eval_batch_size, device, dtype, channels_last))
+    return (
+        DaliLoader(train_pipeline, batches, device, dtype, channels_last),
+        DaliLoader(eval_pipeline, len(mine) // eval_batch_size, device, dtype, channels_last),
+    )

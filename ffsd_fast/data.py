@@ -38,6 +38,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 DIGITS_NUM_TRAIN = 1347  # of 1797; the remaining 450 are the test split
 
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What the model and the schedule need to know about a dataset."""
@@ -84,9 +85,24 @@ class TensorLoader:
     channel to three. ``shuffle`` and ``augment`` are plain attributes (both True for training).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, image_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], train: bool, seed: int, drop_last: bool,
-                 rank: int, world_size: int, pad: int = 0, pad_mode: str = "constant", flip: bool = False) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        train: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        pad: int = 0,
+        pad_mode: str = "constant",
+        flip: bool = False,
+    ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.image_size = batch_size, image_size
         self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
@@ -137,8 +153,9 @@ class TensorLoader:
             yield x.expand(-1, 3, -1, -1).contiguous(), self.labels[index]
 
 
-def _digits(image_size: int, device: torch.device, batch_size: int, eval_batch_size: int,
-            common: dict) -> tuple[TensorLoader, TensorLoader, DatasetInfo]:
+def _digits(
+    image_size: int, device: torch.device, batch_size: int, eval_batch_size: int, common: dict
+) -> tuple[TensorLoader, TensorLoader, DatasetInfo]:
     """scikit-learn's 8x8 digits (shipped with the library, no download), split 1347/450.
 
     The split is the first 1347 / last 450 positions of ``numpy.random.RandomState(0).permutation(1797)``
@@ -158,8 +175,9 @@ def _digits(image_size: int, device: torch.device, batch_size: int, eval_batch_s
     test = torch.as_tensor(permutation[DIGITS_NUM_TRAIN:]).to(device)
     mean, std = images[train].mean().item(), images[train].std().item()
     stats = dict(mean=(mean,), std=(std,), image_size=image_size)
-    train_loader = TensorLoader(images[train], labels[train], batch_size=batch_size, train=True,
-                                pad=max(1, image_size // 8), **stats, **common)
+    train_loader = TensorLoader(
+        images[train], labels[train], batch_size=batch_size, train=True, pad=max(1, image_size // 8), **stats, **common
+    )
     test_loader = TensorLoader(images[test], labels[test], batch_size=eval_batch_size, train=False, **stats, **common)
     return train_loader, test_loader, DatasetInfo("digits", 10, len(train), len(test))
 
@@ -189,8 +207,9 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
-def _cifar(name: str, root: str, image_size: int, device: torch.device, batch_size: int, eval_batch_size: int,
-           common: dict) -> tuple[TensorLoader, TensorLoader, DatasetInfo]:
+def _cifar(
+    name: str, root: str, image_size: int, device: torch.device, batch_size: int, eval_batch_size: int, common: dict
+) -> tuple[TensorLoader, TensorLoader, DatasetInfo]:
     """CIFAR-10/100 from the official python-format tree; the reference augmentation, done on the device."""
     cls, num_classes = (_CIFAR10, 10) if name == "cifar10" else (_CIFAR100, 100)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
@@ -198,8 +217,10 @@ def _cifar(name: str, root: str, image_size: int, device: torch.device, batch_si
     expected = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise UserError(f"{name}: {folder} is missing {', '.join(missing)} (expected the official python-format "
-                        f"files {', '.join(expected)} in {folder})")
+        raise UserError(
+            f"{name}: {folder} is missing {', '.join(missing)} (expected the official python-format "
+            f"files {', '.join(expected)} in {folder})"
+        )
 
     def load(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -214,8 +235,9 @@ def _cifar(name: str, root: str, image_size: int, device: torch.device, batch_si
 
     (train_x, train_y), (test_x, test_y) = load(True), load(False)
     stats = dict(mean=mean, std=std, image_size=image_size)
-    train_loader = TensorLoader(train_x, train_y, batch_size=batch_size, train=True, pad=4, pad_mode="reflect",
-                                flip=True, **stats, **common)
+    train_loader = TensorLoader(
+        train_x, train_y, batch_size=batch_size, train=True, pad=4, pad_mode="reflect", flip=True, **stats, **common
+    )
     test_loader = TensorLoader(test_x, test_y, batch_size=eval_batch_size, train=False, **stats, **common)
     return train_loader, test_loader, DatasetInfo(name, num_classes, len(train_y), len(test_y))
 
@@ -229,19 +251,42 @@ def dali_available() -> bool:
     return importable()
 
 
-def _imagenet(index: ImageFolderIndex, loader: str, image_size: int, device: torch.device, batch_size: int,
-              eval_batch_size: int, seed: int, drop_last: bool, workers: int, rank: int, world_size: int,
-              dtype: torch.dtype, channels_last: bool) -> tuple[Loader, Loader, DatasetInfo]:
+def _imagenet(
+    index: ImageFolderIndex,
+    loader: str,
+    image_size: int,
+    device: torch.device,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    drop_last: bool,
+    workers: int,
+    rank: int,
+    world_size: int,
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> tuple[Loader, Loader, DatasetInfo]:
     """The tree's train and val lists through DALI or torchvision; both take the same samples in full batches."""
     if loader == "auto":
         loader = "dali" if dali_available() else "torchvision"
     if loader == "dali" and not dali_available():
-        raise UserError("--loader dali: NVIDIA DALI is not installed (pip install 'ffsd-fast[dali]', i.e. "
-                        "nvidia-dali-cuda130), or use --loader torchvision")
+        raise UserError(
+            "--loader dali: NVIDIA DALI is not installed (pip install 'ffsd-fast[dali]', i.e. "
+            "nvidia-dali-cuda130), or use --loader torchvision"
+        )
     _check_shard(len(index.train), batch_size, drop_last, world_size)
-    common = dict(image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size, device=device,
-                  seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, dtype=dtype,
-                  channels_last=channels_last)
+    common = dict(
+        image_size=image_size,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        device=device,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        dtype=dtype,
+        channels_last=channels_last,
+    )
     if loader == "dali":
         from ffsd_fast.dali_loader import dali_loaders
 
@@ -257,15 +302,30 @@ def _imagenet(index: ImageFolderIndex, loader: str, image_size: int, device: tor
 def _check_shard(num_train: int, batch_size: int, drop_last: bool, world_size: int) -> None:
     per_rank = samples_per_rank(num_train, world_size, drop_last)
     if drop_last and per_rank < batch_size:
-        raise UserError(f"training shard of {per_rank} samples per rank ({num_train} over {world_size} ranks) is "
-                        f"smaller than the batch size {batch_size}, so drop_last would leave no batch")
+        raise UserError(
+            f"training shard of {per_rank} samples per rank ({num_train} over {world_size} ranks) is "
+            f"smaller than the batch size {batch_size}, so drop_last would leave no batch"
+        )
 
 
-def build_loaders(dataset: str, data_root: str | None, image_size: int, batch_size: int, eval_batch_size: int,
-                  device: torch.device, seed: int, drop_last: bool = False, workers: int = 4,
-                  rank: int = 0, world_size: int = 1, loader: str = "auto", dtype: torch.dtype = torch.float32,
-                  channels_last: bool = False, index: ImageFolderIndex | None = None, check_images: bool = True
-                  ) -> tuple[Loader, Loader, DatasetInfo]:
+def build_loaders(
+    dataset: str,
+    data_root: str | None,
+    image_size: int,
+    batch_size: int,
+    eval_batch_size: int,
+    device: torch.device,
+    seed: int,
+    drop_last: bool = False,
+    workers: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+    loader: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    index: ImageFolderIndex | None = None,
+    check_images: bool = True,
+) -> tuple[Loader, Loader, DatasetInfo]:
     """Train and eval loaders for this rank, plus the dataset's facts.
 
     ``dataset`` is one of ``DATASETS``; ``data_root`` is needed by all but 'digits'. The train loader
@@ -277,9 +337,13 @@ def build_loaders(dataset: str, data_root: str | None, image_size: int, batch_si
     """
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    for name, value, low in (("image size", image_size, 1), ("batch size", batch_size, 1),
-                             ("eval batch size", eval_batch_size, 1), ("world size", world_size, 1),
-                             ("number of workers", workers, 0)):
+    for name, value, low in (
+        ("image size", image_size, 1),
+        ("batch size", batch_size, 1),
+        ("eval batch size", eval_batch_size, 1),
+        ("world size", world_size, 1),
+        ("number of workers", workers, 0),
+    ):
         if value < low:
             raise UserError(f"{name} must be at least {low}, got {value}")
     if not 0 <= rank < world_size:
@@ -291,14 +355,28 @@ def build_loaders(dataset: str, data_root: str | None, image_size: int, batch_si
         raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
     if dataset == "imagenet":
         index = index or index_images(data_root, workers, check_images)
-        return _imagenet(index, loader, image_size, device, batch_size, eval_batch_size, seed, drop_last, workers,
-                         rank, world_size, dtype, channels_last)
+        return _imagenet(
+            index,
+            loader,
+            image_size,
+            device,
+            batch_size,
+            eval_batch_size,
+            seed,
+            drop_last,
+            workers,
+            rank,
+            world_size,
+            dtype,
+            channels_last,
+        )
 
     common = dict(seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
     if dataset == "digits":
         loaders = _digits(image_size, device, batch_size, eval_batch_size, common)
     else:
-        loaders = _cifar(dataset, os.path.expanduser(data_root), image_size, device, batch_size, eval_batch_size,
-                         common)
+        loaders = _cifar(
+            dataset, os.path.expanduser(data_root), image_size, device, batch_size, eval_batch_size, common
+        )
     _check_shard(loaders[2].num_train, batch_size, drop_last, world_size)
     return loaders

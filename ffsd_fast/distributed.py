@@ -56,8 +56,10 @@ def init_world(device_type: str) -> World:
         return world
     if device_type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK={world.local_rank} but this node has {torch.cuda.device_count()} CUDA "
-                            "device(s): start at most one process per GPU (torchrun --nproc_per_node)")
+            raise UserError(
+                f"LOCAL_RANK={world.local_rank} but this node has {torch.cuda.device_count()} CUDA "
+                "device(s): start at most one process per GPU (torchrun --nproc_per_node)"
+            )
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
@@ -133,5 +135,5 @@ class GradientAverager:
             flat.div_(self.world.world_size)
             offset = 0
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()

@@ -27,8 +27,15 @@ def _num_classes(weights: dict[str, torch.Tensor]) -> int:
     return matrices[-1].shape[0]
 
 
-def evaluate_checkpoint(path: str, data_root: str | None, dataset: str | None, model: str | None,
-                        image_size: int | None, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate_checkpoint(
+    path: str,
+    data_root: str | None,
+    dataset: str | None,
+    model: str | None,
+    image_size: int | None,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
     state = checkpoint.read(path, device)
     if checkpoint.is_training_checkpoint(state):
         cfg = state["config"]
@@ -39,11 +46,18 @@ def evaluate_checkpoint(path: str, data_root: str | None, dataset: str | None, m
     image_size = image_size or models.default_image_size(model)
     topk = (1, 5) if dataset == "imagenet" else (1,)
     # No start-up decode of every image (the training tree is listed, not read): evaluation reads val/ only.
-    _, test_loader, info = build_loaders(dataset, data_root, image_size, batch_size, batch_size, device, seed=0,
-                                         workers=0, check_images=False)
+    _, test_loader, info = build_loaders(
+        dataset, data_root, image_size, batch_size, batch_size, device, seed=0, workers=0, check_images=False
+    )
     if checkpoint.is_training_checkpoint(state):
-        nets = build_networks(model, state["num_classes"], cfg["num_students"], image_size, probe_forward=False,
-                              method=cfg.get("method", "ffsd")).to(device)
+        nets = build_networks(
+            model,
+            state["num_classes"],
+            cfg["num_students"],
+            image_size,
+            probe_forward=False,
+            method=cfg.get("method", "ffsd"),
+        ).to(device)
         nets.load_state_dict(state["networks"])
         return evaluate(nets, test_loader, topk)
     num_classes = _num_classes(state)
@@ -69,8 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the accuracies to this file")
     args = parser.parse_args(argv)
     try:
-        accuracies = evaluate_checkpoint(args.checkpoint, args.data_root, args.dataset, args.model, args.image_size,
-                                         args.batch_size, torch.device(args.device))
+        accuracies = evaluate_checkpoint(
+            args.checkpoint,
+            args.data_root,
+            args.dataset,
+            args.model,
+            args.image_size,
+            args.batch_size,
+            torch.device(args.device),
+        )
         if args.json:
             checkpoint.write_atomic(args.json, lambda fh: fh.write(json.dumps(accuracies, indent=2).encode()))
     except UserError as error:

@@ -13,8 +13,9 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,), world: World = SINGLE_PROCESS
-             ) -> dict[str, float]:
+def evaluate(
+    nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,), world: World = SINGLE_PROCESS
+) -> dict[str, float]:
     """Accuracies in percent, keyed ``student{i}_top{k}``, ``fusion_top{k}``, ``leader_top{k}``,
     ``average_top{k}`` (mean of the students'), ``ensemble_top{k}`` (mean logits of the students) and
     ``oracle_ensemble_top{k}`` (a sample counts when any student gets it: what the reference calls its ensemble);
@@ -51,8 +52,9 @@ def evaluate(nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,), world: Wo
     nets.train(was_training)
     names = list(counts)
     device = next(nets.parameters()).device
-    summed = all_reduce_sum(torch.stack([*(counts[n] for n in names), torch.as_tensor(total, device=device)])
-                            .double(), world)
+    summed = all_reduce_sum(
+        torch.stack([*(counts[n] for n in names), torch.as_tensor(total, device=device)]).double(), world
+    )
     values = summed[:-1].mul(100.0 / summed[-1].clamp(min=1)).tolist()  # host sync
     result = dict(zip(names, values, strict=True))
     for k in topk:

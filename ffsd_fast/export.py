@@ -18,7 +18,7 @@ from ffsd_fast.errors import UserError
 def leader_state_dict(state: dict) -> dict[str, torch.Tensor]:
     """The leader backbone's parameters and buffers (a baseline's first student's) out of a full checkpoint."""
     prefix = "leader.backbone." if state["config"].get("method", "ffsd") == "ffsd" else "students.0."
-    weights = {k[len(prefix):]: v for k, v in state["networks"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in state["networks"].items() if k.startswith(prefix)}
     # Build the backbone to prove that the weights are complete and of the right shapes before writing anything.
     backbone = models.create(state["config"]["model"], state["num_classes"])
     backbone.load_state_dict(weights, strict=True)

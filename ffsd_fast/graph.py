@@ -19,8 +19,10 @@ def check_capturable(device: torch.device, optimizer_impl: str) -> None:
     if device.type != "cuda":
         raise UserError("--cuda-graph captures the step on a CUDA device: this run is on the CPU (drop --cuda-graph)")
     if optimizer_impl == "apex":
-        raise UserError("--cuda-graph with --optimizer-impl apex: apex's optimisers take Python-float learning "
-                        "rates, which a captured graph cannot see change; use fused or foreach")
+        raise UserError(
+            "--cuda-graph with --optimizer-impl apex: apex's optimisers take Python-float learning "
+            "rates, which a captured graph cannot see change; use fused or foreach"
+        )
 
 
 class CapturedStep:

@@ -74,19 +74,23 @@ def find_images(root: str) -> ImageFolderIndex:
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     for directory in (train_dir, val_dir):
         if not os.path.isdir(directory):
-            raise UserError(f"imagenet: {directory} is missing (expected {root}/train/<class>/* and "
-                            f"{root}/val/<class>/*)")
+            raise UserError(
+                f"imagenet: {directory} is missing (expected {root}/train/<class>/* and {root}/val/<class>/*)"
+            )
     train_classes, val_classes = _class_folders(train_dir), _class_folders(val_dir)
     if not train_classes:
         raise UserError(f"imagenet: no class folders in {train_dir} (expected {train_dir}/<class>/<image>)")
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise UserError(f"imagenet: class folders of {val_dir} differ from {train_dir}: "
-                        f"only in train: {', '.join(only_train[:5]) or '-'}{' ...' if len(only_train) > 5 else ''}; "
-                        f"only in val: {', '.join(only_val[:5]) or '-'}{' ...' if len(only_val) > 5 else ''}")
-    return ImageFolderIndex(root, train_classes, _list_images(train_dir, train_classes),
-                            _list_images(val_dir, train_classes))
+        raise UserError(
+            f"imagenet: class folders of {val_dir} differ from {train_dir}: "
+            f"only in train: {', '.join(only_train[:5]) or '-'}{' ...' if len(only_train) > 5 else ''}; "
+            f"only in val: {', '.join(only_val[:5]) or '-'}{' ...' if len(only_val) > 5 else ''}"
+        )
+    return ImageFolderIndex(
+        root, train_classes, _list_images(train_dir, train_classes), _list_images(val_dir, train_classes)
+    )
 
 
 def decode_error(path: str) -> str | None:
@@ -158,13 +162,14 @@ def leave_out(index: ImageFolderIndex, corrupt: dict[str, str]) -> ImageFolderIn
         emptied = sorted(set(before.labels) - set(kept.labels))
         if emptied:
             first = next(f for f, y in zip(before.files, before.labels, strict=True) if y == emptied[0])
-            raise UserError(f"imagenet: every image of {name}/{index.classes[emptied[0]]} is unreadable "
-                            f"(e.g. {first}: {corrupt[first]})")
+            raise UserError(
+                f"imagenet: every image of {name}/{index.classes[emptied[0]]} is unreadable "
+                f"(e.g. {first}: {corrupt[first]})"
+            )
     return ImageFolderIndex(index.root, index.classes, train, val, dict(sorted(corrupt.items())))
 
 
-def index_images(root: str, workers: int = 4, check: bool = True, cache_path: str | None = None
-                 ) -> ImageFolderIndex:
+def index_images(root: str, workers: int = 4, check: bool = True, cache_path: str | None = None) -> ImageFolderIndex:
     """:func:`find_images`, then (``check``) every image decoded once and the corrupt ones left out."""
     index = find_images(root)
     if not check:

@@ -35,8 +35,11 @@ class LossTerms:
     total: torch.Tensor
 
     def detach(self) -> "LossTerms":
-        return LossTerms({k: v.detach() for k, v in self.values.items()},
-                         {k: v.detach() for k, v in self.weighted.items()}, self.total.detach())
+        return LossTerms(
+            {k: v.detach() for k, v in self.values.items()},
+            {k: v.detach() for k, v in self.weighted.items()},
+            self.total.detach(),
+        )
 
 
 def _eval_pass(decoder: SelfDistillationDecoder, x: torch.Tensor) -> list[torch.Tensor]:
@@ -102,10 +105,7 @@ def ffsd_losses(
         targets = _eval_pass(nets.decoders[i - 1], ops.diversity_shift(last_maps[i - 1]))
         add(
             f"student{i}.self_distillation",
-            sum(
-                ops.normalized_distance(student_attention[i][k], ops.attention_map(g))
-                for k, g in enumerate(targets)
-            ),
+            sum(ops.normalized_distance(student_attention[i][k], ops.attention_map(g)) for k, g in enumerate(targets)),
             student_sd_weight,
         )
 
@@ -136,8 +136,11 @@ def ffsd_losses(
         taps = leader_taps if student is None else student_taps[student]
         attention = leader_attention if student is None else student_attention[student]
         outputs = decoder(taps[-1].detach())
-        add(f"{name}.feature", sum(ops.normalized_distance(g, taps[k].detach()) for k, g in enumerate(outputs)),
-            lambda_sd)
+        add(
+            f"{name}.feature",
+            sum(ops.normalized_distance(g, taps[k].detach()) for k, g in enumerate(outputs)),
+            lambda_sd,
+        )
         add(
             f"{name}.attention",
             sum(ops.normalized_distance(ops.attention_map(g), attention[k].detach()) for k, g in enumerate(outputs)),

@@ -4,7 +4,6 @@ Everything here is a plain module; the loss terms are in ``losses.py``. Shapes c
 nothing needs a dummy forward pass (except the reference's probe, kept as a quirk in ``build_networks``).
 """
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,8 +123,13 @@ class FFSDNetworks(nn.Module):
 
 
 def build_networks(
-    model: str, num_classes: int, num_students: int, image_size: int, probe_forward: bool = True,
-    fused_blocks: bool = False, method: str = "ffsd",
+    model: str,
+    num_classes: int,
+    num_students: int,
+    image_size: int,
+    probe_forward: bool = True,
+    fused_blocks: bool = False,
+    method: str = "ffsd",
 ) -> FFSDNetworks:
     """Builds every network in the reference's order, so that a seeded run draws its weights in the same sequence.
 

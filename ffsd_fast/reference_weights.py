@@ -14,7 +14,7 @@ _HEAD = "trans_fusion_module."
 def _rename_block(key: str) -> str | None:
     for theirs, ours in _BLOCK.items():
         if key.startswith(theirs):
-            return ours + key[len(theirs):]
+            return ours + key[len(theirs) :]
     return None
 
 
@@ -23,7 +23,7 @@ def leader_from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     out = {}
     for key, value in state.items():
         if key.startswith(_HEAD):
-            out["head." + _rename_block(key[len(_HEAD):])] = value
+            out["head." + _rename_block(key[len(_HEAD) :])] = value
         else:
             out["backbone." + key] = value
     return out
@@ -34,7 +34,7 @@ def fusion_from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     out = {}
     for key, value in state.items():
         if key.startswith("fc2."):
-            out["fc." + key[len("fc2."):]] = value
+            out["fc." + key[len("fc2.") :]] = value
         else:
             out["block." + _rename_block(key)] = value
     return out

@@ -67,29 +67,53 @@ def rows(summaries: list[dict]) -> list[dict]:
         final, final_std = _mean_std([headline(s, best=False) for s in runs])
         published = PUBLISHED.get((dataset, model)) if method == "ffsd" else None
         middle = sum(published) / 2 if published else None
-        table.append({"dataset": dataset, "model": model, "method": method, "m": m, "runs": len(runs),
-                      "epochs": sorted({s["epochs"] for s in runs}), "best": best, "best_std": best_std,
-                      "final": final, "final_std": final_std, "published": published,
-                      "difference": best - middle if middle is not None else None})
+        table.append(
+            {
+                "dataset": dataset,
+                "model": model,
+                "method": method,
+                "m": m,
+                "runs": len(runs),
+                "epochs": sorted({s["epochs"] for s in runs}),
+                "best": best,
+                "best_std": best_std,
+                "final": final,
+                "final_std": final_std,
+                "published": published,
+                "difference": best - middle if middle is not None else None,
+            }
+        )
     return table
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| dataset | model | method | m | runs | epochs | best top-1 (mean ± std) | final top-1 | published "
-             "| best − published |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | model | method | m | runs | epochs | best top-1 (mean ± std) | final top-1 | published "
+        "| best − published |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table:
-        published = "–" if r["published"] is None else (
-            f"{r['published'][0]:.2f}" if r["published"][0] == r["published"][1]
-            else f"{r['published'][0]:.2f}–{r['published'][1]:.2f}")
+        published = (
+            "–"
+            if r["published"] is None
+            else (
+                f"{r['published'][0]:.2f}"
+                if r["published"][0] == r["published"][1]
+                else f"{r['published'][0]:.2f}–{r['published'][1]:.2f}"
+            )
+        )
         difference = "–" if r["difference"] is None else f"{r['difference']:+.2f}"
         epochs = ",".join(map(str, r["epochs"]))
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {r['m']} | {r['runs']} | {epochs} | "
-                     f"{r['best']:.2f} ± {r['best_std']:.2f} | {r['final']:.2f} ± {r['final_std']:.2f} | "
-                     f"{published} | {difference} |")
-    note = ("\nTop-1 in %: the leader's for FFSD, the students' mean for the baselines; *best* is each run's best "
-            "over epochs (what the paper reports), *final* its last epoch. Published: the paper's leader, three "
-            "runs (`ffsd-spec.md`); the difference is from the middle of that range.\n")
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['method']} | {r['m']} | {r['runs']} | {epochs} | "
+            f"{r['best']:.2f} ± {r['best_std']:.2f} | {r['final']:.2f} ± {r['final_std']:.2f} | "
+            f"{published} | {difference} |"
+        )
+    note = (
+        "\nTop-1 in %: the leader's for FFSD, the students' mean for the baselines; *best* is each run's best "
+        "over epochs (what the paper reports), *final* its last epoch. Published: the paper's leader, three "
+        "runs (`ffsd-spec.md`); the difference is from the middle of that range.\n"
+    )
     return "\n".join(lines) + "\n" + note
 
 
@@ -102,8 +126,14 @@ def bar_chart(table: list[dict], path: Path) -> None:
     labels = [f"{r['dataset']}\n{r['model']} {r['method']} m{r['m']}" for r in table]
     xs = range(len(table))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(table)), 4.5))
-    ax.bar([x - 0.2 for x in xs], [r["best"] for r in table], 0.4, yerr=[r["best_std"] for r in table],
-           label="this project (best, mean ± std)", capsize=3)
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [r["best"] for r in table],
+        0.4,
+        yerr=[r["best_std"] for r in table],
+        label="this project (best, mean ± std)",
+        capsize=3,
+    )
     published = [(x, sum(r["published"]) / 2) for x, r in zip(xs, table, strict=True) if r["published"]]
     if published:
         ax.bar([x + 0.2 for x, _ in published], [v for _, v in published], 0.4, label="paper (leader)")

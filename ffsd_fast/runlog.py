@@ -12,10 +12,20 @@ def code_version() -> dict:
     """The git commit of the code that runs (and whether the tree had uncommitted changes), where it is a checkout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.SubprocessError):
         # A copy of the tree without .git (the GPU machine gets one) names its commit through the environment.
         return {"commit": os.environ.get("FFSD_COMMIT", "unknown"), "dirty": None}
@@ -65,8 +75,7 @@ class RunLog:
         epochs = [h["epoch"] for h in history]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         curves = {f"student {i + 1}": f"student{i}_top1" for i in range(num_students)}
-        curves.update({"fusion": "fusion_top1", "ensemble (mean logits)": "ensemble_top1",
-                       "leader": "leader_top1"})
+        curves.update({"fusion": "fusion_top1", "ensemble (mean logits)": "ensemble_top1", "leader": "leader_top1"})
         for label, key in curves.items():
             if key not in history[-1]:  # the baselines have no fusion module or leader
                 continue

@@ -51,8 +51,9 @@ def train_batches(num_samples: int, batch_size: int, world_size: int, drop_last:
     return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
 
 
-def train_indices(num_samples: int, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-                  drop_last: bool) -> torch.Tensor:
+def train_indices(
+    num_samples: int, seed: int, epoch: int, rank: int, world_size: int, batch_size: int, drop_last: bool
+) -> torch.Tensor:
     """The sample indices this rank trains on in ``epoch``, in order, a whole number of full batches.
 
     Every batch is full, so the step's shapes never change (CUDA graphs, ``torch.compile``): with ``drop_last`` the

@@ -25,8 +25,10 @@ def _apex_optimizers():
     try:
         from apex.optimizers import FusedAdam, FusedSGD
     except ImportError:
-        raise UserError("--optimizer-impl apex: NVIDIA apex is not installed here (it is not on PyPI: build it from "
-                        "github.com/NVIDIA/apex); use --optimizer-impl fused or foreach") from None
+        raise UserError(
+            "--optimizer-impl apex: NVIDIA apex is not installed here (it is not on PyPI: build it from "
+            "github.com/NVIDIA/apex); use --optimizer-impl fused or foreach"
+        ) from None
     return FusedSGD, FusedAdam
 
 
@@ -111,8 +113,9 @@ def train_step(
     """
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    )
     with autocast:
         terms = step_losses(nets, images, labels, lambdas, options, ops)
     if scaler is None:
@@ -156,5 +159,15 @@ class Stepper:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return train_step(self.nets, self.optimizers, images, labels, self.lambdas, self.options, self.ops,
-                          self.amp_dtype, self.scaler, self.grad_sync)
+        return train_step(
+            self.nets,
+            self.optimizers,
+            images,
+            labels,
+            self.lambdas,
+            self.options,
+            self.ops,
+            self.amp_dtype,
+            self.scaler,
+            self.grad_sync,
+        )

@@ -39,8 +39,11 @@ class _Images(Dataset):
         except Exception:  # noqa: BLE001
             # The start-up check decoded every file; one that fails now changed during the run. A multi-day run
             # must not die on it: say which, and train on the next file instead.
-            print(f"ffsd-train: warning: cannot decode {path} ({decode_error(path)}); using the next image",
-                  file=sys.stderr, flush=True)
+            print(
+                f"ffsd-train: warning: cannot decode {path} ({decode_error(path)}); using the next image",
+                file=sys.stderr,
+                flush=True,
+            )
             return self._load((index + 1) % len(self.images))
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
@@ -54,14 +57,16 @@ class _Images(Dataset):
 class _EpochSampler(Sampler):
     """This rank's indices of ``train_indices`` for the current epoch, each with its sample seed."""
 
-    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int, batch_size: int,
-                 drop_last: bool) -> None:
+    def __init__(
+        self, num_samples: int, seed: int, rank: int, world_size: int, batch_size: int, drop_last: bool
+    ) -> None:
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
         self.batch_size, self.drop_last, self.epoch = batch_size, drop_last, 0
 
     def indices(self) -> torch.Tensor:
-        return train_indices(self.num_samples, self.seed, self.epoch, self.rank, self.world_size, self.batch_size,
-                             self.drop_last)
+        return train_indices(
+            self.num_samples, self.seed, self.epoch, self.rank, self.world_size, self.batch_size, self.drop_last
+        )
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((i, seed_for(self.seed, self.epoch, SAMPLE, i)) for i in self.indices().tolist())
@@ -92,26 +97,52 @@ class TorchvisionLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
-            yield (images.to(dtype=self.dtype, memory_format=self.memory_format),
-                   labels.to(self.device, non_blocking=True))
+            yield (
+                images.to(dtype=self.dtype, memory_format=self.memory_format),
+                labels.to(self.device, non_blocking=True),
+            )
 
 
-def torchvision_loaders(train: ImageList, val: ImageList, *, image_size: int, batch_size: int, eval_batch_size: int,
-                        device: torch.device, seed: int, rank: int, world_size: int, drop_last: bool, workers: int,
-                        dtype: torch.dtype = torch.float32, channels_last: bool = False
-                        ) -> tuple[TorchvisionLoader, TorchvisionLoader]:
+def torchvision_loaders(
+    train: ImageList,
+    val: ImageList,
+    *,
+    image_size: int,
+    batch_size: int,
+    eval_batch_size: int,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+    workers: int,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> tuple[TorchvisionLoader, TorchvisionLoader]:
     """(train, eval) loaders: random-resized crop + flip for training, resize + centre crop for evaluation."""
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_set = _Images(train, transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]))
-    val_set = _Images(val, transforms.Compose(
-        [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size), *normalize]))
-    options = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                   generator=torch.Generator().manual_seed(seed_for(seed, 0, WORKERS)))
+    train_set = _Images(
+        train,
+        transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]),
+    )
+    val_set = _Images(
+        val,
+        transforms.Compose(
+            [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size), *normalize]
+        ),
+    )
+    options = dict(
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed_for(seed, 0, WORKERS)),
+    )
     sampler = _EpochSampler(len(train), seed, rank, world_size, batch_size, drop_last)
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, **options)
     # Evaluation needs no randomness: the sample seed is a constant.
     val_keys = [(i, 0) for i in eval_indices(len(val), rank, world_size, eval_batch_size).tolist()]
     val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_keys, **options)
-    return (TorchvisionLoader(train_loader, device, dtype, channels_last),
-            TorchvisionLoader(val_loader, device, dtype, channels_last))
+    return (
+        TorchvisionLoader(train_loader, device, dtype, channels_last),
+        TorchvisionLoader(val_loader, device, dtype, channels_last),
+    )

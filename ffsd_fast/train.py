@@ -83,8 +83,10 @@ def on_main(world: World, work):
 def learning_rates(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> tuple[float, float]:
     """(SGD lr, decoder Adam lr) for a 1-based epoch and the step within it."""
     if cfg.lr_schedule == "imagenet":
-        return (imagenet_sgd_lr(cfg.lr, epoch, step, steps_per_epoch, quirk=cfg.quirk_imagenet_lr_epoch),
-                multistep_lr(cfg.decoder_lr, epoch, IMAGENET_DECODER_MILESTONES))
+        return (
+            imagenet_sgd_lr(cfg.lr, epoch, step, steps_per_epoch, quirk=cfg.quirk_imagenet_lr_epoch),
+            multistep_lr(cfg.decoder_lr, epoch, IMAGENET_DECODER_MILESTONES),
+        )
     return multistep_lr(cfg.lr, epoch, cfg.lr_milestones), multistep_lr(cfg.decoder_lr, epoch, cfg.lr_milestones)
 
 
@@ -103,13 +105,13 @@ def check_batchnorm_batches(cfg: Config, num_train: int) -> None:
         raise UserError(
             f"--batch-size {cfg.batch_size} on {num_train} training images leaves a batch of 1, and the last stage of "
             f"{cfg.model} at {cfg.image_size} px is 1×1, so BatchNorm would train on a single value: add --drop-last "
-            "or choose a batch size that does not leave 1")
+            "or choose a batch size that does not leave 1"
+        )
 
 
 def new_run_dir(cfg: Config) -> str:
     method = "" if cfg.method == "ffsd" else f"-{cfg.method}"
-    name = cfg.run_name or (f"{cfg.dataset}-{cfg.model}-m{cfg.num_students}{method}-"
-                            f"{time.strftime('%Y%m%d-%H%M%S')}")
+    name = cfg.run_name or (f"{cfg.dataset}-{cfg.model}-m{cfg.num_students}{method}-{time.strftime('%Y%m%d-%H%M%S')}")
     path = os.path.join(cfg.output_dir, name)
     suffix = 1
     while os.path.exists(path) and cfg.run_name is None:
@@ -144,8 +146,10 @@ def find_auto_resume(cfg: Config) -> str | None:
 def check_resumable(saved: dict, cfg: Config, path: str) -> None:
     differ = [f"{k} {saved.get(k)!r} → {getattr(cfg, k)!r}" for k in _RUN_IDENTITY if saved.get(k) != getattr(cfg, k)]
     if differ:
-        raise UserError(f"checkpoint {path} is from another run ({'; '.join(differ)}): pass the flags it was "
-                        "trained with, or start a new run")
+        raise UserError(
+            f"checkpoint {path} is from another run ({'; '.join(differ)}): pass the flags it was "
+            "trained with, or start a new run"
+        )
 
 
 def summarize(history: list[dict], num_students: int, topk: tuple[int, ...]) -> dict:
@@ -166,12 +170,20 @@ def summarize(history: list[dict], num_students: int, topk: tuple[int, ...]) -> 
 
 
 def print_table(summary: dict, num_students: int) -> None:
-    rows = [(f"student {i + 1}", summary["students_top1"][i], summary["best_students_top1"][i])
-            for i in range(num_students)]
-    rows += [(label, summary[f"{key}_top1"], summary[f"best_{key}_top1"]) for label, key in [
-        ("fusion module", "fusion"), ("leader", "leader"), ("students' average", "average"),
-        ("ensemble (mean logits)", "ensemble"), ("oracle ensemble (any)", "oracle_ensemble")]
-        if f"{key}_top1" in summary]
+    rows = [
+        (f"student {i + 1}", summary["students_top1"][i], summary["best_students_top1"][i]) for i in range(num_students)
+    ]
+    rows += [
+        (label, summary[f"{key}_top1"], summary[f"best_{key}_top1"])
+        for label, key in [
+            ("fusion module", "fusion"),
+            ("leader", "leader"),
+            ("students' average", "average"),
+            ("ensemble (mean logits)", "ensemble"),
+            ("oracle ensemble (any)", "oracle_ensemble"),
+        ]
+        if f"{key}_top1" in summary
+    ]
     print(f"\n{'network':<24}{'final top-1':>12}{'best top-1':>12}")
     for label, final, best in rows:
         print(f"{label:<24}{final:>11.2f}%{best:>11.2f}%")
@@ -205,15 +217,28 @@ class LossMeter:
         return dict(zip(self.names, values[:-1], strict=True)), values[-1] > 0
 
 
-def train_epoch(cfg: Config, epoch: int, step_fn: Stepper | CapturedStep, loader, run_log: RunLog | NullLog,
-                last_good: str, world: World) -> tuple[float, int]:
+def train_epoch(
+    cfg: Config,
+    epoch: int,
+    step_fn: Stepper | CapturedStep,
+    loader,
+    run_log: RunLog | NullLog,
+    last_good: str,
+    world: World,
+) -> tuple[float, int]:
     """One epoch of steps; losses are read back every ``--log-every`` steps. Returns (seconds, images)."""
     loader.set_epoch(epoch)
     step_fn.nets.train()
     meter, images_seen, steps = LossMeter(), 0, len(loader)
     started = time.perf_counter()
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and world.is_main),
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        loader,
+        total=steps,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        disable=not (cfg.progress and world.is_main),
+        leave=False,
+        dynamic_ncols=True,
+    )
     for step, (images, labels) in enumerate(bar):
         set_learning_rates(step_fn.optimizers, *learning_rates(cfg, epoch, step, steps))
         meter.add(step_fn(images, labels))
@@ -221,8 +246,9 @@ def train_epoch(cfg: Config, epoch: int, step_fn: Stepper | CapturedStep, loader
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             means, non_finite = meter.read(world)
             if non_finite:
-                raise NonFiniteLoss(f"non-finite loss in epoch {epoch} by step {step + 1}: stopped; {last_good}; "
-                                    "try a lower --lr")
+                raise NonFiniteLoss(
+                    f"non-finite loss in epoch {epoch} by step {step + 1}: stopped; {last_good}; try a lower --lr"
+                )
             run_log.log({"kind": "train", "epoch": epoch, "step": step + 1, **means}, (epoch - 1) * steps + step + 1)
             bar.set_postfix(loss=f"{means['total']:.3f}", ce=f"{means.get('leader.ce', means['student0.ce']):.3f}")
     bar.close()
@@ -274,23 +300,50 @@ def _train(cfg: Config, world: World) -> dict:
     index = imagenet_index(cfg, world) if cfg.dataset == "imagenet" else None
     amp_dtype, scaler = mixed_precision(cfg.amp, device)
     train_loader, test_loader, info = build_loaders(
-        cfg.dataset, cfg.data_root, cfg.image_size, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed,
-        drop_last=cfg.drop_last, workers=cfg.workers, rank=world.rank, world_size=world.world_size,
-        loader=cfg.loader, dtype=amp_dtype or torch.float32, channels_last=cfg.channels_last, index=index)
+        cfg.dataset,
+        cfg.data_root,
+        cfg.image_size,
+        cfg.batch_size,
+        cfg.eval_batch_size,
+        device,
+        cfg.seed,
+        drop_last=cfg.drop_last,
+        workers=cfg.workers,
+        rank=world.rank,
+        world_size=world.world_size,
+        loader=cfg.loader,
+        dtype=amp_dtype or torch.float32,
+        channels_last=cfg.channels_last,
+        index=index,
+    )
     check_batchnorm_batches(cfg, info.num_train // world.world_size)
     if saved is None:
         run_dir = on_main(world, lambda: new_run_dir(cfg))
 
     torch.manual_seed(cfg.seed)
-    nets: FFSDNetworks = build_networks(cfg.model, info.num_classes, cfg.num_students, cfg.image_size,
-                                        probe_forward=cfg.quirk_probe_forward,
-                                        fused_blocks=cfg.fusion_kernel == "triton", method=cfg.method).to(device)
+    nets: FFSDNetworks = build_networks(
+        cfg.model,
+        info.num_classes,
+        cfg.num_students,
+        cfg.image_size,
+        probe_forward=cfg.quirk_probe_forward,
+        fused_blocks=cfg.fusion_kernel == "triton",
+        method=cfg.method,
+    ).to(device)
     if cfg.sync_bn and world.distributed:
         nets = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets)
     if cfg.channels_last:
         nets = nets.to(memory_format=torch.channels_last)
-    optimizers = make_optimizers(nets, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.fusion_weight_decay,
-                                 cfg.decoder_lr, cfg.decoder_weight_decay, impl=cfg.optimizer_impl)
+    optimizers = make_optimizers(
+        nets,
+        cfg.lr,
+        cfg.momentum,
+        cfg.weight_decay,
+        cfg.fusion_weight_decay,
+        cfg.decoder_lr,
+        cfg.decoder_weight_decay,
+        impl=cfg.optimizer_impl,
+    )
     history: list[dict] = []
     start_epoch = 1
     if saved is not None:
@@ -312,11 +365,18 @@ def _train(cfg: Config, world: World) -> dict:
         shown = "\n  ".join(info.corrupt[:20])
         more = f"\n  … and {len(info.corrupt) - 20} more (all in metrics.jsonl)" if len(info.corrupt) > 20 else ""
         if world.is_main:
-            print(f"ffsd-train: warning: {len(info.corrupt)} image(s) cannot be decoded and are left out:\n  "
-                  f"{shown}{more}", file=sys.stderr, flush=True)
+            print(
+                f"ffsd-train: warning: {len(info.corrupt)} image(s) cannot be decoded and are left out:\n  "
+                f"{shown}{more}",
+                file=sys.stderr,
+                flush=True,
+            )
         run_log.log({"kind": "corrupt_images", "count": len(info.corrupt), "files": list(info.corrupt)}, 0)
-    options = LossOptions(temperature=cfg.temperature, student_sd_uses_lambda_div=cfg.quirk_student_sd_lambda_div,
-                          diversity_enabled=cfg.lambda_div > 0)
+    options = LossOptions(
+        temperature=cfg.temperature,
+        student_sd_uses_lambda_div=cfg.quirk_student_sd_lambda_div,
+        diversity_enabled=cfg.lambda_div > 0,
+    )
     topk = (1, 5) if cfg.dataset == "imagenet" and info.num_classes >= 5 else (1,)
     lambdas = torch.zeros(3, device=device)
     grad_sync = GradientAverager(list(nets.parameters()), world) if world.distributed else None
@@ -325,16 +385,20 @@ def _train(cfg: Config, world: World) -> dict:
         step_fn = CapturedStep(step_fn)
     ckpt_path = os.path.join(run_dir, checkpoint.CHECKPOINT_NAME)
     if world.is_main:
-        print(f"run directory: {run_dir}" + (f"  ({world.world_size} processes)" if world.distributed else ""),
-              flush=True)
+        print(
+            f"run directory: {run_dir}" + (f"  ({world.world_size} processes)" if world.distributed else ""), flush=True
+        )
     train_seconds = sum(h["train_seconds"] for h in history)
     images_seen = sum(h["train_images"] for h in history)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             epoch_lambdas = lambdas_for(cfg, epoch)
             lambdas.copy_(torch.tensor(epoch_lambdas))
-            last_good = (f"the last good checkpoint is {ckpt_path} (epoch {epoch - 1})" if os.path.exists(ckpt_path)
-                         else "no checkpoint was written yet")
+            last_good = (
+                f"the last good checkpoint is {ckpt_path} (epoch {epoch - 1})"
+                if os.path.exists(ckpt_path)
+                else "no checkpoint was written yet"
+            )
             seconds, epoch_images = train_epoch(cfg, epoch, step_fn, train_loader, run_log, last_good, world)
             train_seconds += seconds
             images_seen += epoch_images
@@ -344,49 +408,75 @@ def _train(cfg: Config, world: World) -> dict:
             broadcast_state(nets, world, buffers_only=True)
             accuracies = evaluate(nets, test_loader, topk, world)
             sgd_lr, decoder_lr = learning_rates(cfg, epoch, len(train_loader) - 1, len(train_loader))
-            record = {"kind": "eval", "epoch": epoch, **accuracies, "lr": sgd_lr, "decoder_lr": decoder_lr,
-                      "lambda_div": epoch_lambdas[LAMBDA_DIV], "lambda_sd": epoch_lambdas[LAMBDA_SD],
-                      "lambda_f": epoch_lambdas[LAMBDA_F], "train_seconds": seconds, "train_images": epoch_images,
-                      "images_per_s": epoch_images / seconds}
+            record = {
+                "kind": "eval",
+                "epoch": epoch,
+                **accuracies,
+                "lr": sgd_lr,
+                "decoder_lr": decoder_lr,
+                "lambda_div": epoch_lambdas[LAMBDA_DIV],
+                "lambda_sd": epoch_lambdas[LAMBDA_SD],
+                "lambda_f": epoch_lambdas[LAMBDA_F],
+                "train_seconds": seconds,
+                "train_images": epoch_images,
+                "images_per_s": epoch_images / seconds,
+            }
             history.append(record)
             run_log.log(record, epoch)
             run_log.plot_accuracy(history, cfg.num_students)
             students = " ".join(f"{accuracies[f'student{i}_top1']:.2f}" for i in range(cfg.num_students))
-            leader = (f"leader {accuracies['leader_top1']:.2f}  fusion {accuracies['fusion_top1']:.2f}  "
-                      if "leader_top1" in accuracies else "")
+            leader = (
+                f"leader {accuracies['leader_top1']:.2f}  fusion {accuracies['fusion_top1']:.2f}  "
+                if "leader_top1" in accuracies
+                else ""
+            )
             if world.is_main:
-                tqdm.write(f"epoch {epoch}/{cfg.epochs}  {leader}students {students}  ensemble "
-                           f"{accuracies['ensemble_top1']:.2f}  ({seconds:.1f}s, {epoch_images / seconds:.0f} img/s)")
-                checkpoint.save_atomic({
-                    "format": 1,
-                    "config": to_dict(cfg),
-                    "num_classes": info.num_classes,
-                    "epoch": epoch,
-                    "networks": nets.state_dict(),
-                    "optimizers": [o.state_dict() for o in optimizers],
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "history": history,
-                    "rng": checkpoint.rng_state(),
-                }, ckpt_path)
+                tqdm.write(
+                    f"epoch {epoch}/{cfg.epochs}  {leader}students {students}  ensemble "
+                    f"{accuracies['ensemble_top1']:.2f}  ({seconds:.1f}s, {epoch_images / seconds:.0f} img/s)"
+                )
+                checkpoint.save_atomic(
+                    {
+                        "format": 1,
+                        "config": to_dict(cfg),
+                        "num_classes": info.num_classes,
+                        "epoch": epoch,
+                        "networks": nets.state_dict(),
+                        "optimizers": [o.state_dict() for o in optimizers],
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "history": history,
+                        "rng": checkpoint.rng_state(),
+                    },
+                    ckpt_path,
+                )
             barrier(world)  # no rank runs ahead of a checkpoint that a restart would resume from
     finally:
         run_log.close()
 
     summary = {
         **summarize(history, cfg.num_students, topk),
-        "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "num_students": cfg.num_students,
-        "epochs": cfg.epochs, "world_size": world.world_size,
-        "train_seconds": train_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
+        "method": cfg.method,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "num_students": cfg.num_students,
+        "epochs": cfg.epochs,
+        "world_size": world.world_size,
+        "train_seconds": train_seconds,
+        "images_per_s": images_seen / max(train_seconds, 1e-9),
         "corrupt_images": list(info.corrupt),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "run_dir": os.path.abspath(run_dir), **code_version(),
+        "run_dir": os.path.abspath(run_dir),
+        **code_version(),
     }
     if world.is_main:
-        checkpoint.write_atomic(os.path.join(run_dir, "summary.json"),
-                                lambda fh: fh.write(json.dumps(summary, indent=2).encode()))
+        checkpoint.write_atomic(
+            os.path.join(run_dir, "summary.json"), lambda fh: fh.write(json.dumps(summary, indent=2).encode())
+        )
         print_table(summary, cfg.num_students)
-        print(f"\nrun directory: {os.path.abspath(run_dir)}  (summary.json, metrics.jsonl, accuracy.png, "
-              f"checkpoint.pt)", flush=True)
+        print(
+            f"\nrun directory: {os.path.abspath(run_dir)}  (summary.json, metrics.jsonl, accuracy.png, checkpoint.pt)",
+            flush=True,
+        )
     return summary
 
 

@@ -505,8 +505,9 @@ def normalized_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         A scalar in ``result_dtype(x)``. The gradient reaches both arguments unless the caller detaches one.
     """
     if x.shape != y.shape or x.dim() < 1:
-        raise ValueError(f"normalized_distance expects two tensors of one shape, got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"normalized_distance expects two tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if not use_triton(x, y):
         return normalized_distance_reference(x, y)
     if x.dim() > 4:
@@ -528,8 +529,10 @@ def attention_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         A scalar in ``result_dtype(x)``. The gradient reaches both arguments unless the caller detaches one.
     """
     if x.dim() != 4 or y.dim() != 4 or x.shape[0] != y.shape[0] or x.shape[2:] != y.shape[2:]:
-        raise ValueError(f"attention_distance expects [B, C, H, W] maps of one batch and size, got "
-                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"attention_distance expects [B, C, H, W] maps of one batch and size, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if not use_triton(x, y):
         return attention_distance_reference(x, y)
     a = _AttentionMapFunction.apply(x, torch.float32)

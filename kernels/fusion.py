@@ -44,6 +44,7 @@ FUSION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Kernels: depthwise 3×3 conv (padding 1) with BN statistics, and its backward
 # ---------------------------------------------------------------------------------------------------------------
 
+
 # Forward. With taps t = 3·i + j (i, j ∈ {0, 1, 2}), di = i − 1, dj = j − 1 and zero padding,
 #   y[b, c, h, w] = Σ_t wt[c, t] · x[b, c, h + di, w + dj].
 # A program computes a [BLOCK_C, BLOCK_P] tile (channels × flattened pixels p = h·W + w) of one sample, accumulating
@@ -210,6 +211,7 @@ def _dw_backward_kernel(
     if NEED_X:
         gx_off = pid_b * sgx_b + c64[:, None] * sgx_c + (h.to(tl.int64) * sgx_h + w.to(tl.int64) * sgx_w)[None, :]
         tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=full)
+
 
 # BN-apply + ReLU, per channel c: z = relu(u), u = y·a_c + b_c (a = γ·rsqrt(var + eps), b = β − mean·a are formed by
 # the host from the batch or running statistics, so autograd carries their gradients on to mean, var, γ, β).
@@ -505,10 +507,16 @@ def _check(block: nn.Sequential, inputs: list[torch.Tensor]) -> None:
     conv1 = block[0]
     shape = inputs[0].shape
     channels = conv1.in_channels // max(len(inputs), 1)
-    if (len(shape) != 4 or channels * len(inputs) != conv1.in_channels or shape[1] != channels
-            or any(t.shape != shape for t in inputs)):
-        raise ValueError(f"the fusion block takes maps [B, C, H, W] of one shape whose channels add up to "
-                         f"{conv1.in_channels}, got {[tuple(t.shape) for t in inputs]}")
+    if (
+        len(shape) != 4
+        or channels * len(inputs) != conv1.in_channels
+        or shape[1] != channels
+        or any(t.shape != shape for t in inputs)
+    ):
+        raise ValueError(
+            f"the fusion block takes maps [B, C, H, W] of one shape whose channels add up to "
+            f"{conv1.in_channels}, got {[tuple(t.shape) for t in inputs]}"
+        )
 
 
 def fusion_block(
@@ -597,8 +605,10 @@ class FusionBlock(nn.Sequential):
         return fusion_block(inputs, self)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, num_inputs={self.num_inputs}, out_channels={self.out_channels}, " \
-               f"fused={self.fused}"
+        return (
+            f"channels={self.channels}, num_inputs={self.num_inputs}, out_channels={self.out_channels}, "
+            f"fused={self.fused}"
+        )
 
 
 def _batch_stats(bn: nn.BatchNorm2d) -> bool:

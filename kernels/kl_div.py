@@ -54,8 +54,19 @@ TeacherLogits = torch.Tensor | Sequence[torch.Tensor]
 
 
 @triton.jit
-def _load_chunk(s_row, t_row, cols, mask, stride_sc, stride_tm, stride_tc, num_teachers, inv_temperature,
-                teacher_scale, BLOCK_C: tl.constexpr):
+def _load_chunk(
+    s_row,
+    t_row,
+    cols,
+    mask,
+    stride_sc,
+    stride_tm,
+    stride_tc,
+    num_teachers,
+    inv_temperature,
+    teacher_scale,
+    BLOCK_C: tl.constexpr,
+):
     """One chunk of a row in fp32: the student logits ``s``, ``a = s / T`` and ``b = t̄ / T`` (``t̄`` the mean of the
     ``num_teachers`` teachers' logits; ``teacher_scale = 1 / (T·M)``). Masked lanes are 0."""
     s = tl.load(s_row + cols * stride_sc, mask=mask, other=0.0).to(tl.float32)
@@ -107,8 +118,19 @@ def _kl_fwd_kernel(
         mask = cols < num_classes
         cols = cols.to(tl.int64)
         # Masked lanes load 0 (finite, so no (−inf) − (−inf)); they are kept out of maxima and sums by tl.where.
-        s, a, b = _load_chunk(s_row, t_row, cols, mask, stride_sc, stride_tm, stride_tc, num_teachers,
-                              inv_temperature, teacher_scale, BLOCK_C=BLOCK_C)
+        s, a, b = _load_chunk(
+            s_row,
+            t_row,
+            cols,
+            mask,
+            stride_sc,
+            stride_tm,
+            stride_tc,
+            num_teachers,
+            inv_temperature,
+            teacher_scale,
+            BLOCK_C=BLOCK_C,
+        )
 
         m_a_new = tl.maximum(m_a, tl.max(tl.where(mask, a, float("-inf")), axis=0))
         d_a = d_a * tl.exp(m_a - m_a_new) + tl.sum(tl.where(mask, tl.exp(a - m_a_new), 0.0), axis=0)
@@ -191,8 +213,19 @@ def _kl_bwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = cols < num_classes
         cols = cols.to(tl.int64)
-        s, a, b = _load_chunk(s_row, t_row, cols, mask, stride_sc, stride_tm, stride_tc, num_teachers,
-                              inv_temperature, teacher_scale, BLOCK_C=BLOCK_C)
+        s, a, b = _load_chunk(
+            s_row,
+            t_row,
+            cols,
+            mask,
+            stride_sc,
+            stride_tm,
+            stride_tc,
+            num_teachers,
+            inv_temperature,
+            teacher_scale,
+            BLOCK_C=BLOCK_C,
+        )
         p_t = tl.exp(b - lse_b)
         if STUDENT_GRAD:
             ds = g_kl * (tl.exp(a - lse_a) - p_t)

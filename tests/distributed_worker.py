@@ -60,8 +60,9 @@ def main() -> None:
     nets = networks().train()
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.05, 1e-3)
-    stepper = Stepper(nets, optimizers, lambdas, LossOptions(), ops,
-                      grad_sync=GradientAverager(list(nets.parameters()), world))
+    stepper = Stepper(
+        nets, optimizers, lambdas, LossOptions(), ops, grad_sync=GradientAverager(list(nets.parameters()), world)
+    )
     for step in range(3):
         stepper(*global_batch(seed=100 + 10 * step + world.rank, size=4))
     params = {name: p.detach().clone() for name, p in nets.named_parameters()}

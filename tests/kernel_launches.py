@@ -76,9 +76,11 @@ def compile_for_h100(launch: Launch):
     assert isinstance(launch.kernel, JITFunction), "compile in a process without TRITON_INTERPRET=1"
     fn = launch.kernel.fn
     parameters = inspect.signature(fn).parameters
-    arguments = inspect.signature(fn).bind(
-        *launch.args, **{k: v for k, v in launch.kwargs.items() if k in parameters}
-    ).arguments
+    arguments = (
+        inspect.signature(fn)
+        .bind(*launch.args, **{k: v for k, v in launch.kwargs.items() if k in parameters})
+        .arguments
+    )
     options = {k: v for k, v in launch.kwargs.items() if k not in parameters}
     signature, constexprs, attrs = {}, {}, {}
     for index, (name, parameter) in enumerate(parameters.items()):
@@ -114,8 +116,12 @@ def ptxas_resources(ptx: str, workdir: Path) -> Resources:
     """Registers and spills of the kernel in ``ptx`` as ``ptxas -v -arch=sm_90a`` reports them."""
     path = workdir / "kernel.ptx"
     path.write_text(ptx)
-    result = subprocess.run([str(PTXAS), "-v", "-arch=sm_90a", str(path), "-o", str(workdir / "kernel.cubin")],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [str(PTXAS), "-v", "-arch=sm_90a", str(path), "-o", str(workdir / "kernel.cubin")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = result.stdout + result.stderr
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)

@@ -31,8 +31,22 @@ def test_kernel_sweep_writes_one_row_per_case_mode_and_variant(tmp_path, capsys)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == len(sweep.cases(quick=True)) * len(sweep.MODES) * 2
     for row in rows:
-        assert {"device", "torch", "triton", "commit", "op", "shape", "dtype", "mode", "variant", "ms", "gb_per_s",
-                "floor_ms", "fraction_of_copy_bw", "speedup_vs_eager"} <= row.keys()
+        assert {
+            "device",
+            "torch",
+            "triton",
+            "commit",
+            "op",
+            "shape",
+            "dtype",
+            "mode",
+            "variant",
+            "ms",
+            "gb_per_s",
+            "floor_ms",
+            "fraction_of_copy_bw",
+            "speedup_vs_eager",
+        } <= row.keys()
         assert row["ms"] > 0 and row["bytes"] > 0
         if row["variant"] == "eager":
             assert row["speedup_vs_eager"] == pytest.approx(1.0)
@@ -53,13 +67,39 @@ def test_train_throughput_writes_its_schema(tmp_path, capsys):
     module = _load_script("train_throughput")
     out = tmp_path / "throughput.jsonl"
     variants = ["reference", "one-backward", "fast", "backbones-only"]
-    module.main(["--device", "cpu", "--workload", "cifar100-resnet20-m2-b4", "--variants", ",".join(variants),
-                 "--steps", "2", "--warmup", "1", "--window", "1", "--output", str(out)])
+    module.main(
+        [
+            "--device",
+            "cpu",
+            "--workload",
+            "cifar100-resnet20-m2-b4",
+            "--variants",
+            ",".join(variants),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--window",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["variant"] for r in rows] == variants
     for row in rows:
-        assert {"device", "run_id", "workload", "variant", "images_per_s", "step_ms", "peak_mem_mb", "torch",
-                "triton", "commit"} <= row.keys()
+        assert {
+            "device",
+            "run_id",
+            "workload",
+            "variant",
+            "images_per_s",
+            "step_ms",
+            "peak_mem_mb",
+            "torch",
+            "triton",
+            "commit",
+        } <= row.keys()
         assert row["images_per_s"] > 0 and row["workload"] == "cifar100-resnet20-m2-b4"
     assert len({r["run_id"] for r in rows}) == 1
     assert "vs reference" in capsys.readouterr().out
@@ -71,17 +111,53 @@ def test_data_throughput_dali_row_schema(tmp_path, capsys):
     pytest.importorskip("nvidia.dali")
     script = _load_script("data_throughput")
     out = tmp_path / "results" / "data.jsonl"
-    args = ["--loader", "dali", "--device", "cpu", "--images", "12", "--threads", "1", "--batch-size", "4",
-            "--image-size", "32", "--warmup", "1", "--batches", "4", "--data-root", str(tmp_path / "tree"),
-            "--out", str(out)]
+    args = [
+        "--loader",
+        "dali",
+        "--device",
+        "cpu",
+        "--images",
+        "12",
+        "--threads",
+        "1",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--warmup",
+        "1",
+        "--batches",
+        "4",
+        "--data-root",
+        str(tmp_path / "tree"),
+        "--out",
+        str(out),
+    ]
     script.main(args)
     script.main(args)  # the second run reads the tree the first one made, and appends
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert {"time", "device", "device_type", "torch", "triton", "dali", "commit", "loader", "threads",
-                "batch_size", "image_size", "channels_last", "images", "jpeg_kb", "warmup", "batches", "seconds",
-                "images_per_s"} <= row.keys()
+        assert {
+            "time",
+            "device",
+            "device_type",
+            "torch",
+            "triton",
+            "dali",
+            "commit",
+            "loader",
+            "threads",
+            "batch_size",
+            "image_size",
+            "channels_last",
+            "images",
+            "jpeg_kb",
+            "warmup",
+            "batches",
+            "seconds",
+            "images_per_s",
+        } <= row.keys()
         assert row["loader"] == "dali" and row["device_type"] == "cpu" and row["dali"]
         settings = (row["threads"], row["batch_size"], row["image_size"], row["images"], row["batches"])
         assert settings == (1, 4, 32, 12, 4)  # 4 timed batches run on into the second epoch of 3

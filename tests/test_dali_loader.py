@@ -61,8 +61,17 @@ def _identify(images: torch.Tensor, files: ImageList) -> list[int]:
 
 
 def _loaders(index, **overrides):
-    options = dict(image_size=32, batch_size=4, eval_batch_size=3, device=torch.device("cpu"), seed=5, rank=0,
-                   world_size=1, drop_last=False, threads=2)
+    options = dict(
+        image_size=32,
+        batch_size=4,
+        eval_batch_size=3,
+        device=torch.device("cpu"),
+        seed=5,
+        rank=0,
+        world_size=1,
+        drop_last=False,
+        threads=2,
+    )
     return dali_loaders(index.train, index.val, **{**options, **overrides})
 
 
@@ -75,8 +84,10 @@ def test_dali_is_available():
     assert dali_available()
 
 
-@pytest.mark.parametrize("channels_last, dtype", [(False, torch.float32), (True, torch.float32),
-                                                  (True, torch.bfloat16), (False, torch.float16)])
+@pytest.mark.parametrize(
+    "channels_last, dtype",
+    [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16), (False, torch.float16)],
+)
 def test_batches_are_full_with_the_wanted_dtype_and_layout(tree, channels_last, dtype):
     train, val = _loaders(tree, channels_last=channels_last, dtype=dtype)
     assert len(train) == train_batches(len(tree.train), 4, 1, False) == 5
@@ -129,9 +140,19 @@ def test_augmentation_depends_on_epoch_and_rank_not_only_on_the_order(tree):
     same = ImageList([tree.train.files[0]] * 8, [0] * 8)
 
     def images(epoch: int, rank: int) -> torch.Tensor:
-        train, _ = dali_loaders(same, tree.val, image_size=32, batch_size=4, eval_batch_size=3,
-                                device=torch.device("cpu"), seed=5, rank=rank, world_size=2, drop_last=True,
-                                threads=2)
+        train, _ = dali_loaders(
+            same,
+            tree.val,
+            image_size=32,
+            batch_size=4,
+            eval_batch_size=3,
+            device=torch.device("cpu"),
+            seed=5,
+            rank=rank,
+            world_size=2,
+            drop_last=True,
+            threads=2,
+        )
         return torch.cat([x for x, _ in _epoch(train, epoch)])
 
     reference = images(0, 0)
@@ -150,8 +171,9 @@ def test_evaluation_pads_with_pad_label_and_covers_val_once_over_ranks(tree):
         labels = torch.cat([y for _, y in batches]).tolist()
         read = [i for x, _ in batches for i in _identify(x, tree.val)]
         assert [y for y, i in zip(labels, indices, strict=True) if i < 0] == [PAD_LABEL] * indices.count(-1)
-        assert [(r, y) for r, y, i in zip(read, labels, indices, strict=True) if i >= 0] == \
-            [(i, tree.val.labels[i]) for i in indices if i >= 0]
+        assert [(r, y) for r, y, i in zip(read, labels, indices, strict=True) if i >= 0] == [
+            (i, tree.val.labels[i]) for i in indices if i >= 0
+        ]
         real += [y for y in labels if y != PAD_LABEL]
     assert sorted(real) == sorted(tree.val.labels)
 
@@ -163,8 +185,19 @@ def test_a_corrupt_file_raises_naming_it_instead_of_hanging(tree, tmp_path, posi
     files = list(tree.train.files[:8])
     files[train_indices(len(files), 0, 0, 0, 1, 4, False)[position]] = str(bad)
     broken = ImageList(files, [0] * len(files))
-    train, _ = dali_loaders(broken, tree.val, image_size=32, batch_size=4, eval_batch_size=3,
-                            device=torch.device("cpu"), seed=0, rank=0, world_size=1, drop_last=False, threads=2)
+    train, _ = dali_loaders(
+        broken,
+        tree.val,
+        image_size=32,
+        batch_size=4,
+        eval_batch_size=3,
+        device=torch.device("cpu"),
+        seed=0,
+        rank=0,
+        world_size=1,
+        drop_last=False,
+        threads=2,
+    )
     read = 0
     with pytest.raises(RuntimeError, match=f"DALI cannot read {bad}"):
         for _ in train:
@@ -176,8 +209,16 @@ def test_a_corrupt_file_raises_naming_it_instead_of_hanging(tree, tmp_path, posi
 def test_dali_and_torchvision_read_the_same_files_with_the_same_labels(tree, rank):
     from ffsd_fast.torchvision_loader import torchvision_loaders
 
-    common = dict(image_size=32, batch_size=4, eval_batch_size=3, device=torch.device("cpu"), seed=5, rank=rank,
-                  world_size=2, drop_last=False)
+    common = dict(
+        image_size=32,
+        batch_size=4,
+        eval_batch_size=3,
+        device=torch.device("cpu"),
+        seed=5,
+        rank=rank,
+        world_size=2,
+        drop_last=False,
+    )
     dali = dali_loaders(tree.train, tree.val, threads=1, **common)
     vision = torchvision_loaders(tree.train, tree.val, workers=0, **common)
     for split, files in ((0, tree.train), (1, tree.val)):

@@ -87,7 +87,7 @@ def test_digits_augmentation_translates_without_flipping():
     blank = shifted.min()  # a zero pixel after normalisation: what the padding brings in
     for p, s in zip(plain[:50, 0], shifted[:50, 0], strict=True):
         padded = F.pad(p, [1, 1, 1, 1], value=blank.item())
-        candidates = [padded[r:r + 8, c:c + 8] for r in range(3) for c in range(3)]
+        candidates = [padded[r : r + 8, c : c + 8] for r in range(3) for c in range(3)]
         assert any(torch.allclose(s, cand) for cand in candidates)
     assert torch.equal(next(iter(test))[0], next(iter(test))[0])
 
@@ -168,10 +168,13 @@ def normalise(raw, mean, std):
     return (raw.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("name, num_classes, num_train, test_file, mean, std", [
-    ("cifar10", 10, 100, "test_batch", CIFAR10_MEAN, CIFAR10_STD),
-    ("cifar100", 100, 20, "test", CIFAR100_MEAN, CIFAR100_STD),
-])
+@pytest.mark.parametrize(
+    "name, num_classes, num_train, test_file, mean, std",
+    [
+        ("cifar10", 10, 100, "test_batch", CIFAR10_MEAN, CIFAR10_STD),
+        ("cifar100", 100, 20, "test", CIFAR100_MEAN, CIFAR100_STD),
+    ],
+)
 def test_cifar_tree_loads_and_augments(tmp_path, name, num_classes, num_train, test_file, mean, std):
     folder = write_cifar(tmp_path, num_classes)
     train, test, info = build_loaders(name, str(tmp_path), 32, 200, 4, CPU, 0)
@@ -193,9 +196,10 @@ def test_cifar_tree_loads_and_augments(tmp_path, name, num_classes, num_train, t
     padded = F.pad(plain, [4, 4, 4, 4], mode="reflect")
     changed = 0
     for i in range(len(x)):
-        crops = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
-        assert any(torch.allclose(x[i], crop, atol=1e-6) or torch.allclose(x[i], crop.flip(2), atol=1e-6)
-                   for crop in crops)
+        crops = [padded[i, :, r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
+        assert any(
+            torch.allclose(x[i], crop, atol=1e-6) or torch.allclose(x[i], crop.flip(2), atol=1e-6) for crop in crops
+        )
         changed += not torch.allclose(x[i], plain[i], atol=1e-6)
     assert changed > len(x) // 2
 

@@ -18,8 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)  # the trainer's CPU path needs no Triton
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(tmp_path):
@@ -49,18 +55,43 @@ def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(t
     assert not torch.equal(ranks[0]["params"]["students.0.fc.weight"], networks().students[0].fc.weight)
 
 
-@pytest.mark.parametrize("loader", [
-    "torchvision",
-    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")),
-])
+@pytest.mark.parametrize(
+    "loader",
+    [
+        "torchvision",
+        pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")),
+    ],
+)
 def test_torchrun_trains_imagenet_folders_and_reports_the_corrupt_file(tmp_path, loader):
     root = write_folder(tmp_path / "data", train=4)
     corrupt = root / "train" / "bee" / "1.jpg"
     corrupt.write_bytes(corrupt.read_bytes()[:300])  # truncated: the header opens, the decode fails
     out = tmp_path / "runs"
-    result = torchrun("ffsd_fast/train.py", "--imagenet", "--data-root", str(root), "--model", "resnet18",
-                      "--image-size", "64", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--loader",
-                      loader, "--output-dir", str(out), "--run-name", "r", "--workers", "1", "--no-progress")
+    result = torchrun(
+        "ffsd_fast/train.py",
+        "--imagenet",
+        "--data-root",
+        str(root),
+        "--model",
+        "resnet18",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--loader",
+        loader,
+        "--output-dir",
+        str(out),
+        "--run-name",
+        "r",
+        "--workers",
+        "1",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(corrupt) in result.stderr and result.stderr.count("cannot be decoded") == 1  # rank 0 alone says it
     summary = json.loads((out / "r" / "summary.json").read_text())
@@ -73,10 +104,33 @@ def test_torchrun_trains_imagenet_folders_and_reports_the_corrupt_file(tmp_path,
     if loader != "torchvision":
         return  # resuming is the trainer's, not the loader's: checked once
     # --resume auto continues the run where it stopped: epoch 2 only.
-    result = torchrun("ffsd_fast/train.py", "--imagenet", "--data-root", str(root), "--model", "resnet18",
-                      "--image-size", "64", "--batch-size", "4", "--epochs", "2", "--device", "cpu", "--loader",
-                      loader, "--output-dir", str(out), "--run-name", "r", "--workers", "1", "--no-progress",
-                      "--resume", "auto")
+    result = torchrun(
+        "ffsd_fast/train.py",
+        "--imagenet",
+        "--data-root",
+        str(root),
+        "--model",
+        "resnet18",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--loader",
+        loader,
+        "--output-dir",
+        str(out),
+        "--run-name",
+        "r",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--resume",
+        "auto",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in evals if r["kind"] == "eval"] == [1, 2]
@@ -88,7 +142,12 @@ def test_gpu_defaults_are_the_measured_fastest_and_cpu_gets_none(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     gpu = resolve(Config(device="cuda"))
     assert (gpu.amp, gpu.channels_last, gpu.kernels, gpu.fusion_kernel, gpu.cuda_graph) == (
-        "bf16", True, "triton", "torch", True)
+        "bf16",
+        True,
+        "triton",
+        "torch",
+        True,
+    )
     cpu = resolve(Config(device="cpu"))
     assert (cpu.amp, cpu.channels_last, cpu.kernels, cpu.cuda_graph) == ("off", False, "torch", False)
     monkeypatch.setenv("WORLD_SIZE", "8")
@@ -123,9 +182,20 @@ def test_resume_auto_finds_the_newest_checkpoint_of_this_run(tmp_path):
 
 def test_a_bad_data_root_stops_every_rank_with_one_line(tmp_path):
     # Rank 0 lists the tree; the others wait for it. Its error must reach them, or they would wait forever.
-    result = torchrun("ffsd_fast/train.py", "--imagenet", "--data-root", str(tmp_path / "nowhere"), "--model",
-                      "resnet18", "--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--no-progress",
-                      timeout=120)
+    result = torchrun(
+        "ffsd_fast/train.py",
+        "--imagenet",
+        "--data-root",
+        str(tmp_path / "nowhere"),
+        "--model",
+        "resnet18",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--no-progress",
+        timeout=120,
+    )
     assert result.returncode != 0
     assert result.stderr.count("ffsd-train: error: imagenet: data root") == 2, result.stderr[-2000:]
     # torchrun prints its own summary of the failed children; no traceback comes from our code.

@@ -44,8 +44,11 @@ from tests.test_kernels import (  # noqa: F401  (_report_worst_errors: prints th
 
 DEVICE = "cpu" if INTERPRETER else "cuda"
 # On a GPU machine (no interpreter) the whole module runs on CUDA, and `make gpu-check` selects it with `-m cuda`.
-pytestmark = [pytest.mark.skipif(not (INTERPRETER or torch.cuda.is_available()),
-                                 reason="needs Triton's interpreter or a CUDA device")]
+pytestmark = [
+    pytest.mark.skipif(
+        not (INTERPRETER or torch.cuda.is_available()), reason="needs Triton's interpreter or a CUDA device"
+    )
+]
 pytestmark += [pytest.mark.cuda] if DEVICE == "cuda" else []
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -137,8 +140,9 @@ MAP_CASES = [
 def test_attention_map(shape, view, dtype):
     x = feature(shape, dtype, view)
     upstream = torch.randn(shape[0], 1, *shape[2:], dtype=torch.float64)
-    a = compare("attention_map", dtype, attention_map, attention_map64, [x], ["grad"], upstream,
-                value_kind=elementwise_error)
+    a = compare(
+        "attention_map", dtype, attention_map, attention_map64, [x], ["grad"], upstream, value_kind=elementwise_error
+    )
     assert a.shape == (shape[0], 1, *shape[2:]) and a.dtype == dtype
 
 
@@ -146,8 +150,16 @@ def test_attention_map_small_blocks(small_blocks):
     for view in ("nchw", "channels_last", "slice_hw"):
         x = feature((2, 7, 3, 5), torch.float32, view)
         upstream = torch.randn(2, 1, 3, 5, dtype=torch.float64)
-        compare("attention_map", torch.float32, attention_map, attention_map64, [x], ["grad"], upstream,
-                value_kind=elementwise_error)
+        compare(
+            "attention_map",
+            torch.float32,
+            attention_map,
+            attention_map64,
+            [x],
+            ["grad"],
+            upstream,
+            value_kind=elementwise_error,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,8 +183,15 @@ def test_normalized_distance(shape, view_x, view_y, dtype):
     x, y = feature(shape, dtype, view_x), feature(shape, dtype, view_y)
     # Scaled like a loss under fp16 loss scaling: unscaled, the gradients of a 56·56 map (~2/(B·N·‖x‖)·|u − v|,
     # about 1e-7) are below fp16's normal range and lose their digits.
-    d = compare("normalized_distance", dtype, normalized_distance, normalized_distance64, [x, y],
-                ["grad_x", "grad_y"], upstream=-0.6 * 1024)
+    d = compare(
+        "normalized_distance",
+        dtype,
+        normalized_distance,
+        normalized_distance64,
+        [x, y],
+        ["grad_x", "grad_y"],
+        upstream=-0.6 * 1024,
+    )
     assert d.shape == () and d.dtype == dtype
 
 
@@ -180,19 +199,40 @@ def test_normalized_distance(shape, view_x, view_y, dtype):
 def test_normalized_distance_other_ranks(shape):
     x = torch.randn(shape, device=DEVICE, requires_grad=True)
     y = torch.randn(shape, device=DEVICE, requires_grad=True)
-    compare("normalized_distance", torch.float32, normalized_distance, normalized_distance64, [x, y],
-            ["grad_x", "grad_y"], upstream=2.5)
+    compare(
+        "normalized_distance",
+        torch.float32,
+        normalized_distance,
+        normalized_distance64,
+        [x, y],
+        ["grad_x", "grad_y"],
+        upstream=2.5,
+    )
 
 
 def test_normalized_distance_detached_and_small_blocks(small_blocks):
     x = feature((2, 3, 5, 7), torch.float32, "channels_last")
     y = feature((2, 3, 5, 7), torch.float32, "slice_hw", requires_grad=False)
-    compare("normalized_distance", torch.float32, normalized_distance, normalized_distance64, [x, y],
-            ["grad_x", None], upstream=1.7)
+    compare(
+        "normalized_distance",
+        torch.float32,
+        normalized_distance,
+        normalized_distance64,
+        [x, y],
+        ["grad_x", None],
+        upstream=1.7,
+    )
     x = feature((2, 3, 5, 7), torch.float32, "nchw", requires_grad=False)
     y = feature((2, 3, 5, 7), torch.float32, "slice_c")
-    compare("normalized_distance", torch.float32, normalized_distance, normalized_distance64, [x, y],
-            [None, "grad_y"], upstream=1.7)
+    compare(
+        "normalized_distance",
+        torch.float32,
+        normalized_distance,
+        normalized_distance64,
+        [x, y],
+        [None, "grad_y"],
+        upstream=1.7,
+    )
 
 
 def test_normalized_distance_zero_samples():
@@ -203,8 +243,9 @@ def test_normalized_distance_zero_samples():
     y[2] = 0
     x.requires_grad_()
     y.requires_grad_()
-    compare("normalized_distance", torch.float32, normalized_distance, normalized_distance64, [x, y],
-            ["grad_x", "grad_y"])
+    compare(
+        "normalized_distance", torch.float32, normalized_distance, normalized_distance64, [x, y], ["grad_x", "grad_y"]
+    )
     assert torch.all(x.grad[1] == 0) and torch.all(y.grad[1] == 0)
 
 
@@ -232,23 +273,36 @@ ATTENTION_CASES = [
 def test_attention_distance(shape, channels_y, view_x, view_y, dtype):
     x = feature(shape, dtype, view_x)
     y = feature((shape[0], channels_y, *shape[2:]), dtype, view_y)
-    d = compare("attention_distance", dtype, attention_distance, attention_distance64, [x, y],
-                ["grad_x", "grad_y"], upstream=3.7)
+    d = compare(
+        "attention_distance",
+        dtype,
+        attention_distance,
+        attention_distance64,
+        [x, y],
+        ["grad_x", "grad_y"],
+        upstream=3.7,
+    )
     assert d.shape == () and d.dtype == dtype
 
 
 def test_attention_distance_detached_and_small_blocks(small_blocks):
     x = feature((2, 5, 3, 7), torch.float32, "channels_last")
     y = feature((2, 3, 3, 7), torch.float32, "slice_hw", requires_grad=False)
-    compare("attention_distance", torch.float32, attention_distance, attention_distance64, [x, y],
-            ["grad_x", None], upstream=0.4)
+    compare(
+        "attention_distance",
+        torch.float32,
+        attention_distance,
+        attention_distance64,
+        [x, y],
+        ["grad_x", None],
+        upstream=0.4,
+    )
 
 
 def test_attention_distance_relu_features():
     x = feature((2, 8, 7, 7), torch.float32, "channels_last", fn=torch.relu)
     y = feature((2, 4, 7, 7), torch.float32, "channels_last", fn=torch.relu)
-    compare("attention_distance", torch.float32, attention_distance, attention_distance64, [x, y],
-            ["grad_x", "grad_y"])
+    compare("attention_distance", torch.float32, attention_distance, attention_distance64, [x, y], ["grad_x", "grad_y"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,8 +362,15 @@ def test_diversity_loss_streamed_rows(small_blocks):
     # Rows longer than BLOCK: the selection re-reads the row in chunks on every pass.
     for make_y in (positive, relu_map, quantised):
         x = positive((2, 1, 7, 9), torch.float32, requires_grad=True)
-        compare("diversity_loss", torch.float32, diversity_loss, diversity_loss64, [x, make_y((2, 1, 7, 9),
-                torch.float32)], ["grad_x", None], upstream=0.7)
+        compare(
+            "diversity_loss",
+            torch.float32,
+            diversity_loss,
+            diversity_loss64,
+            [x, make_y((2, 1, 7, 9), torch.float32)],
+            ["grad_x", None],
+            upstream=0.7,
+        )
 
 
 def test_diversity_loss_y_gets_no_gradient():
@@ -369,8 +430,15 @@ def test_diversity_shift_zero_sample_and_small_blocks(small_blocks):
     upstream = torch.randn(y.shape, dtype=torch.float64)
     compare("diversity_shift", torch.float32, diversity_shift, diversity_shift64, [y], ["grad"], upstream)
     y = feature((2, 3, 7, 5), torch.float32, "slice_hw", fn=lambda t: t.round())
-    compare("diversity_shift", torch.float32, diversity_shift, diversity_shift64, [y], ["grad"],
-            torch.randn(y.shape, dtype=torch.float64))
+    compare(
+        "diversity_shift",
+        torch.float32,
+        diversity_shift,
+        diversity_shift64,
+        [y],
+        ["grad"],
+        torch.randn(y.shape, dtype=torch.float64),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,18 +521,22 @@ def test_modules_equal_functions():
     assert ffsd_kernels.DiversityLoss is DiversityLoss
 
 
-@pytest.mark.parametrize("op, shapes", [
-    (attention_map, [(2, 3, 4)]),
-    (attention_map, [(2, 3, 4, 5, 6)]),
-    (normalized_distance, [(2, 3, 4, 5), (2, 3, 5, 4)]),
-    (normalized_distance, [(), ()]),
-    (attention_distance, [(2, 3, 4, 5), (3, 3, 4, 5)]),
-    (attention_distance, [(2, 3, 4, 5), (2, 3, 4, 6)]),
-    (attention_distance, [(2, 3, 20), (2, 3, 20)]),
-    (diversity_loss, [(2, 1, 4, 4), (2, 1, 4, 5)]),
-    (diversity_loss, [(), ()]),
-    (diversity_shift, [(2, 16, 4)]),
-], ids=lambda v: v.__name__ if callable(v) else str(v))
+@pytest.mark.parametrize(
+    "op, shapes",
+    [
+        (attention_map, [(2, 3, 4)]),
+        (attention_map, [(2, 3, 4, 5, 6)]),
+        (normalized_distance, [(2, 3, 4, 5), (2, 3, 5, 4)]),
+        (normalized_distance, [(), ()]),
+        (attention_distance, [(2, 3, 4, 5), (3, 3, 4, 5)]),
+        (attention_distance, [(2, 3, 4, 5), (2, 3, 4, 6)]),
+        (attention_distance, [(2, 3, 20), (2, 3, 20)]),
+        (diversity_loss, [(2, 1, 4, 4), (2, 1, 4, 5)]),
+        (diversity_loss, [(), ()]),
+        (diversity_shift, [(2, 16, 4)]),
+    ],
+    ids=lambda v: v.__name__ if callable(v) else str(v),
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_bad_shapes_raise(op, shapes, dtype):
     with pytest.raises(ValueError):

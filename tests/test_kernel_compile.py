@@ -22,8 +22,11 @@ import ffsd_kernels as K
 from ffsd_kernels import _dispatch
 from tests.kernel_launches import compile_for_h100, forbid_host_syncs, ptxas_resources, recorded_launches
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="records launches through Triton's interpreter (TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="records launches through Triton's interpreter (TRITON_INTERPRET=1)",
+)
+
 
 def _t(shape, dtype=torch.float32, grad=True, channels_last=False):
     x = torch.randn(shape, dtype=dtype)
@@ -44,31 +47,40 @@ CASES = {
     "kl_div[128,100]fp32,teacher-grad": lambda: K.kl_div_loss(_t((128, 100)), _t((128, 100)), 4.0),
     "kl_div[256,1000]fp32,mean-of-3": lambda: K.kl_div_loss(_t((256, 1000)), [_t((256, 1000), grad=False)] * 3, 2.0),
     "kl_div[256,1000]bf16": lambda: K.kl_div_loss(_t((256, 1000), BF16), _t((256, 1000), BF16), 2.0),
-    "cross_entropy_kl[128,100]fp32,mean-of-2": lambda: sum(K.cross_entropy_kl_loss(
-        _t((128, 100)), [_t((128, 100), grad=False)] * 2, _labels(128, 100), 2.0)),
-    "cross_entropy_kl[64,128256]bf16": lambda: sum(K.cross_entropy_kl_loss(
-        _t((64, 128256), BF16), _t((64, 128256), BF16, False), _labels(64, 128256), 1.0)),
+    "cross_entropy_kl[128,100]fp32,mean-of-2": lambda: sum(
+        K.cross_entropy_kl_loss(_t((128, 100)), [_t((128, 100), grad=False)] * 2, _labels(128, 100), 2.0)
+    ),
+    "cross_entropy_kl[64,128256]bf16": lambda: sum(
+        K.cross_entropy_kl_loss(_t((64, 128256), BF16), _t((64, 128256), BF16, False), _labels(64, 128256), 1.0)
+    ),
     "mutual_kl[2,128,100]fp32": lambda: K.mutual_kl_loss([_t((128, 100)), _t((128, 100))], 2.0).sum(),
     "mutual_kl[4,256,1000]bf16": lambda: K.mutual_kl_loss(_t((4, 256, 1000), BF16), 2.0).sum(),
     "attention_distance[16,64,56,56]bf16,channels-last": lambda: K.attention_distance(
-        _t((16, 64, 56, 56), BF16, channels_last=True), _t((16, 64, 56, 56), BF16, channels_last=True)),
+        _t((16, 64, 56, 56), BF16, channels_last=True), _t((16, 64, 56, 56), BF16, channels_last=True)
+    ),
     "attention_distance[128,64,8,8]fp32": lambda: K.attention_distance(_t((128, 64, 8, 8)), _t((128, 128, 8, 8))),
     "attention_map[8,16,32,32]fp32,slice": lambda: K.attention_map(_t((8, 16, 32, 40))[..., 3:35]).sum(),
-    "normalized_distance[128,32,16,16]fp32": lambda: K.normalized_distance(_t((128, 32, 16, 16)),
-                                                                           _t((128, 32, 16, 16), grad=False)),
+    "normalized_distance[128,32,16,16]fp32": lambda: K.normalized_distance(
+        _t((128, 32, 16, 16)), _t((128, 32, 16, 16), grad=False)
+    ),
     "normalized_distance[64,3000]bf16": lambda: K.normalized_distance(_t((64, 3000), BF16), _t((64, 3000), BF16)),
     "diversity_loss[128,1,8,8]fp32": lambda: K.diversity_loss(_t((128, 1, 8, 8)), _t((128, 1, 8, 8), grad=False)),
-    "diversity_loss[16,1,56,56]bf16": lambda: K.diversity_loss(_t((16, 1, 56, 56), BF16),
-                                                               _t((16, 1, 56, 56), BF16, False)),
+    "diversity_loss[16,1,56,56]bf16": lambda: K.diversity_loss(
+        _t((16, 1, 56, 56), BF16), _t((16, 1, 56, 56), BF16, False)
+    ),
     "diversity_shift[128,64,8,8]fp32,channels-last": lambda: K.diversity_shift(
-        _t((128, 64, 8, 8), channels_last=True)).sum(),
+        _t((128, 64, 8, 8), channels_last=True)
+    ).sum(),
     "fusion_block[8,2x64,8,8]fp32": lambda: K.FusionBlock(64, 2, 64)([_t((8, 64, 8, 8)), _t((8, 64, 8, 8))]).sum(),
-    "fusion_block[8,2x512,7,7]bf16,channels-last": lambda: K.FusionBlock(512, 2, 512).to(BF16)(
-        [_t((8, 512, 7, 7), BF16, channels_last=True) for _ in range(2)]).sum(),
-    "fusion_block[8,3x64,56,56]fp32,channels-last,eval": lambda: K.FusionBlock(64, 3, 64).eval()(
-        [_t((8, 64, 56, 56), channels_last=True) for _ in range(3)]).sum(),
-    "trans_fusion_head[8,64->128,8,8]fp64": lambda: K.FusionBlock(64, 1, 128).double()(
-        _t((8, 64, 8, 8), torch.float64)).sum(),
+    "fusion_block[8,2x512,7,7]bf16,channels-last": lambda: (
+        K.FusionBlock(512, 2, 512).to(BF16)([_t((8, 512, 7, 7), BF16, channels_last=True) for _ in range(2)]).sum()
+    ),
+    "fusion_block[8,3x64,56,56]fp32,channels-last,eval": lambda: (
+        K.FusionBlock(64, 3, 64).eval()([_t((8, 64, 56, 56), channels_last=True) for _ in range(3)]).sum()
+    ),
+    "trans_fusion_head[8,64->128,8,8]fp64": lambda: (
+        K.FusionBlock(64, 1, 128).double()(_t((8, 64, 8, 8), torch.float64)).sum()
+    ),
 }
 
 
@@ -108,8 +120,14 @@ def compile_every_case() -> dict[str, list[dict]]:
 def compiled_cases() -> dict[str, list[dict]]:
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "tests.test_kernel_compile"], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.test_kernel_compile"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 

@@ -18,8 +18,11 @@ from ffsd_kernels.fusion import FusionBlock
 from tests.kernel_launches import forbid_host_syncs, recorded_launches
 
 DEVICE = "cpu" if INTERPRETER else "cuda"
-pytestmark = [pytest.mark.skipif(not (INTERPRETER or torch.cuda.is_available()),
-                                 reason="needs Triton's interpreter or a CUDA device")]
+pytestmark = [
+    pytest.mark.skipif(
+        not (INTERPRETER or torch.cuda.is_available()), reason="needs Triton's interpreter or a CUDA device"
+    )
+]
 pytestmark += [pytest.mark.cuda] if DEVICE == "cuda" else []
 TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 WORST: dict[str, float] = {}
@@ -28,8 +31,12 @@ WORST: dict[str, float] = {}
 def sequential(channels: int, num_inputs: int, out_channels: int) -> nn.Sequential:
     total = channels * num_inputs
     return nn.Sequential(
-        nn.Conv2d(total, total, 3, padding=1, groups=total, bias=False), nn.BatchNorm2d(total), nn.ReLU(),
-        nn.Conv2d(total, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(),
+        nn.Conv2d(total, total, 3, padding=1, groups=total, bias=False),
+        nn.BatchNorm2d(total),
+        nn.ReLU(),
+        nn.Conv2d(total, out_channels, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
     )
 
 
@@ -66,7 +73,7 @@ def make_inputs(shape, num_inputs, dtype, layouts):
             x = wide[:, ::2]
         elif layout == "slice_hw":  # a window of a larger channels-last map
             big = torch.randn((shape[0], shape[1], shape[2] + 2, shape[3] + 3), dtype=dtype, device=DEVICE)
-            x = big.contiguous(memory_format=torch.channels_last)[:, :, 1:1 + shape[2], 2:2 + shape[3]]
+            x = big.contiguous(memory_format=torch.channels_last)[:, :, 1 : 1 + shape[2], 2 : 2 + shape[3]]
         xs.append(x.detach().requires_grad_(True))
     return xs
 
@@ -164,9 +171,20 @@ def test_state_dict_matches_sequential():
     got = {k: tuple(v.shape) for k, v in block.state_dict().items()}
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert got == want
-    assert list(got) == ["0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var",
-                         "1.num_batches_tracked", "3.weight", "4.weight", "4.bias", "4.running_mean",
-                         "4.running_var", "4.num_batches_tracked"]
+    assert list(got) == [
+        "0.weight",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "3.weight",
+        "4.weight",
+        "4.bias",
+        "4.running_mean",
+        "4.running_var",
+        "4.num_batches_tracked",
+    ]
     ref.load_state_dict(block.state_dict())
     block.load_state_dict(ref.state_dict())
 
@@ -232,9 +250,14 @@ def test_depthwise_function_with_stats_outputs():
     grads = [torch.randn_like(t) for t in (y_ref, mean_ref, var_ref)]
     torch.autograd.backward([y, mean, var], grads)
     torch.autograd.backward([y_ref, mean_ref, var_ref], grads)
-    for name, got, want in [("y", y, y_ref), ("mean", mean, mean_ref), ("var", var, var_ref),
-                            ("grad weight", weight.grad, w_ref.grad), ("grad x0", xs[0].grad, x_ref[0].grad),
-                            ("grad x1", xs[1].grad, x_ref[1].grad)]:
+    for name, got, want in [
+        ("y", y, y_ref),
+        ("mean", mean, mean_ref),
+        ("var", var, var_ref),
+        ("grad weight", weight.grad, w_ref.grad),
+        ("grad x0", xs[0].grad, x_ref[0].grad),
+        ("grad x1", xs[1].grad, x_ref[1].grad),
+    ]:
         check(f"depthwise {name}", got, want, 1e-12)
 
 

@@ -353,8 +353,12 @@ def test_non_contiguous_inputs(view, device):
     mutual_ref = mutual64(list(z64.unbind(0)), temperature)
     (kl_ref + 0.5 * ce_ref + 1.5 * kl_mean_ref + mutual_ref.sum()).backward()
 
-    for name, value, ref in [("kl", kl, kl_ref), ("ce", ce, ce_ref), ("kl_mean", kl_mean, kl_mean_ref),
-                             ("mutual", mutual, mutual_ref)]:
+    for name, value, ref in [
+        ("kl", kl, kl_ref),
+        ("ce", ce, ce_ref),
+        ("kl_mean", kl_mean, kl_mean_ref),
+        ("mutual", mutual, mutual_ref),
+    ]:
         check("strided", torch.float32, f"value_{name}", value_error(value, ref))
 
     def viewed(grad):  # the gradient at the viewed positions of the base
@@ -397,24 +401,28 @@ def test_autocast_returns_float32(device):
     assert s.grad.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("call", [
-    lambda s: kl_div_loss(s, torch.randn(4, 11)),
-    lambda s: kl_div_loss(s, [torch.randn(4, 10), torch.randn(4, 11)]),
-    lambda s: kl_div_loss(s, []),
-    lambda s: kl_div_loss(s, torch.randn(3, 4, 11)),
-    lambda s: kl_div_loss(s, torch.randn(2, 3, 4, 10)),
-    lambda s: kl_div_loss(s[0], torch.randn(10)),
-    lambda s: kl_div_loss(s, torch.randn(4, 10), temperature=0.0),
-    lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(5, dtype=torch.long)),
-    lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(4, 1, dtype=torch.long)),
-    lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(4)),
-    lambda s: cross_entropy_kl_loss(s, torch.randn(5, 10), torch.zeros(4, dtype=torch.long)),
-    lambda s: mutual_kl_loss([s]),
-    lambda s: mutual_kl_loss(s.unsqueeze(0)),
-    lambda s: mutual_kl_loss(s),
-    lambda s: mutual_kl_loss([s, torch.randn(4, 11)]),
-    lambda s: mutual_kl_loss([s, s], temperature=-1.0),
-], ids=lambda _: "")
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: kl_div_loss(s, torch.randn(4, 11)),
+        lambda s: kl_div_loss(s, [torch.randn(4, 10), torch.randn(4, 11)]),
+        lambda s: kl_div_loss(s, []),
+        lambda s: kl_div_loss(s, torch.randn(3, 4, 11)),
+        lambda s: kl_div_loss(s, torch.randn(2, 3, 4, 10)),
+        lambda s: kl_div_loss(s[0], torch.randn(10)),
+        lambda s: kl_div_loss(s, torch.randn(4, 10), temperature=0.0),
+        lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(5, dtype=torch.long)),
+        lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(4, 1, dtype=torch.long)),
+        lambda s: cross_entropy_kl_loss(s, torch.randn(4, 10), torch.zeros(4)),
+        lambda s: cross_entropy_kl_loss(s, torch.randn(5, 10), torch.zeros(4, dtype=torch.long)),
+        lambda s: mutual_kl_loss([s]),
+        lambda s: mutual_kl_loss(s.unsqueeze(0)),
+        lambda s: mutual_kl_loss(s),
+        lambda s: mutual_kl_loss([s, torch.randn(4, 11)]),
+        lambda s: mutual_kl_loss([s, s], temperature=-1.0),
+    ],
+    ids=lambda _: "",
+)
 def test_bad_shapes_raise(call):
     with pytest.raises(ValueError):
         call(torch.randn(4, 10))

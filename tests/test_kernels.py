@@ -114,8 +114,10 @@ def leaf64(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
 
 
 def kl64(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    return temperature * temperature * F.kl_div(
-        F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean"
+    return (
+        temperature
+        * temperature
+        * F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="batchmean")
     )
 
 
@@ -257,12 +259,15 @@ def test_kl_detached_teacher_gets_no_gradient():
     assert s.grad is not None and s.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("student_shape, teacher_shape", [
-    ((4, 10), (4, 11)),
-    ((4, 10), (5, 10)),
-    ((10,), (10,)),
-    ((2, 3, 4), (2, 3, 4)),
-])
+@pytest.mark.parametrize(
+    "student_shape, teacher_shape",
+    [
+        ((4, 10), (4, 11)),
+        ((4, 10), (5, 10)),
+        ((10,), (10,)),
+        ((2, 3, 4), (2, 3, 4)),
+    ],
+)
 def test_kl_bad_shapes_raise(student_shape, teacher_shape):
     with pytest.raises(ValueError):
         kl_div_loss(torch.randn(student_shape), torch.randn(teacher_shape))
@@ -423,17 +428,21 @@ def test_attention_half_precision(layout, dtype, device):
     check("attention_distance", dtype, "grad_y", grad_error(y.grad, y64.grad), tol=2e-2)
 
 
-@pytest.mark.parametrize("op, args", [
-    (attention_map, [(2, 3, 4)]),
-    (attention_map, [(2, 3, 4, 5, 6)]),
-    (normalized_distance, [(2, 3, 4, 5), (2, 3, 4, 6)]),
-    (normalized_distance, [(2, 1, 4, 5), (3, 1, 4, 5)]),
-    (attention_distance, [(2, 3, 4, 5), (3, 3, 4, 5)]),
-    (attention_distance, [(2, 3, 4, 5), (2, 3, 5, 4)]),
-    (attention_distance, [(2, 3, 4, 5), (2, 3, 4, 6)]),
-    (attention_distance, [(2, 3, 20), (2, 3, 20)]),
-    (attention_distance, [(2, 3, 4, 5), (2, 12, 5)]),
-], ids=lambda v: v.__name__ if callable(v) else str(v))
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        (attention_map, [(2, 3, 4)]),
+        (attention_map, [(2, 3, 4, 5, 6)]),
+        (normalized_distance, [(2, 3, 4, 5), (2, 3, 4, 6)]),
+        (normalized_distance, [(2, 1, 4, 5), (3, 1, 4, 5)]),
+        (attention_distance, [(2, 3, 4, 5), (3, 3, 4, 5)]),
+        (attention_distance, [(2, 3, 4, 5), (2, 3, 5, 4)]),
+        (attention_distance, [(2, 3, 4, 5), (2, 3, 4, 6)]),
+        (attention_distance, [(2, 3, 20), (2, 3, 20)]),
+        (attention_distance, [(2, 3, 4, 5), (2, 12, 5)]),
+    ],
+    ids=lambda v: v.__name__ if callable(v) else str(v),
+)
 def test_attention_bad_shapes_raise(op, args):
     with pytest.raises(ValueError):
         op(*[torch.randn(shape) for shape in args])
@@ -568,8 +577,12 @@ def test_diversity_hand_computed(dtype):
     y2 = torch.cat([y, -y], dim=1)
     out2 = diversity_shift(y2)
     half_shift = (expected - y.double()) / 2
-    check("diversity_shift", dtype, "value",
-          value_error(out2, torch.cat([y.double() + half_shift, -y.double() + half_shift], dim=1)))
+    check(
+        "diversity_shift",
+        dtype,
+        "value",
+        value_error(out2, torch.cat([y.double() + half_shift, -y.double() + half_shift], dim=1)),
+    )
 
 
 def test_diversity_bad_shapes_raise():
@@ -589,8 +602,11 @@ def test_diversity_bad_shapes_raise():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("interpreter", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not _dispatch.INTERPRETER, reason="needs TRITON_INTERPRET=1"))], ids=["reference", "interpreted"])
+@pytest.mark.parametrize(
+    "interpreter",
+    [False, pytest.param(True, marks=pytest.mark.skipif(not _dispatch.INTERPRETER, reason="needs TRITON_INTERPRET=1"))],
+    ids=["reference", "interpreted"],
+)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_public_against_reference_on_fp32_cpu(layout, interpreter, monkeypatch):
     monkeypatch.setattr(_dispatch, "INTERPRETER", interpreter)
@@ -603,8 +619,10 @@ def test_public_against_reference_on_fp32_cpu(layout, interpreter, monkeypatch):
         (ffsd_kernels.kl_div_loss(s, t, 3.0), ffsd_kernels.kl_div_loss_reference(s, t, 3.0)),
         (KLDivLoss(3.0)(s, t), ffsd_kernels.kl_div_loss_reference(s, t, 3.0)),
         (ffsd_kernels.kl_div_loss(s, [t, s], 3.0), ffsd_kernels.kl_div_loss_reference(s, [t, s], 3.0)),
-        (torch.stack(ffsd_kernels.cross_entropy_kl_loss(s, t, labels, 3.0)),
-         torch.stack(ffsd_kernels.cross_entropy_kl_loss_reference(s, t, labels, 3.0))),
+        (
+            torch.stack(ffsd_kernels.cross_entropy_kl_loss(s, t, labels, 3.0)),
+            torch.stack(ffsd_kernels.cross_entropy_kl_loss_reference(s, t, labels, 3.0)),
+        ),
         (ffsd_kernels.mutual_kl_loss([s, t], 3.0), ffsd_kernels.mutual_kl_loss_reference([s, t], 3.0)),
         (ffsd_kernels.attention_map(x), ffsd_kernels.attention_map_reference(x)),
         (ffsd_kernels.normalized_distance(a, b), ffsd_kernels.normalized_distance_reference(a, b)),

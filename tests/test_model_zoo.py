@@ -68,8 +68,21 @@ def test_forward_shapes_match_tap_shapes(name, size):
 
 
 @pytest.mark.parametrize("name", ZOO)
-@pytest.mark.parametrize("size,ok", [(32, True), (64, True), (16, True), (8, True), (4, True), (30, False),
-                                     (7, False), (6, False), (2, False), (0, False)])
+@pytest.mark.parametrize(
+    "size,ok",
+    [
+        (32, True),
+        (64, True),
+        (16, True),
+        (8, True),
+        (4, True),
+        (30, False),
+        (7, False),
+        (6, False),
+        (2, False),
+        (0, False),
+    ],
+)
 def test_check_image_size(name, size, ok):
     if ok:
         models.check_image_size(name, size)
@@ -160,8 +173,9 @@ def test_ffsd_step(name):
     optimizers = make_optimizers(nets)
     before = [p.detach().clone() for p in nets.leader.backbone.parameters()]
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
-    terms = train_step(nets, optimizers, x, y, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(),
-                       ffsd_kernels.reference)
+    terms = train_step(
+        nets, optimizers, x, y, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ffsd_kernels.reference
+    )
     assert torch.isfinite(terms.total)
     assert all(torch.isfinite(v).all() for v in terms.values.values())
     after = list(nets.leader.backbone.parameters())

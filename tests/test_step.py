@@ -35,8 +35,9 @@ def test_step_makes_no_host_synchronisation(setup, monkeypatch, kernels, channel
     # The fused optimisers (the default); foreach on a CPU reads Adam's step count on the host (not on a GPU, where it
     # is capturable).
     optimizers = make_optimizers(nets)
-    stepper = Stepper(nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ops, amp,
-                      channels_last=channels_last)
+    stepper = Stepper(
+        nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ops, amp, channels_last=channels_last
+    )
     set_learning_rates(optimizers, 0.05, 1e-4)
     # The interpreter reads tensors on the host to run a kernel: here the Triton launches are recorded, not run.
     launches = recorded_launches(monkeypatch, execute=False) if INTERPRETER else contextlib.nullcontext([])
@@ -58,8 +59,9 @@ def test_bf16_channels_last_stays_close_to_fp32():
     twin = copy.deepcopy(nets).to(memory_format=torch.channels_last)
     lambdas = torch.tensor([1e-5, 1000.0, 10.0])
     fp32 = Stepper(nets, make_optimizers(nets), lambdas, LossOptions(), ffsd_kernels.reference)
-    bf16 = Stepper(twin, make_optimizers(twin), lambdas, LossOptions(), ffsd_kernels.reference, torch.bfloat16,
-                   channels_last=True)
+    bf16 = Stepper(
+        twin, make_optimizers(twin), lambdas, LossOptions(), ffsd_kernels.reference, torch.bfloat16, channels_last=True
+    )
     for stepper in (fp32, bf16):
         set_learning_rates(stepper.optimizers, 0.05, 1e-3)
     worst = 0.0
@@ -102,8 +104,9 @@ def test_terms_weighted_in_one_place(setup):
     assert torch.allclose(weighted["decoder_leader.feature"], 7.0 * terms.values["decoder_leader.feature"])
     assert torch.equal(weighted["leader.ce"], terms.values["leader.ce"])
     clean = train_step(nets, optimizers, x, y, lambdas, LossOptions(student_sd_uses_lambda_div=False), ffsd_kernels)
-    assert torch.allclose(clean.weighted["student1.self_distillation"],
-                          7.0 * clean.values["student1.self_distillation"])
+    assert torch.allclose(
+        clean.weighted["student1.self_distillation"], 7.0 * clean.values["student1.self_distillation"]
+    )
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs TRITON_INTERPRET=1")
@@ -146,8 +149,9 @@ def test_fp16_step_scales_the_loss_without_a_host_synchronisation(setup, monkeyp
     """fp16 autocast with the gradient scaler: the fused optimisers unscale and skip on the device."""
     nets, optimizers, x, y = setup
     amp_dtype, scaler = mixed_precision("fp16", x.device)
-    stepper = Stepper(nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ffsd_kernels.reference,
-                      amp_dtype, scaler)
+    stepper = Stepper(
+        nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ffsd_kernels.reference, amp_dtype, scaler
+    )
     before = scaler.get_scale()
     forbid_host_syncs(monkeypatch)
     terms = stepper(x, y)

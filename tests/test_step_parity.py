@@ -56,8 +56,16 @@ def test_parity_fast_step_equals_sequential_reference(model, image_size, clean_s
             x = torch.randn(6, 3, image_size, image_size)
             y = torch.randint(0, 10, (6,))
             train_step(nets, fast_opts, x, y, lambdas, options, ffsd_kernels)
-            reference_step(reference, ref_opts, x, y, lambda_div, lambda_sd, lambda_f,
-                           student_sd_lambda=lambda_sd if clean_student_sd else None)
+            reference_step(
+                reference,
+                ref_opts,
+                x,
+                y,
+                lambda_div,
+                lambda_sd,
+                lambda_f,
+                student_sd_lambda=lambda_sd if clean_student_sd else None,
+            )
             if step in (0, 2):
                 errors.append(_max_relative_error(nets, reference))
         print(f"parity {model} m={num_students} clean_sd={clean_student_sd}: worst relative error {max(errors):.2e}")
@@ -83,11 +91,17 @@ def test_parity_detects_a_wrong_term():
         torch.set_default_dtype(torch.float32)
 
 
-@pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.cuda,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
-])
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param(
+            "cpu", marks=pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs TRITON_INTERPRET=1")
+        ),
+        pytest.param(
+            "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+        ),
+    ],
+)
 def test_triton_kernels_step_equals_torch_step(device, request):
     """``--kernels triton`` (fused losses and fusion blocks) against ``--kernels torch``: every loss term, every
     gradient and every BatchNorm statistic, in float32."""

@@ -36,8 +36,14 @@ def one_line_error(capsys, args):
 def test_short_run_writes_every_artifact(tmp_path):
     run = run_ok([*FAST, "--epochs", "2", "--log-every", "5"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("leader_top1", "fusion_top1", "ensemble_top1", "average_top1", "oracle_ensemble_top1",
-                "best_leader_top1"):
+    for key in (
+        "leader_top1",
+        "fusion_top1",
+        "ensemble_top1",
+        "average_top1",
+        "oracle_ensemble_top1",
+        "best_leader_top1",
+    ):
         assert 0.0 <= summary[key] <= 100.0
     assert len(summary["students_top1"]) == 2
     assert summary["average_top1"] == pytest.approx(sum(summary["students_top1"]) / 2)
@@ -113,8 +119,14 @@ def test_compile_flag_compiles_every_network(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(type(self).__name__))
     run_ok([*FAST, "--compile"], tmp_path)
-    assert sorted(compiled) == ["CifarResNet", "CifarResNet", "FusionModule", "Leader", "SelfDistillationDecoder",
-                                "SelfDistillationDecoder"]
+    assert sorted(compiled) == [
+        "CifarResNet",
+        "CifarResNet",
+        "FusionModule",
+        "Leader",
+        "SelfDistillationDecoder",
+        "SelfDistillationDecoder",
+    ]
 
 
 def test_cuda_graph_on_a_cpu_is_a_one_line_error(capsys):
@@ -155,7 +167,7 @@ def test_export_loads_into_stock_torchvision_resnet(tmp_path):
     from ffsd_fast import models
 
     ours = models.create("resnet18", 10)
-    ours.load_state_dict({k[len("leader.backbone."):]: v for k, v in full.items() if k.startswith("leader.backbone.")})
+    ours.load_state_dict({k[len("leader.backbone.") :]: v for k, v in full.items() if k.startswith("leader.backbone.")})
     stock.eval()
     ours.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -237,26 +249,61 @@ def test_config_file_and_flags(capsys, tmp_path):
 
 
 def test_cli_error_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "ffsd_fast.train", "--model", "nope"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ffsd_fast.train", "--model", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
 
 
 def test_help_documents_every_flag():
-    proc = subprocess.run([sys.executable, "-m", "ffsd_fast.train", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ffsd_fast.train", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert proc.returncode == 0
-    for flag in ("--model", "--dataset", "--imagenet", "--data-root", "--num-students", "--epochs", "--batch-size",
-                 "--image-size", "--lr", "--seed", "--device", "--output-dir", "--resume", "--kernels", "-c"):
+    for flag in (
+        "--model",
+        "--dataset",
+        "--imagenet",
+        "--data-root",
+        "--num-students",
+        "--epochs",
+        "--batch-size",
+        "--image-size",
+        "--lr",
+        "--seed",
+        "--device",
+        "--output-dir",
+        "--resume",
+        "--kernels",
+        "-c",
+    ):
         assert flag in proc.stdout, flag
 
 
 def test_torchrun_runs_the_script(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=1", "ffsd_fast/train.py", *FAST,
-                           "--output-dir", str(tmp_path), "--run-name", "tr"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=1",
+            "ffsd_fast/train.py",
+            *FAST,
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "tr",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "tr" / "summary.json").is_file()
 
@@ -275,8 +322,9 @@ def test_demo_leader_learns(tmp_path):
 def test_trains_on_a_cifar_tree(tmp_path, num_classes):
     write_cifar(tmp_path / "data", num_classes, train_per_file=40 if num_classes == 100 else 8, test=20)
     dataset = f"cifar{num_classes}"
-    run = run_ok(["--dataset", dataset, "--data-root", str(tmp_path / "data"), *FAST, "--batch-size", "16"],
-                 tmp_path, dataset)
+    run = run_ok(
+        ["--dataset", dataset, "--data-root", str(tmp_path / "data"), *FAST, "--batch-size", "16"], tmp_path, dataset
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["dataset"] == dataset and len(summary["students_top1"]) == 2
     assert checkpoint.load(str(run))["num_classes"] == num_classes
@@ -285,8 +333,22 @@ def test_trains_on_a_cifar_tree(tmp_path, num_classes):
 def test_trains_on_an_image_folder_with_top5(tmp_path):
     classes = [f"n{i:03d}" for i in range(6)]
     write_folder(tmp_path / "data", classes=classes, train=4, val=2)
-    run = run_ok(["--imagenet", "--data-root", str(tmp_path / "data"), "--model", "resnet18", "--image-size", "64",
-                  *FAST, "--batch-size", "8"], tmp_path, "imagenet")
+    run = run_ok(
+        [
+            "--imagenet",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--model",
+            "resnet18",
+            "--image-size",
+            "64",
+            *FAST,
+            "--batch-size",
+            "8",
+        ],
+        tmp_path,
+        "imagenet",
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert "leader_top5" in summary and summary["leader_top5"] >= summary["leader_top1"]
 
@@ -307,8 +369,18 @@ def test_shipped_recipes_train_on_generated_data_of_their_shape(path, tmp_path):
     else:
         root, batch = tmp_path / "data", 4
         write_cifar(root, 100, train_per_file=2, test=4)
-    args = ["-c", os.path.join(ROOT, "configs", path), "--data-root", str(root), "--epochs", "1",
-            "--batch-size", str(batch), "--log-every", "1"]
+    args = [
+        "-c",
+        os.path.join(ROOT, "configs", path),
+        "--data-root",
+        str(root),
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(batch),
+        "--log-every",
+        "1",
+    ]
     run = run_ok([*args, "--no-progress", "--workers", "0"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["model"] in path and summary["epochs"] == 1 and 0.0 <= summary["leader_top1"] <= 100.0

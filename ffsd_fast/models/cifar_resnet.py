@@ -1,6 +1,5 @@
 """CIFAR ResNet-(6n+2) with a projection shortcut, returning the three stage outputs as taps."""
 
-
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock

@@ -1,6 +1,5 @@
 """DenseNet for small images (no bottleneck, no compression), returning the three dense blocks' outputs as taps."""
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,6 +1,5 @@
 """GoogLeNet for small images (no downsampling stem), returning the outputs of inception 3b, 4e and 5b as taps."""
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

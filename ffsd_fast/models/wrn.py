@@ -1,6 +1,5 @@
 """Wide ResNet WRN-d-k for small images, pre-activation blocks, returning the three stage outputs as taps."""
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
