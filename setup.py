@@ -26,9 +26,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "ffsd-train=ffsd_fast.train:main",
-            "ffsd-export=ffsd_fast.export:main",
-            "ffsd-eval=ffsd_fast.eval:main",
+            "ffsd-train=ffsd_fast.cli.train:main",
+            "ffsd-export=ffsd_fast.cli.export:main",
+            "ffsd-eval=ffsd_fast.cli.eval:main",
         ]
     },
 )

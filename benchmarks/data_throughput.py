@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ffsd_fast.image_folder import ImageFolderIndex, find_images  # noqa: E402
-from ffsd_fast.runlog import commit_label  # noqa: E402
+from ffsd_fast.data.image_folder import ImageFolderIndex, find_images  # noqa: E402
+from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
 
 LOADERS = ("dali", "torchvision")
 CLASSES = 10
@@ -111,15 +111,17 @@ def build_loader(name: str, index: ImageFolderIndex, args: argparse.Namespace, d
         channels_last=args.channels_last,
     )
     if name == "dali":
-        from ffsd_fast.dali_loader import dali_available, dali_loaders
+        from ffsd_fast.data.dali_loader import dali_available, dali_loaders
 
         if not dali_available():
             raise SystemExit("--loader dali: nvidia.dali (with its PyTorch plugin) does not import here")
         return dali_loaders(index.train, index.val, threads=args.threads, **options)[0]
     try:
-        from ffsd_fast.torchvision_loader import torchvision_loaders
+        from ffsd_fast.data.torchvision_loader import torchvision_loaders
     except ImportError as error:
-        raise SystemExit(f"--loader torchvision: ffsd_fast.torchvision_loader is not importable ({error})") from None
+        raise SystemExit(
+            f"--loader torchvision: ffsd_fast.data.torchvision_loader is not importable ({error})"
+        ) from None
     return torchvision_loaders(index.train, index.val, workers=args.threads, **options)[0]
 
 

@@ -34,7 +34,7 @@ import torch
 import triton
 
 import ffsd_kernels as K
-from ffsd_fast.runlog import commit_label
+from ffsd_fast.trainer.runlog import commit_label
 from ffsd_kernels._dispatch import use_triton
 
 ROOT = Path(__file__).resolve().parent.parent

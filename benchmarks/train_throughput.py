@@ -47,11 +47,12 @@ import triton  # noqa: E402
 
 import ffsd_kernels  # noqa: E402
 import ffsd_kernels.reference  # noqa: E402
-from ffsd_fast.graph import CapturedStep  # noqa: E402
-from ffsd_fast.losses import LossOptions  # noqa: E402
-from ffsd_fast.method import build_networks, compile_networks  # noqa: E402
-from ffsd_fast.runlog import commit_label  # noqa: E402
-from ffsd_fast.step import Stepper, make_optimizers, set_learning_rates  # noqa: E402
+from ffsd_fast.method.losses import LossOptions  # noqa: E402
+from ffsd_fast.method.networks import build_networks, compile_networks  # noqa: E402
+from ffsd_fast.step.cuda_graph import CapturedStep  # noqa: E402
+from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
+from ffsd_fast.step.train_step import Stepper  # noqa: E402
+from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
 from tests.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
 
 VARIANTS = (

@@ -14,10 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ffsd_kernels.reference as ops  # noqa: E402
-from ffsd_fast.distributed import GradientAverager, close_world, init_world  # noqa: E402
-from ffsd_fast.losses import LossOptions, ffsd_losses  # noqa: E402
-from ffsd_fast.method import build_networks  # noqa: E402
-from ffsd_fast.step import Stepper, make_optimizers, set_learning_rates  # noqa: E402
+from ffsd_fast.method.losses import LossOptions, ffsd_losses  # noqa: E402
+from ffsd_fast.method.networks import build_networks  # noqa: E402
+from ffsd_fast.step.distributed import GradientAverager, close_world, init_world  # noqa: E402
+from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
+from ffsd_fast.step.train_step import Stepper  # noqa: E402
 
 LAMBDAS = (1e-5, 1000.0, 10.0)
 

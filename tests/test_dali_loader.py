@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from ffsd_fast.dali_loader import dali_available, dali_loaders  # noqa: E402
-from ffsd_fast.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from ffsd_fast.image_folder import ImageList, find_images  # noqa: E402
-from ffsd_fast.sampling import PAD_LABEL, eval_indices, train_batches, train_indices  # noqa: E402
+from ffsd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ffsd_fast.data.dali_loader import dali_available, dali_loaders  # noqa: E402
+from ffsd_fast.data.image_folder import ImageList, find_images  # noqa: E402
+from ffsd_fast.data.sampling import PAD_LABEL, eval_indices, train_batches, train_indices  # noqa: E402
 
 SIZES = [(37, 53), (70, 41), (45, 45), (64, 33)]  # (width, height): odd, not square
 TRAIN_PER_CLASS, VAL_PER_CLASS = (5, 6, 7), (2, 3, 2)
@@ -207,7 +207,7 @@ def test_a_corrupt_file_raises_naming_it_instead_of_hanging(tree, tmp_path, posi
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_dali_and_torchvision_read_the_same_files_with_the_same_labels(tree, rank):
-    from ffsd_fast.torchvision_loader import torchvision_loaders
+    from ffsd_fast.data.torchvision_loader import torchvision_loaders
 
     common = dict(
         image_size=32,

@@ -6,10 +6,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ffsd_fast.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetInfo, build_loaders
+from ffsd_fast.data.common import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetInfo, DataSpec
+from ffsd_fast.data.loaders import build_loaders as build_from_spec
 from ffsd_fast.errors import UserError
 
 CPU = torch.device("cpu")
+PLACEMENT = ("rank", "world_size", "dtype", "channels_last", "index")
+
+
+def build_loaders(dataset, data_root, image_size, batch_size, eval_batch_size, device, seed, **kwargs):
+    """``build_loaders`` with the spec's fields spelled out: the keyword arguments that place the loaders (rank,
+    world size, dtype, memory format, index) go to it, the rest into the ``DataSpec``."""
+    placement = {k: kwargs.pop(k) for k in PLACEMENT if k in kwargs}
+    spec = DataSpec(dataset, data_root, image_size, batch_size, eval_batch_size, seed, **kwargs)
+    return build_from_spec(spec, device, **placement)
 
 
 def digits(batch_size=64, eval_batch_size=100, image_size=32, seed=0, **kwargs):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ffsd_fast.data import dali_available
+from ffsd_fast.data.loaders import dali_available
 from tests.distributed_worker import LAMBDAS, eval_mode_batchnorm, global_batch, networks
 from tests.test_data import write_folder
 
@@ -34,7 +34,7 @@ def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(t
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     import ffsd_kernels.reference as ops
-    from ffsd_fast.losses import LossOptions, ffsd_losses
+    from ffsd_fast.method.losses import LossOptions, ffsd_losses
 
     nets = eval_mode_batchnorm(networks())
     ffsd_losses(nets, *global_batch(), torch.tensor(LAMBDAS), LossOptions(), ops).total.backward()
@@ -137,7 +137,7 @@ def test_torchrun_trains_imagenet_folders_and_reports_the_corrupt_file(tmp_path,
 
 
 def test_gpu_defaults_are_the_measured_fastest_and_cpu_gets_none(monkeypatch):
-    from ffsd_fast.config import Config, resolve
+    from ffsd_fast.trainer.config import Config, resolve
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     gpu = resolve(Config(device="cuda"))
@@ -156,8 +156,8 @@ def test_gpu_defaults_are_the_measured_fastest_and_cpu_gets_none(monkeypatch):
 
 
 def test_resume_auto_finds_the_newest_checkpoint_of_this_run(tmp_path):
-    from ffsd_fast.config import Config, resolve
-    from ffsd_fast.train import find_auto_resume
+    from ffsd_fast.trainer.config import Config, resolve
+    from ffsd_fast.trainer.run_dir import find_auto_resume
 
     cfg = resolve(Config(device="cpu", output_dir=str(tmp_path)))
     assert find_auto_resume(cfg) is None  # nothing yet: a fresh start

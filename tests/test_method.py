@@ -7,7 +7,7 @@ import torch
 
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
-from ffsd_fast.method import SelfDistillationDecoder, build_networks
+from ffsd_fast.method.networks import SelfDistillationDecoder, build_networks
 
 
 @pytest.mark.parametrize("model,size", [("resnet20", 32), ("resnet32", 16), ("resnet18", 64), ("resnet50", 64)])

@@ -9,9 +9,10 @@ from torch import nn
 import ffsd_kernels.reference
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
-from ffsd_fast.losses import LossOptions
-from ffsd_fast.method import build_networks
-from ffsd_fast.step import make_optimizers, train_step
+from ffsd_fast.method.losses import LossOptions
+from ffsd_fast.method.networks import build_networks
+from ffsd_fast.step.optimizers import make_optimizers
+from ffsd_fast.step.train_step import train_step
 
 ZOO = ["wrn16_2", "wrn40_2", "densenet40", "googlenet"]
 

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from ffsd_fast.method import build_networks
-from ffsd_fast.reference_weights import fusion_from_reference, leader_from_reference, unwrap
+from ffsd_fast.method.networks import build_networks
+from ffsd_fast.method.reference_weights import fusion_from_reference, leader_from_reference, unwrap
 
 
 class ReferenceLayoutBlock(nn.Module):

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from ffsd_fast.report import main
+from ffsd_fast.cli.report import main
 
 
 def _summary(tmp_path, name, **fields):

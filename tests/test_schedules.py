@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ffsd_fast.schedules import imagenet_sgd_lr, multistep_lr, warmed_up_lambda
+from ffsd_fast.step.schedules import imagenet_sgd_lr, multistep_lr, warmed_up_lambda
 
 
 def test_lambda_warmup():

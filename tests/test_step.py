@@ -8,10 +8,12 @@ import torch
 
 import ffsd_kernels
 import ffsd_kernels.reference
-from ffsd_fast.graph import CapturedStep
-from ffsd_fast.losses import LossOptions
-from ffsd_fast.method import build_networks
-from ffsd_fast.step import Stepper, make_optimizers, mixed_precision, set_learning_rates, train_step
+from ffsd_fast.method.losses import LossOptions
+from ffsd_fast.method.networks import build_networks
+from ffsd_fast.step.cuda_graph import CapturedStep
+from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates
+from ffsd_fast.step.precision import mixed_precision
+from ffsd_fast.step.train_step import Stepper, train_step
 from ffsd_kernels._dispatch import INTERPRETER
 from tests.kernel_launches import forbid_host_syncs, recorded_launches
 

@@ -7,9 +7,10 @@ import torch
 
 import ffsd_kernels
 import ffsd_kernels.reference
-from ffsd_fast.losses import LossOptions, ffsd_losses
-from ffsd_fast.method import build_networks
-from ffsd_fast.step import make_optimizers, train_step
+from ffsd_fast.method.losses import LossOptions, ffsd_losses
+from ffsd_fast.method.networks import build_networks
+from ffsd_fast.step.optimizers import make_optimizers
+from ffsd_fast.step.train_step import train_step
 from ffsd_kernels._dispatch import INTERPRETER
 from tests.sequential_reference import make_reference_optimizers, reference_step
 

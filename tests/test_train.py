@@ -11,10 +11,13 @@ import torchvision
 
 import ffsd_kernels
 import ffsd_kernels.reference
-from ffsd_fast import checkpoint, models, train
-from ffsd_fast.eval import main as eval_main
-from ffsd_fast.export import main as export_main
-from ffsd_fast.train import main
+from ffsd_fast import models
+from ffsd_fast.cli.eval import main as eval_main
+from ffsd_fast.cli.export import main as export_main
+from ffsd_fast.cli.train import main
+from ffsd_fast.method.losses import kernel_ops
+from ffsd_fast.step.precision import mixed_precision
+from ffsd_fast.trainer import checkpoint
 from tests.test_data import write_cifar, write_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +112,7 @@ def test_channels_last_foreach_run(tmp_path):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
 def test_amp_flag_picks_the_autocast_dtype_and_scaler(amp):
-    dtype, scaler = train.mixed_precision(amp, torch.device("cpu"))
+    dtype, scaler = mixed_precision(amp, torch.device("cpu"))
     assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     assert (scaler is not None) == (amp == "fp16")
 
@@ -231,15 +234,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
 
 
 def test_kernels_flag_picks_the_loss_library():
-    assert train.kernel_ops("triton") is ffsd_kernels
-    assert train.kernel_ops("torch") is ffsd_kernels.reference
+    assert kernel_ops("triton") is ffsd_kernels
+    assert kernel_ops("torch") is ffsd_kernels.reference
     assert ffsd_kernels.reference.kl_div_loss is ffsd_kernels.kl_div_loss_reference
 
 
 def test_config_file_and_flags(capsys, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: resnet32\nlambda_f: 3.0\n")
-    from ffsd_fast.config import parse_args
+    from ffsd_fast.trainer.config import parse_args
 
     config = parse_args(["-c", str(cfg), "--lambda-f", "4"])
     assert config.model == "resnet32" and config.lambda_f == 4.0
@@ -355,7 +358,7 @@ def test_trains_on_an_image_folder_with_top5(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(ROOT, "configs")) if p.endswith(".yaml")))
 def test_shipped_configs_resolve(path):
-    from ffsd_fast.config import parse_args, resolve
+    from ffsd_fast.trainer.config import parse_args, resolve
 
     cfg = resolve(parse_args(["-c", os.path.join(ROOT, "configs", path), "--data-root", "/data"]))
     assert cfg.epochs >= 1 and cfg.model in path

@@ -11,7 +11,16 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from ffsd_fast.method import FFSDNetworks, SelfDistillationDecoder
+import ffsd_kernels
+import ffsd_kernels.reference
+from ffsd_fast.method.networks import FFSDNetworks, SelfDistillationDecoder
+
+
+def kernel_ops(name: str) -> ModuleType:
+    """The loss library behind ``--kernels``: the fused ops (Triton on CUDA tensors, their references elsewhere) or
+    the plain PyTorch references under the same names."""
+    return ffsd_kernels if name == "triton" else ffsd_kernels.reference
+
 
 # Index of each λ in the device tensor that the step receives (warmed up by the trainer each epoch).
 LAMBDA_DIV, LAMBDA_SD, LAMBDA_F = 0, 1, 2

@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from ffsd_fast.errors import UserError
+from ffsd_fast.files import write_atomic
 
 # torchvision's IMG_EXTENSIONS: the files an ImageFolder would take.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -144,8 +145,6 @@ def check_images(paths: list[str], workers: int, cache_path: str | None = None) 
         for (path, signature), reason in zip(todo, reasons, strict=True):
             results[path] = [signature, reason]
         if cache_path:
-            from ffsd_fast.checkpoint import write_atomic
-
             merged = {**cache, **{p: r for p, r in results.items() if r[0] is not None}}
             os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
             write_atomic(cache_path, lambda fh: fh.write(json.dumps(merged).encode()))

@@ -10,8 +10,8 @@ last, partial one of an epoch) runs the same step eagerly, on the same parameter
 import torch
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.losses import LossTerms
-from ffsd_fast.step import Stepper
+from ffsd_fast.method.losses import LossTerms
+from ffsd_fast.step.train_step import Stepper
 
 
 def check_capturable(device: torch.device, optimizer_impl: str) -> None:

@@ -1,10 +1,9 @@
-"""Data loading for FFSD: scikit-learn digits, CIFAR-10/100 and ImageNet-style image folders.
+"""The datasets that fit in device memory (scikit-learn digits, CIFAR-10/100): one tensor on the device, augmented
+there in batches, the last training batch possibly partial, as in the reference.
 
-Every loader yields ``(images, labels)`` already on the training device: ``images`` ``[B, 3, image_size,
-image_size]``, normalised; ``labels`` int64 ``[B]``. Which samples each rank visits in each epoch, and how, is
-``ffsd_fast.sampling``'s rule, shared by all loaders. Digits and CIFAR live as one tensor on the device and are
-augmented there in batches (the last training batch may be partial, as in the reference); ImageNet folders go
-through DALI (``ffsd_fast.dali_loader``) or torchvision (``ffsd_fast.torchvision_loader``), in full batches only.
+Every loader of ``ffsd_fast.data`` yields ``(images, labels)`` already on the training device: ``images``
+``[B, 3, image_size, image_size]``, normalised; ``labels`` int64 ``[B]``. Which samples each rank visits in each
+epoch, and how, is ``ffsd_fast.data.sampling``'s rule, shared by all loaders.
 
 Evaluation shards are disjoint, so every test sample is counted exactly once over all ranks: sum the per-rank
 counts (``all_reduce``) after the loop, and do not run per-batch collectives during evaluation, since ranks may
@@ -17,47 +16,17 @@ import math
 import os
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 
+from ffsd_fast.data.common import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetInfo, DataSpec
+from ffsd_fast.data.sampling import AUGMENTATION, PERMUTATION, generator, shard, train_batches
 from ffsd_fast.errors import UserError
-from ffsd_fast.image_folder import ImageFolderIndex, index_images
-from ffsd_fast.sampling import AUGMENTATION, PERMUTATION, generator, samples_per_rank, shard, train_batches
-
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
-DEFAULT_DATASET = "digits"
-
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 DIGITS_NUM_TRAIN = 1347  # of 1797; the remaining 450 are the test split
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the model and the schedule need to know about a dataset."""
-
-    name: str  # 'digits' | 'cifar10' | 'cifar100' | 'imagenet'
-    num_classes: int
-    num_train: int  # samples in the whole training set (all ranks)
-    num_test: int
-    corrupt: tuple[str, ...] = ()  # image files left out because they could not be decoded
-
-
-class Loader(Protocol):
-    """An epoch-aware iterable of ``(images, labels)`` batches on the device."""
-
-    def __len__(self) -> int: ...
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def _random_crop(padded: torch.Tensor, size: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -153,8 +122,8 @@ class TensorLoader:
             yield x.expand(-1, 3, -1, -1).contiguous(), self.labels[index]
 
 
-def _digits(
-    image_size: int, device: torch.device, batch_size: int, eval_batch_size: int, common: dict
+def digits_loaders(
+    spec: DataSpec, device: torch.device, rank: int = 0, world_size: int = 1
 ) -> tuple[TensorLoader, TensorLoader, DatasetInfo]:
     """scikit-learn's 8x8 digits (shipped with the library, no download), split 1347/450.
 
@@ -166,6 +135,9 @@ def _digits(
     """
     from sklearn.datasets import load_digits
 
+    image_size = spec.image_size
+    common = dict(seed=spec.seed, drop_last=spec.drop_last, rank=rank, world_size=world_size)
+
     digits = load_digits()
     permutation = np.random.RandomState(0).permutation(len(digits.target))
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
@@ -176,9 +148,17 @@ def _digits(
     mean, std = images[train].mean().item(), images[train].std().item()
     stats = dict(mean=(mean,), std=(std,), image_size=image_size)
     train_loader = TensorLoader(
-        images[train], labels[train], batch_size=batch_size, train=True, pad=max(1, image_size // 8), **stats, **common
+        images[train],
+        labels[train],
+        batch_size=spec.batch_size,
+        train=True,
+        pad=max(1, image_size // 8),
+        **stats,
+        **common,
     )
-    test_loader = TensorLoader(images[test], labels[test], batch_size=eval_batch_size, train=False, **stats, **common)
+    test_loader = TensorLoader(
+        images[test], labels[test], batch_size=spec.eval_batch_size, train=False, **stats, **common
+    )
     return train_loader, test_loader, DatasetInfo("digits", 10, len(train), len(test))
 
 
@@ -207,10 +187,12 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
-def _cifar(
-    name: str, root: str, image_size: int, device: torch.device, batch_size: int, eval_batch_size: int, common: dict
+def cifar_loaders(
+    spec: DataSpec, device: torch.device, rank: int = 0, world_size: int = 1
 ) -> tuple[TensorLoader, TensorLoader, DatasetInfo]:
     """CIFAR-10/100 from the official python-format tree; the reference augmentation, done on the device."""
+    name, root = spec.dataset, os.path.expanduser(spec.data_root)
+    common = dict(seed=spec.seed, drop_last=spec.drop_last, rank=rank, world_size=world_size)
     cls, num_classes = (_CIFAR10, 10) if name == "cifar10" else (_CIFAR100, 100)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     folder = os.path.join(root, cls.base_folder)
@@ -234,149 +216,17 @@ def _cifar(
         return images.to(device), labels.to(device)
 
     (train_x, train_y), (test_x, test_y) = load(True), load(False)
-    stats = dict(mean=mean, std=std, image_size=image_size)
+    stats = dict(mean=mean, std=std, image_size=spec.image_size)
     train_loader = TensorLoader(
-        train_x, train_y, batch_size=batch_size, train=True, pad=4, pad_mode="reflect", flip=True, **stats, **common
+        train_x,
+        train_y,
+        batch_size=spec.batch_size,
+        train=True,
+        pad=4,
+        pad_mode="reflect",
+        flip=True,
+        **stats,
+        **common,
     )
-    test_loader = TensorLoader(test_x, test_y, batch_size=eval_batch_size, train=False, **stats, **common)
+    test_loader = TensorLoader(test_x, test_y, batch_size=spec.eval_batch_size, train=False, **stats, **common)
     return train_loader, test_loader, DatasetInfo(name, num_classes, len(train_y), len(test_y))
-
-
-LOADERS = ("auto", "dali", "torchvision")
-
-
-def dali_available() -> bool:
-    from ffsd_fast.dali_loader import dali_available as importable  # imported here: it imports this module
-
-    return importable()
-
-
-def _imagenet(
-    index: ImageFolderIndex,
-    loader: str,
-    image_size: int,
-    device: torch.device,
-    batch_size: int,
-    eval_batch_size: int,
-    seed: int,
-    drop_last: bool,
-    workers: int,
-    rank: int,
-    world_size: int,
-    dtype: torch.dtype,
-    channels_last: bool,
-) -> tuple[Loader, Loader, DatasetInfo]:
-    """The tree's train and val lists through DALI or torchvision; both take the same samples in full batches."""
-    if loader == "auto":
-        loader = "dali" if dali_available() else "torchvision"
-    if loader == "dali" and not dali_available():
-        raise UserError(
-            "--loader dali: NVIDIA DALI is not installed (pip install 'ffsd-fast[dali]', i.e. "
-            "nvidia-dali-cuda130), or use --loader torchvision"
-        )
-    _check_shard(len(index.train), batch_size, drop_last, world_size)
-    common = dict(
-        image_size=image_size,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        device=device,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=drop_last,
-        dtype=dtype,
-        channels_last=channels_last,
-    )
-    if loader == "dali":
-        from ffsd_fast.dali_loader import dali_loaders
-
-        train_loader, val_loader = dali_loaders(index.train, index.val, threads=max(workers, 1), **common)
-    else:
-        from ffsd_fast.torchvision_loader import torchvision_loaders
-
-        train_loader, val_loader = torchvision_loaders(index.train, index.val, workers=workers, **common)
-    info = DatasetInfo("imagenet", len(index.classes), len(index.train), len(index.val), tuple(index.corrupt))
-    return train_loader, val_loader, info
-
-
-def _check_shard(num_train: int, batch_size: int, drop_last: bool, world_size: int) -> None:
-    per_rank = samples_per_rank(num_train, world_size, drop_last)
-    if drop_last and per_rank < batch_size:
-        raise UserError(
-            f"training shard of {per_rank} samples per rank ({num_train} over {world_size} ranks) is "
-            f"smaller than the batch size {batch_size}, so drop_last would leave no batch"
-        )
-
-
-def build_loaders(
-    dataset: str,
-    data_root: str | None,
-    image_size: int,
-    batch_size: int,
-    eval_batch_size: int,
-    device: torch.device,
-    seed: int,
-    drop_last: bool = False,
-    workers: int = 4,
-    rank: int = 0,
-    world_size: int = 1,
-    loader: str = "auto",
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
-    index: ImageFolderIndex | None = None,
-    check_images: bool = True,
-) -> tuple[Loader, Loader, DatasetInfo]:
-    """Train and eval loaders for this rank, plus the dataset's facts.
-
-    ``dataset`` is one of ``DATASETS``; ``data_root`` is needed by all but 'digits'. The train loader
-    shuffles and augments from ``(seed, epoch)`` only (call ``set_epoch`` before each epoch) and keeps the last
-    partial batch unless ``drop_last``; the eval loader keeps a fixed order and never drops. For 'imagenet':
-    ``loader`` (auto: DALI when installed), ``workers`` (DataLoader processes or DALI threads), the output
-    ``dtype`` and memory format, and ``index``, the tree's file lists (default: ``index_images(data_root)``, which
-    with ``check_images`` decodes every image once and leaves the corrupt ones out).
-    """
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    for name, value, low in (
-        ("image size", image_size, 1),
-        ("batch size", batch_size, 1),
-        ("eval batch size", eval_batch_size, 1),
-        ("world size", world_size, 1),
-        ("number of workers", workers, 0),
-    ):
-        if value < low:
-            raise UserError(f"{name} must be at least {low}, got {value}")
-    if not 0 <= rank < world_size:
-        raise UserError(f"rank must be in 0..{world_size - 1}, got {rank}")
-    if dataset != "digits" and data_root is None:
-        raise UserError(f"dataset {dataset} needs a data root (the folder that holds it)")
-    device = torch.device(device)
-    if loader not in LOADERS:
-        raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
-    if dataset == "imagenet":
-        index = index or index_images(data_root, workers, check_images)
-        return _imagenet(
-            index,
-            loader,
-            image_size,
-            device,
-            batch_size,
-            eval_batch_size,
-            seed,
-            drop_last,
-            workers,
-            rank,
-            world_size,
-            dtype,
-            channels_last,
-        )
-
-    common = dict(seed=seed, drop_last=drop_last, rank=rank, world_size=world_size)
-    if dataset == "digits":
-        loaders = _digits(image_size, device, batch_size, eval_batch_size, common)
-    else:
-        loaders = _cifar(
-            dataset, os.path.expanduser(data_root), image_size, device, batch_size, eval_batch_size, common
-        )
-    _check_shard(loaders[2].num_train, batch_size, drop_last, world_size)
-    return loaders

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import yaml
 
 from ffsd_fast import models
-from ffsd_fast.data import DATASETS, DEFAULT_DATASET
+from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, check_dataset
 from ffsd_fast.errors import UserError
-from ffsd_fast.method import METHODS
+from ffsd_fast.method.networks import METHODS
+from ffsd_fast.trainer.recipes import RECIPES, describe
 
 
 def _field(default, help: str, **kwargs):
@@ -44,14 +45,15 @@ class Config:
     num_students: int = _field(2, "m, the number of common students (≥ 2)")
     image_size: int | None = _field(
         None,
-        "input size (default: 16 for digits on CIFAR models, 32 for digits on "
-        "ImageNet models, 32 for CIFAR, 224 for ImageNet)",
+        "input size (default by dataset, for CIFAR / ImageNet models: "
+        + describe(lambda r: f"{r.image_size['cifar']}/{r.image_size['imagenet']}")
+        + ")",
     )
     # Optimisation.
-    epochs: int | None = _field(
-        None, "epochs to train (default: digits 12, CIFAR 299 and ImageNet 89, as the reference's loops run)"
+    epochs: int | None = _field(None, "epochs to train (default by dataset: " + describe(lambda r: r.epochs) + ")")
+    batch_size: int | None = _field(
+        None, "training batch per process (default by dataset: " + describe(lambda r: r.batch_size) + ")"
     )
-    batch_size: int | None = _field(None, "training batch per process (default: digits 32, CIFAR 128, ImageNet 256)")
     eval_batch_size: int | None = _field(None, "evaluation batch per process (default: the training batch)")
     drop_last: bool = _field(False, "drop the last partial training batch (the reference keeps it)")
     lr: float = _field(0.1, "SGD learning rate of students, leader and fusion module")
@@ -62,13 +64,15 @@ class Config:
     decoder_weight_decay: float = _field(1e-4, "Adam L2 weight decay of the decoders")
     lr_schedule: str | None = _field(
         None,
-        "multistep (CIFAR, digits) | imagenet (per-iteration warm-up and decay); default by dataset",
+        "multistep | imagenet (per-iteration warm-up and decay); default by dataset: "
+        + describe(lambda r: r.lr_schedule),
         choices=("multistep", "imagenet"),
     )
     lr_milestones: list[int] | None = _field(
         None,
-        "multistep: epochs after which every lr is ×0.1 (default: CIFAR "
-        "150 225, digits half and three quarters of --epochs)",
+        "multistep: epochs after which every lr is ×0.1 (default by dataset: "
+        + describe(lambda r: " ".join(map(str, r.lr_milestones)) if r.lr_milestones else "½ and ¾ of --epochs")
+        + ")",
     )
     # The method.
     temperature: float = _field(2.0, "distillation temperature T")
@@ -153,9 +157,6 @@ class Config:
     progress: bool = _field(True, "show progress bars")
 
 
-_DIGITS_EPOCHS, _DIGITS_BATCH = 12, 32
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -222,8 +223,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def resolve(config: Config) -> Config:
     """Fills the dataset-dependent defaults and checks every value; raises ``UserError`` on bad input."""
     c = dataclasses.replace(config)
-    if c.dataset not in DATASETS:
-        raise UserError(f"unknown dataset '{c.dataset}'; known datasets: {', '.join(DATASETS)}")
+    check_dataset(c.dataset)
     models.family(c.model)  # raises UserError listing the known models
     if c.method not in METHODS:
         raise UserError(f"unknown method '{c.method}'; known methods: {', '.join(METHODS)}")
@@ -231,28 +231,21 @@ def resolve(config: Config) -> Config:
         raise UserError(
             f"--num-students must be at least 2 (the mutual and diversity terms need two), got {c.num_students}"
         )
-    digits, imagenet = c.dataset == "digits", c.dataset == "imagenet"
-    if not digits and not c.data_root:
-        holds = (
-            "train/ and val/" if imagenet else "cifar-10-batches-py/" if c.dataset == "cifar10" else "cifar-100-python/"
-        )
-        raise UserError(f"--dataset {c.dataset} needs --data-root, the folder that holds {holds}")
+    recipe = RECIPES[c.dataset]
     if c.image_size is None:
-        if digits:
-            c.image_size = 16 if models.family(c.model) == "cifar" else 32
-        else:
-            c.image_size = 224 if imagenet else 32
+        c.image_size = recipe.image_size[models.family(c.model)]
     models.check_image_size(c.model, c.image_size)
     if c.epochs is None:
-        c.epochs = _DIGITS_EPOCHS if digits else 89 if imagenet else 299
+        c.epochs = recipe.epochs
     if c.batch_size is None:
-        c.batch_size = _DIGITS_BATCH if digits else 256 if imagenet else 128
+        c.batch_size = recipe.batch_size
     if c.eval_batch_size is None:
         c.eval_batch_size = c.batch_size
     if c.lr_schedule is None:
-        c.lr_schedule = "imagenet" if imagenet else "multistep"
+        c.lr_schedule = recipe.lr_schedule
     if c.lr_milestones is None:
-        c.lr_milestones = [c.epochs // 2, c.epochs * 3 // 4] if digits else [150, 225]
+        c.lr_milestones = recipe.milestones(c.epochs)
+    data_spec(c)  # checks the data fields, naming the flag to fix
     if c.device is None:
         import torch
 
@@ -272,14 +265,28 @@ def resolve(config: Config) -> Config:
             "--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
             "batch statistics; use --fusion-kernel torch"
         )
-    for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "lambda_warmup_epochs"):
+    for name in ("epochs", "log_every", "lambda_warmup_epochs"):
         if getattr(c, name) < 1:
             raise UserError(f"{_flag(name)} must be at least 1, got {getattr(c, name)}")
     if c.temperature <= 0:
         raise UserError(f"--temperature must be positive, got {c.temperature}")
-    if c.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {c.workers}")
     return c
+
+
+def data_spec(config: Config) -> DataSpec:
+    """The data slice of a resolved configuration."""
+    return DataSpec(
+        dataset=config.dataset,
+        data_root=config.data_root,
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        seed=config.seed,
+        drop_last=config.drop_last,
+        workers=config.workers,
+        loader=config.loader,
+        check_images=config.check_images,
+    )
 
 
 def to_dict(config: Config) -> dict:

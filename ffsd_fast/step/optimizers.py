@@ -1,20 +1,11 @@
-"""One FFSD training step: forward every network, sum every loss, one backward, every optimiser steps once.
-
-This function is the unit that gets compiled or captured in a CUDA graph, so it does no host synchronisation: no
-``.item()``, no Python branching on tensor values; λ's and learning rates live in device tensors.
-"""
-
-import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from types import ModuleType
+"""The step's optimisers: one multi-tensor SGD for students, leader and fusion module, one Adam for the decoders, and
+the schedule's learning rates written into them in place."""
 
 import torch
 from torch import nn
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.losses import LossOptions, LossTerms, step_losses
-from ffsd_fast.method import FFSDNetworks
+from ffsd_fast.method.networks import FFSDNetworks
 
 
 def _params(*modules: nn.Module) -> list[nn.Parameter]:
@@ -90,84 +81,3 @@ def set_learning_rates(optimizers: list[torch.optim.Optimizer], sgd_lr: float, d
                 group["lr"].fill_(value)
             else:  # apex: Python floats
                 group["lr"] = value
-
-
-def train_step(
-    nets: FFSDNetworks,
-    optimizers: list[torch.optim.Optimizer],
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    lambdas: torch.Tensor,
-    options: LossOptions,
-    ops: ModuleType,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    grad_sync: Callable[[], None] | None = None,
-) -> LossTerms:
-    """One step of the run's method; returns the loss terms (device tensors, detached) for logging at the caller's
-    pace.
-
-    ``amp_dtype`` (bf16 or fp16) runs the forward passes under autocast; ``scaler`` scales the fp16 loss (with the
-    fused optimisers it unscales and skips steps on the device, no host sync). ``grad_sync`` runs between the
-    backward and the optimisers (data parallelism: ``distributed.GradientAverager``).
-    """
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    autocast = (
-        torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    )
-    with autocast:
-        terms = step_losses(nets, images, labels, lambdas, options, ops)
-    if scaler is None:
-        terms.total.backward()
-        if grad_sync is not None:
-            grad_sync()
-        for optimizer in optimizers:
-            optimizer.step()
-    else:
-        scaler.scale(terms.total).backward()
-        if grad_sync is not None:
-            grad_sync()  # scaled gradients: every rank then sees the same inf/NaN and skips the same steps
-        for optimizer in optimizers:
-            scaler.step(optimizer)
-        scaler.update()
-    return terms.detach()
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-
-
-def mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """``--amp``'s autocast dtype and, for fp16, the gradient scaler (kept in the checkpoint)."""
-    return AMP_DTYPES[amp], torch.amp.GradScaler(device.type) if amp == "fp16" else None
-
-
-@dataclass
-class Stepper:
-    """Everything a training step needs besides the batch: ``stepper(images, labels)`` runs one (``train_step``)."""
-
-    nets: FFSDNetworks
-    optimizers: list[torch.optim.Optimizer]
-    lambdas: torch.Tensor
-    options: LossOptions
-    ops: ModuleType
-    amp_dtype: torch.dtype | None = None
-    scaler: torch.amp.GradScaler | None = None
-    channels_last: bool = False
-    grad_sync: Callable[[], None] | None = None
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return train_step(
-            self.nets,
-            self.optimizers,
-            images,
-            labels,
-            self.lambdas,
-            self.options,
-            self.ops,
-            self.amp_dtype,
-            self.scaler,
-            self.grad_sync,
-        )

@@ -1,7 +1,7 @@
 """ImageNet-style loaders on NVIDIA DALI: JPEG decoding and augmentation on the GPU (``device="mixed"``), or in DALI's
 CPU threads when the training device is a CPU (what the tests here run).
 
-Which files each rank reads, and in what order, comes from :mod:`ffsd_fast.sampling`, not from DALI's shuffling, so
+Which files each rank reads, and in what order, comes from :mod:`ffsd_fast.data.sampling`, not from DALI's shuffling, so
 the DALI and torchvision loaders visit the same samples and a resumed run sees the batches an uninterrupted one
 would. The file list changes every epoch, and a DALI reader's list is fixed when its pipeline is built, so the
 training pipeline is rebuilt at the first ``__iter__`` of each epoch; its seed comes from ``(seed, epoch, rank)``,
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ffsd_fast.data import IMAGENET_MEAN, IMAGENET_STD, Loader
-from ffsd_fast.image_folder import ImageList, decode_error
-from ffsd_fast.sampling import PAD_LABEL, PIPELINE, eval_indices, seed_for, train_batches, train_indices
+from ffsd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD, Loader
+from ffsd_fast.data.image_folder import ImageList, decode_error
+from ffsd_fast.data.sampling import PAD_LABEL, PIPELINE, eval_indices, seed_for, train_batches, train_indices
 
 if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline
@@ -116,7 +116,7 @@ def _pipeline(
 
     @pipeline_def
     def graph():
-        # The files are already this rank's shard, in this epoch's order (ffsd_fast.sampling).
+        # The files are already this rank's shard, in this epoch's order (ffsd_fast.data.sampling).
         jpegs, targets = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
         decoder = "mixed" if gpu else "cpu"
         if train:

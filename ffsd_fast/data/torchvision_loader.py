@@ -1,6 +1,6 @@
 """ImageNet-style folders through torchvision transforms and a DataLoader: the fallback when DALI is absent.
 
-Same contract as ``ffsd_fast.dali_loader``: the samples of ``ffsd_fast.sampling`` (so both loaders shard and
+Same contract as ``ffsd_fast.data.dali_loader``: the samples of ``ffsd_fast.data.sampling`` (so both loaders shard and
 shuffle alike), full batches only, images on the device in the requested dtype and memory format.
 """
 
@@ -12,9 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from ffsd_fast.data import IMAGENET_MEAN, IMAGENET_STD
-from ffsd_fast.image_folder import ImageList, decode_error
-from ffsd_fast.sampling import PAD_LABEL, SAMPLE, WORKERS, eval_indices, seed_for, train_batches, train_indices
+from ffsd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD
+from ffsd_fast.data.image_folder import ImageList, decode_error
+from ffsd_fast.data.sampling import PAD_LABEL, SAMPLE, WORKERS, eval_indices, seed_for, train_batches, train_indices
 
 
 class _Images(Dataset):

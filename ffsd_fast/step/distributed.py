@@ -10,6 +10,7 @@ and checkpoint, as DDP's buffer broadcast would.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,21 @@ def broadcast_object(value: Any, world: World) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(world: World, work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0, its result on every rank; a ``UserError`` there is raised on every rank (instead of
+    the others waiting forever for a result)."""
+    outcome = None
+    if world.is_main:
+        try:
+            outcome = ("ok", work())
+        except UserError as error:
+            outcome = ("error", str(error))
+    kind, value = broadcast_object(outcome, world)
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def barrier(world: World) -> None:

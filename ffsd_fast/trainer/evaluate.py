@@ -1,10 +1,15 @@
 """Evaluation of every network of a run on a loader: students, fusion module and leader (FFSD), the students'
-average and ensembles."""
+average and ensembles; and of a saved run or an exported leader on its dataset's test split (``ffsd-eval``)."""
 
 import torch
 
-from ffsd_fast.distributed import SINGLE_PROCESS, World, all_reduce_sum
-from ffsd_fast.method import FFSDNetworks
+from ffsd_fast import models
+from ffsd_fast.data.common import DataSpec
+from ffsd_fast.data.loaders import build_loaders
+from ffsd_fast.errors import UserError
+from ffsd_fast.method.networks import FFSDNetworks, build_networks
+from ffsd_fast.step.distributed import SINGLE_PROCESS, World, all_reduce_sum
+from ffsd_fast.trainer import checkpoint
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,3 +81,54 @@ def evaluate_network(network: torch.nn.Module, loader, topk: tuple[int, ...] = (
     network.train(was_training)
     values = (counts.double() * 100.0 / max(int(total), 1)).tolist()  # host sync
     return {f"top{k}": v for k, v in zip(topk, values, strict=True)}
+
+
+def _num_classes(weights: dict[str, torch.Tensor]) -> int:
+    # The classifier is the last 2-D weight of every backbone here (fc / linear).
+    matrices = [v for k, v in weights.items() if k.endswith("weight") and v.dim() == 2]
+    if not matrices:
+        raise UserError("the state dict has no classifier (no 2-D weight): is it a backbone's?")
+    return matrices[-1].shape[0]
+
+
+def evaluate_checkpoint(
+    path: str,
+    data_root: str | None,
+    dataset: str | None,
+    model: str | None,
+    image_size: int | None,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    state = checkpoint.read(path, device)
+    if checkpoint.is_training_checkpoint(state):
+        cfg = state["config"]
+        dataset, model, image_size = cfg["dataset"], cfg["model"], cfg["image_size"]
+        data_root = data_root or cfg["data_root"]
+    elif dataset is None or model is None:
+        raise UserError(f"{path} is a single network's weights: give its --model and --dataset")
+    image_size = image_size or models.default_image_size(model)
+    topk = (1, 5) if dataset == "imagenet" else (1,)
+    # No start-up decode of every image (the training tree is listed, not read): evaluation reads val/ only.
+    spec = DataSpec(dataset, data_root, image_size, batch_size, batch_size, workers=0, check_images=False)
+    _, test_loader, info = build_loaders(spec, device)
+    if checkpoint.is_training_checkpoint(state):
+        nets = build_networks(
+            model,
+            state["num_classes"],
+            cfg["num_students"],
+            image_size,
+            probe_forward=False,
+            method=cfg.get("method", "ffsd"),
+        ).to(device)
+        nets.load_state_dict(state["networks"])
+        return evaluate(nets, test_loader, topk)
+    num_classes = _num_classes(state)
+    if num_classes != info.num_classes:
+        raise UserError(f"the network has {num_classes} classes, {dataset} has {info.num_classes}")
+    network = models.create(model, num_classes).to(device)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UserError(f"{path} does not load into {model}: {str(error).splitlines()[0]}") from None
+    return evaluate_network(network, test_loader, topk)

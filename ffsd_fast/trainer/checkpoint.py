@@ -1,40 +1,57 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename), read with ``weights_only=True``."""
+"""Checkpoints: what a run saves after every epoch and how a resumed run takes it back (``state`` and ``restore``),
+written atomically (temporary file, fsync, rename) and read with ``weights_only=True``."""
 
 import os
 import random
-import tempfile
-from collections.abc import Callable
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from ffsd_fast.errors import UserError
+from ffsd_fast.files import write_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = 1
 
 
-def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Calls ``write`` on a temporary file beside ``path``, then renames it over ``path``: the path always holds
-    either the old file or the complete new one, even if the process is killed mid-write or the machine loses
-    power."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+def state(
+    config: dict,
+    num_classes: int,
+    epoch: int,
+    nets: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler | None,
+    history: list[dict],
+) -> dict:
+    """Everything a run needs to continue after ``epoch`` exactly as if it had not stopped; ``restore`` reads it."""
+    return {
+        "format": FORMAT,
+        "config": config,
+        "num_classes": num_classes,
+        "epoch": epoch,
+        "networks": nets.state_dict(),
+        "optimizers": [o.state_dict() for o in optimizers],
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "history": history,
+        "rng": rng_state(),
+    }
+
+
+def restore(
+    saved: dict,
+    nets: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[list[dict], int]:
+    """Loads a ``state`` into freshly built networks, optimisers and scaler, and every RNG; returns (the history of
+    the epochs done, the first epoch still to train)."""
+    nets.load_state_dict(saved["networks"])
+    for optimizer, optimizer_state in zip(optimizers, saved["optimizers"], strict=True):
+        optimizer.load_state_dict(optimizer_state)
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"])
+    return saved["history"], saved["epoch"] + 1
 
 
 def save_atomic(state: dict, path: str) -> None:

@@ -1,0 +1,29 @@
+"""Files written whole or not at all: what every layer that writes a file uses (checkpoints, caches, summaries)."""
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Calls ``write`` on a temporary file beside ``path``, then renames it over ``path``: the path always holds
+    either the old file or the complete new one, even if the process is killed mid-write or the machine loses
+    power."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)

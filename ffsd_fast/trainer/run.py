@@ -1,0 +1,344 @@
+"""The FFSD trainer: one run, read top to bottom as its phases.
+
+``train(cfg)``: check the device → build (data, networks, optimisers, scaler, the step) → restore (a checkpoint, when
+resuming; one starting point on every rank) → for each epoch {train, evaluate, save} → finish (summary). The step
+itself is ``ffsd_fast.step.train_step``; the only host synchronisations are marked ``# host sync`` and happen every
+``--log-every`` steps and at epoch ends.
+
+Under ``torchrun`` every process trains on its own shard with ``--batch-size`` images per step and the gradients
+are averaged (``ffsd_fast.step.distributed``); rank 0 alone writes the run directory (log, checkpoints, summary),
+and every rank holds the same evaluation results.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ffsd_fast import models
+from ffsd_fast.data.common import DatasetInfo, Loader
+from ffsd_fast.data.image_folder import ImageFolderIndex, find_images, index_images, leave_out
+from ffsd_fast.data.loaders import build_loaders
+from ffsd_fast.errors import UserError
+from ffsd_fast.files import write_atomic
+from ffsd_fast.method.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions, kernel_ops
+from ffsd_fast.method.networks import FFSDNetworks, build_networks, compile_networks
+from ffsd_fast.step.cuda_graph import CapturedStep, check_capturable
+from ffsd_fast.step.distributed import (
+    GradientAverager,
+    World,
+    barrier,
+    broadcast_state,
+    close_world,
+    init_world,
+    on_main,
+)
+from ffsd_fast.step.optimizers import make_optimizers
+from ffsd_fast.step.precision import mixed_precision
+from ffsd_fast.step.train_step import Stepper
+from ffsd_fast.trainer import checkpoint
+from ffsd_fast.trainer.config import Config, data_spec, to_dict
+from ffsd_fast.trainer.evaluate import evaluate
+from ffsd_fast.trainer.loop import lambdas_for, learning_rates, train_epoch
+from ffsd_fast.trainer.run_dir import check_resumable, find_auto_resume, new_run_dir
+from ffsd_fast.trainer.runlog import NullLog, RunLog, code_version
+from ffsd_fast.trainer.summary import print_table, summarize
+
+
+@dataclass
+class Run:
+    """A run being trained: what ``build`` makes and every later phase works on."""
+
+    cfg: Config
+    world: World
+    device: torch.device
+    run_dir: str
+    info: DatasetInfo
+    train_loader: Loader
+    test_loader: Loader
+    nets: FFSDNetworks
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler | None
+    lambdas: torch.Tensor  # [3] on the device, written in place each epoch (LAMBDA_DIV, LAMBDA_SD, LAMBDA_F)
+    step: Stepper | CapturedStep
+    topk: tuple[int, ...]
+    saved: dict | None = None  # the checkpoint this run resumes
+    log: RunLog | NullLog = field(default_factory=NullLog)
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 1
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.run_dir, checkpoint.CHECKPOINT_NAME)
+
+
+def training_device(cfg: Config, world: World) -> torch.device:
+    """This process's device, after the one-line errors for what it cannot run."""
+    device = torch.device(cfg.device, world.local_rank) if cfg.device == "cuda" else torch.device("cpu")
+    if cfg.cuda_graph:
+        check_capturable(device, cfg.optimizer_impl)
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn synchronises BatchNorm over NCCL: it needs --device cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution algorithms once
+    return device
+
+
+def check_batchnorm_batches(cfg: Config, num_train: int) -> None:
+    """BatchNorm cannot train on one value per channel: refuse a batch that would give it one, before training."""
+    _, height, width = models.tap_shapes(cfg.model, cfg.image_size)[-1]
+    last = num_train % cfg.batch_size
+    smallest = last if last and not cfg.drop_last else cfg.batch_size
+    if smallest * height * width == 1:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} on {num_train} training images leaves a batch of 1, and the last stage of "
+            f"{cfg.model} at {cfg.image_size} px is 1×1, so BatchNorm would train on a single value: add --drop-last "
+            "or choose a batch size that does not leave 1"
+        )
+
+
+def imagenet_index(cfg: Config, world: World) -> ImageFolderIndex:
+    """The ImageNet tree's file lists, corrupt images left out: rank 0 decodes every image (cached), the other
+    ranks list the tree themselves and receive only the names of the corrupt files."""
+    root_key = hashlib.sha1(os.path.abspath(cfg.data_root).encode()).hexdigest()[:12]
+    cache = os.path.join(cfg.output_dir, ".image-check", f"{root_key}.json")
+    main_index = on_main(world, lambda: index_images(cfg.data_root, cfg.workers, cfg.check_images, cache))
+    if world.is_main:
+        return main_index
+    return leave_out(find_images(cfg.data_root), main_index.corrupt)
+
+
+def read_resume(cfg: Config, world: World, device: torch.device) -> tuple[dict | None, str | None]:
+    """(the checkpoint that ``--resume`` names, its run directory), or (None, None) for a fresh run."""
+    resume = cfg.resume
+    if resume == "auto":
+        resume = on_main(world, lambda: find_auto_resume(cfg))
+    if not resume:
+        return None, None
+    saved = checkpoint.load(resume, device)
+    path = checkpoint.resolve_path(resume)
+    check_resumable(saved["config"], cfg, path)
+    return saved, os.path.dirname(os.path.abspath(path))
+
+
+def build(cfg: Config, world: World, device: torch.device) -> Run:
+    """Everything a run trains with: loaders, networks (seeded), optimisers, scaler and the step."""
+    saved, run_dir = read_resume(cfg, world, device)
+    index = imagenet_index(cfg, world) if cfg.dataset == "imagenet" else None
+    amp_dtype, scaler = mixed_precision(cfg.amp, device)
+    train_loader, test_loader, info = build_loaders(
+        data_spec(cfg),
+        device,
+        rank=world.rank,
+        world_size=world.world_size,
+        dtype=amp_dtype or torch.float32,
+        channels_last=cfg.channels_last,
+        index=index,
+    )
+    check_batchnorm_batches(cfg, info.num_train // world.world_size)
+    if run_dir is None:
+        run_dir = on_main(world, lambda: new_run_dir(cfg))
+
+    torch.manual_seed(cfg.seed)
+    nets: FFSDNetworks = build_networks(
+        cfg.model,
+        info.num_classes,
+        cfg.num_students,
+        cfg.image_size,
+        probe_forward=cfg.quirk_probe_forward,
+        fused_blocks=cfg.fusion_kernel == "triton",
+        method=cfg.method,
+    ).to(device)
+    if cfg.sync_bn and world.distributed:
+        nets = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets)
+    if cfg.channels_last:
+        nets = nets.to(memory_format=torch.channels_last)
+    optimizers = make_optimizers(
+        nets,
+        cfg.lr,
+        cfg.momentum,
+        cfg.weight_decay,
+        cfg.fusion_weight_decay,
+        cfg.decoder_lr,
+        cfg.decoder_weight_decay,
+        impl=cfg.optimizer_impl,
+    )
+    options = LossOptions(
+        temperature=cfg.temperature,
+        student_sd_uses_lambda_div=cfg.quirk_student_sd_lambda_div,
+        diversity_enabled=cfg.lambda_div > 0,
+    )
+    lambdas = torch.zeros(3, device=device)
+    grad_sync = GradientAverager(list(nets.parameters()), world) if world.distributed else None
+    ops = kernel_ops(cfg.kernels)
+    step = Stepper(nets, optimizers, lambdas, options, ops, amp_dtype, scaler, cfg.channels_last, grad_sync)
+    if cfg.cuda_graph:
+        step = CapturedStep(step)
+    topk = (1, 5) if cfg.dataset == "imagenet" and info.num_classes >= 5 else (1,)
+    return Run(
+        cfg,
+        world,
+        device,
+        run_dir,
+        info,
+        train_loader,
+        test_loader,
+        nets,
+        optimizers,
+        scaler,
+        lambdas,
+        step,
+        topk,
+        saved,
+    )
+
+
+def restore(run: Run) -> None:
+    """The resumed checkpoint's weights, optimiser states, history and RNGs, when there is one; then rank 0's weights
+    on every rank (one starting point, whatever each built or loaded), compiled once they are final."""
+    if run.saved is not None:
+        run.history, run.start_epoch = checkpoint.restore(run.saved, run.nets, run.optimizers, run.scaler)
+    broadcast_state(run.nets, run.world)
+    if run.cfg.compile:
+        compile_networks(run.nets)
+
+
+def open_log(run: Run) -> None:
+    """The run directory's config, version and metrics log (rank 0), and the images left out, named."""
+    cfg, world, info = run.cfg, run.world, run.info
+    run.log = RunLog(run.run_dir) if world.is_main else NullLog()
+    run.log.write_config(to_dict(cfg), code_version())
+    if info.corrupt:
+        shown = "\n  ".join(info.corrupt[:20])
+        more = f"\n  … and {len(info.corrupt) - 20} more (all in metrics.jsonl)" if len(info.corrupt) > 20 else ""
+        if world.is_main:
+            print(
+                f"ffsd-train: warning: {len(info.corrupt)} image(s) cannot be decoded and are left out:"
+                f"\n  {shown}{more}",
+                file=sys.stderr,
+                flush=True,
+            )
+        run.log.log({"kind": "corrupt_images", "count": len(info.corrupt), "files": list(info.corrupt)}, 0)
+    if world.is_main:
+        processes = f"  ({world.world_size} processes)" if world.distributed else ""
+        print(f"run directory: {run.run_dir}{processes}", flush=True)
+
+
+def train_one_epoch(run: Run, epoch: int) -> tuple[list[float], float, int]:
+    """The epoch's λ's written to the device, then its steps; returns (λ's, seconds, images)."""
+    epoch_lambdas = lambdas_for(run.cfg, epoch)
+    run.lambdas.copy_(torch.tensor(epoch_lambdas))
+    last_good = (
+        f"the last good checkpoint is {run.checkpoint_path} (epoch {epoch - 1})"
+        if os.path.exists(run.checkpoint_path)
+        else "no checkpoint was written yet"
+    )
+    seconds, images = train_epoch(run.cfg, epoch, run.step, run.train_loader, run.log, last_good, run.world)
+    return epoch_lambdas, seconds, images
+
+
+def evaluate_epoch(run: Run, epoch: int, epoch_lambdas: list[float], seconds: float, images: int) -> dict:
+    """Every network on the test split; the epoch's record joins the history and the log."""
+    cfg = run.cfg
+    # Rank 0's BatchNorm statistics everywhere, as DDP's buffer broadcast would: every rank evaluates and the
+    # checkpoint holds the same networks.
+    broadcast_state(run.nets, run.world, buffers_only=True)
+    accuracies = evaluate(run.nets, run.test_loader, run.topk, run.world)
+    steps = len(run.train_loader)
+    sgd_lr, decoder_lr = learning_rates(cfg, epoch, steps - 1, steps)
+    record = {
+        "kind": "eval",
+        "epoch": epoch,
+        **accuracies,
+        "lr": sgd_lr,
+        "decoder_lr": decoder_lr,
+        "lambda_div": epoch_lambdas[LAMBDA_DIV],
+        "lambda_sd": epoch_lambdas[LAMBDA_SD],
+        "lambda_f": epoch_lambdas[LAMBDA_F],
+        "train_seconds": seconds,
+        "train_images": images,
+        "images_per_s": images / seconds,
+    }
+    run.history.append(record)
+    run.log.log(record, epoch)
+    run.log.plot_accuracy(run.history, cfg.num_students)
+    if run.world.is_main:
+        students = " ".join(f"{accuracies[f'student{i}_top1']:.2f}" for i in range(cfg.num_students))
+        leader = (
+            f"leader {accuracies['leader_top1']:.2f}  fusion {accuracies['fusion_top1']:.2f}  "
+            if "leader_top1" in accuracies
+            else ""
+        )
+        tqdm.write(
+            f"epoch {epoch}/{cfg.epochs}  {leader}students {students}  ensemble "
+            f"{accuracies['ensemble_top1']:.2f}  ({seconds:.1f}s, {images / seconds:.0f} img/s)"
+        )
+    return record
+
+
+def save(run: Run, epoch: int) -> None:
+    """The checkpoint after ``epoch`` (rank 0); no rank runs ahead of the checkpoint a restart would resume from."""
+    if run.world.is_main:
+        state = checkpoint.state(
+            to_dict(run.cfg), run.info.num_classes, epoch, run.nets, run.optimizers, run.scaler, run.history
+        )
+        checkpoint.save_atomic(state, run.checkpoint_path)
+    barrier(run.world)
+
+
+def finish(run: Run) -> dict:
+    """The run's summary: returned, and on rank 0 written to ``summary.json`` and printed as a table."""
+    cfg, world, history = run.cfg, run.world, run.history
+    train_seconds = sum(h["train_seconds"] for h in history)
+    images_seen = sum(h["train_images"] for h in history)
+    summary = {
+        **summarize(history, cfg.num_students, run.topk),
+        "method": cfg.method,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "num_students": cfg.num_students,
+        "epochs": cfg.epochs,
+        "world_size": world.world_size,
+        "train_seconds": train_seconds,
+        "images_per_s": images_seen / max(train_seconds, 1e-9),
+        "corrupt_images": list(run.info.corrupt),
+        "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
+        "run_dir": os.path.abspath(run.run_dir),
+        **code_version(),
+    }
+    if world.is_main:
+        write_atomic(
+            os.path.join(run.run_dir, "summary.json"), lambda fh: fh.write(json.dumps(summary, indent=2).encode())
+        )
+        print_table(summary, cfg.num_students)
+        print(
+            f"\nrun directory: {os.path.abspath(run.run_dir)}  (summary.json, metrics.jsonl, accuracy.png, "
+            "checkpoint.pt)",
+            flush=True,
+        )
+    return summary
+
+
+def train(cfg: Config) -> dict:
+    """Trains one FFSD run to ``cfg.epochs`` and returns its summary (also written to ``summary.json``)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    world = init_world(cfg.device)
+    try:
+        run = build(cfg, world, training_device(cfg, world))
+        restore(run)
+        open_log(run)
+        try:
+            for epoch in range(run.start_epoch, cfg.epochs + 1):
+                epoch_lambdas, seconds, images = train_one_epoch(run, epoch)
+                evaluate_epoch(run, epoch, epoch_lambdas, seconds, images)
+                save(run, epoch)
+        finally:
+            run.log.close()
+        return finish(run)
+    finally:
+        close_world(world)
