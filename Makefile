@@ -10,7 +10,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstalls when the package's requirements change; constraints.txt pins torch and torchvision.
-$(STAMP): setup.py constraints.txt | $(PY)
+$(STAMP): pyproject.toml setup.py constraints.txt | $(PY)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,dali]'
 	touch $@
 
@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,7 +1,9 @@
 """The trainer's entry point for ``torchrun ffsd_fast/train.py …`` and ``python -m ffsd_fast.train …``.
 
-Only this and the standard library run before ``main``, and every import below is absolute, so the script's own
-folder on ``sys.path`` (where torchrun puts it) shadows nothing: the trainer is ``ffsd_fast.cli.train``.
+Run as a script, this file's folder comes first on ``sys.path``; nothing is edited there. Every import below is
+absolute (``ffsd_fast.…``, found where the package is installed), and the folder holds only the package's own layers
+(``data``, ``models``, ``method``, ``step``, ``trainer``, ``cli``, ``errors``, ``files``), names that neither torch nor
+any other dependency imports as a top-level module. The trainer itself is ``ffsd_fast.cli.train``.
 """
 
 import sys

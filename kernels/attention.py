@@ -13,12 +13,9 @@ Everything runs without a host sync (no ``.item()``), so the ops can be captured
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import nn
 
-from ffsd_kernels._dispatch import result_dtype, use_triton
-from ffsd_kernels._dtypes import compute_dtype
+from ffsd_kernels._dispatch import compute_dtype, result_dtype, tl, triton, use_triton
 
 EPS = 1e-12  # the clamp of ‖v‖₂ in n(v)
 
@@ -257,7 +254,7 @@ def _distance_backward_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launch configurations (one function per kernel family)
+# Launch configuration (one function per kernel family)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -560,7 +557,7 @@ class NormalizedDistance(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# References (plain PyTorch)
+# References (plain PyTorch: the definitions)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -12,16 +12,13 @@ configuration, host launchers, autograd Functions, functional API, ``nn.Module``
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import nn
 
-from ffsd_kernels._dispatch import result_dtype, use_triton
-from ffsd_kernels._dtypes import compute_dtype
+from ffsd_kernels._dispatch import compute_dtype, result_dtype, tl, triton, use_triton
 from ffsd_kernels.attention import EPS, _channel_broadcast, _channel_reduce
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton helpers: order-preserving keys and the exact k-th smallest entry of a row
+# Kernels: helpers, order-preserving keys and the exact k-th smallest entry of a row
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -233,13 +230,18 @@ def _select_config(n: int) -> tuple[int, bool, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Host launchers and autograd Functions
+# Host launchers
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def _rank(n: int) -> int:
     """θ's rank, 1-based: ⌊N/3⌋, or 1 when N < 3."""
     return max(n // 3, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd Functions
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class _DiversityLossFunction(torch.autograd.Function):
@@ -365,7 +367,7 @@ class DiversityLoss(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# References (plain PyTorch)
+# References (plain PyTorch: the definitions)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -30,12 +30,11 @@ CPU tensors without the interpreter (and other dtypes) run the plain Sequential 
 """
 
 import torch
-import triton
-import triton.language as tl
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ffsd_kernels import _dispatch
+from ffsd_kernels._dispatch import tl, triton
 
 FUSION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -423,6 +422,48 @@ def _affine_relu(
     return out, (part if need_ab else None)
 
 
+def _batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _bn_relu(bn: nn.BatchNorm2d, y: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None) -> torch.Tensor:
+    """``relu(bn(y))`` with the batch statistics ``mean``, ``var`` (biased; updating the running statistics in train
+    mode) or, when they are None, the running statistics; the affine map and ReLU are one Triton pass."""
+    acc = _acc_dtype(y.dtype)
+    if mean is None:
+        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+    elif bn.training and bn.track_running_stats:
+        _update_running_stats(bn, mean.detach(), var.detach(), y.shape[0] * y.shape[2] * y.shape[3])
+    a = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight.to(acc)
+    b = -mean * a
+    if bn.bias is not None:
+        b = b + bn.bias.to(acc)
+    return _AffineReLUFunction.apply(y, a, b)
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """As ``nn.BatchNorm2d`` in train mode: ``num_batches_tracked += 1``, then an exponential average with
+    ``momentum`` (or the cumulative average, factor 1/num_batches_tracked, when ``momentum`` is None) of the batch
+    mean and the unbiased batch variance. Tensor ops only: no host sync."""
+    bn.num_batches_tracked.add_(1)
+    unbiased = var * (n / max(n - 1, 1))
+    with torch.no_grad():
+        if bn.momentum is None:
+            factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+            bn.running_mean.add_((mean.to(bn.running_mean.dtype) - bn.running_mean) * factor)
+            bn.running_var.add_((unbiased.to(bn.running_var.dtype) - bn.running_var) * factor)
+        else:
+            bn.running_mean.mul_(1 - bn.momentum).add_(mean.to(bn.running_mean.dtype), alpha=bn.momentum)
+            bn.running_var.mul_(1 - bn.momentum).add_(unbiased.to(bn.running_var.dtype), alpha=bn.momentum)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd Functions: BN+ReLU; the depthwise conv over the m inputs, BN1's batch statistics differentiable outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
 class _AffineReLUFunction(torch.autograd.Function):
     """``relu(y·a_c + b_c)`` per channel (BN-apply + ReLU in one pass); ``a``, ``b`` are ``[C]`` vectors of the
     accumulation dtype (fp32, fp64 for fp64 ``y``)."""
@@ -443,11 +484,6 @@ class _AffineReLUFunction(torch.autograd.Function):
         if part is not None:
             ga, gb = part.sum(dim=0).unbind(dim=1)
         return gy if ctx.needs_input_grad[0] else None, ga, gb
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Autograd Function: the depthwise conv over the m inputs, with BN1's batch statistics as differentiable outputs
-# ---------------------------------------------------------------------------------------------------------------
 
 
 class _DepthwiseConcatFunction(torch.autograd.Function):
@@ -491,7 +527,7 @@ class _DepthwiseConcatFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Functional API, module and reference
+# Functional API
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -554,14 +590,9 @@ def fusion_block(
     return _bn_relu(bn2, t, mean, var)
 
 
-def fusion_block_reference(
-    inputs: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], block: nn.Sequential
-) -> torch.Tensor:
-    """The definition: the Sequential's own modules on ``torch.cat(inputs, 1)``."""
-    x = torch.cat(_as_list(inputs), 1)
-    for module in block:
-        x = module(x)
-    return x
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class FusionBlock(nn.Sequential):
@@ -611,38 +642,16 @@ class FusionBlock(nn.Sequential):
         )
 
 
-def _batch_stats(bn: nn.BatchNorm2d) -> bool:
-    return bn.training or bn.running_mean is None
+# ---------------------------------------------------------------------------------------------------------------
+# References (plain PyTorch: the definitions)
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def _bn_relu(bn: nn.BatchNorm2d, y: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None) -> torch.Tensor:
-    """``relu(bn(y))`` with the batch statistics ``mean``, ``var`` (biased; updating the running statistics in train
-    mode) or, when they are None, the running statistics; the affine map and ReLU are one Triton pass."""
-    acc = _acc_dtype(y.dtype)
-    if mean is None:
-        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
-    elif bn.training and bn.track_running_stats:
-        _update_running_stats(bn, mean.detach(), var.detach(), y.shape[0] * y.shape[2] * y.shape[3])
-    a = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        a = a * bn.weight.to(acc)
-    b = -mean * a
-    if bn.bias is not None:
-        b = b + bn.bias.to(acc)
-    return _AffineReLUFunction.apply(y, a, b)
-
-
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """As ``nn.BatchNorm2d`` in train mode: ``num_batches_tracked += 1``, then an exponential average with
-    ``momentum`` (or the cumulative average, factor 1/num_batches_tracked, when ``momentum`` is None) of the batch
-    mean and the unbiased batch variance. Tensor ops only: no host sync."""
-    bn.num_batches_tracked.add_(1)
-    unbiased = var * (n / max(n - 1, 1))
-    with torch.no_grad():
-        if bn.momentum is None:
-            factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-            bn.running_mean.add_((mean.to(bn.running_mean.dtype) - bn.running_mean) * factor)
-            bn.running_var.add_((unbiased.to(bn.running_var.dtype) - bn.running_var) * factor)
-        else:
-            bn.running_mean.mul_(1 - bn.momentum).add_(mean.to(bn.running_mean.dtype), alpha=bn.momentum)
-            bn.running_var.mul_(1 - bn.momentum).add_(unbiased.to(bn.running_var.dtype), alpha=bn.momentum)
+def fusion_block_reference(
+    inputs: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], block: nn.Sequential
+) -> torch.Tensor:
+    """The definition: the Sequential's own modules on ``torch.cat(inputs, 1)``."""
+    x = torch.cat(_as_list(inputs), 1)
+    for module in block:
+        x = module(x)
+    return x

@@ -37,19 +37,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ffsd_kernels._dispatch import result_dtype, use_triton
-from ffsd_kernels._dtypes import compute_dtype
+from ffsd_kernels._dispatch import compute_dtype, result_dtype, tl, triton, use_triton
 
 TeacherLogits = torch.Tensor | Sequence[torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Kernels
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -330,7 +327,7 @@ def _mutual_kl_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers
+# Launch configuration
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -348,6 +345,11 @@ def _launch_config(num_classes: int, tile_rows: int = 1) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(num_classes), max(2048 // tile_rows, 16))
     num_warps = max(1, min(8, block_c * tile_rows // 256))
     return block_c, num_warps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------------------------
 
 
 # Rows of the per-row fp32 statistics that the forward pass of kl_div_loss / cross_entropy_kl_loss saves.
@@ -500,7 +502,7 @@ def _mutual_backward(logits: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd Functions
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -567,7 +569,7 @@ class _MutualKLFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shape checks
+# Functional API
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -609,61 +611,6 @@ def _teacher_stack(op: str, student: torch.Tensor, teacher: TeacherLogits) -> to
 def _triton_ok(*tensors: torch.Tensor) -> bool:
     # Empty batches or classes run the reference (whose 0/0 gives PyTorch's answer); triton cannot launch a 0 grid.
     return use_triton(*tensors) and all(t.numel() > 0 for t in tensors)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# References (plain PyTorch: the definitions)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _mean_teacher(teacher_logits: TeacherLogits, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(teacher_logits, torch.Tensor) and teacher_logits.dim() == 2:
-        return teacher_logits.to(dtype)
-    return _stack_models("kl_div_loss_reference", teacher_logits, "teacher_logits").to(dtype).mean(dim=0)
-
-
-def kl_div_loss_reference(
-    student_logits: torch.Tensor, teacher_logits: TeacherLogits, temperature: float = 1.0
-) -> torch.Tensor:
-    """``T² · (1/B) · Σ_b Σ_c p_t · (log p_t − log p_s)`` with ``p = softmax(z / T)`` over dim 1.
-
-    The same as ``T**2 * F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction='batchmean')``. A
-    ``[M, B, C]`` teacher or a sequence of M ``[B, C]`` teachers means their mean logits ``t = (1/M) Σ_m t_m``.
-    """
-    dtype = compute_dtype(student_logits.dtype)
-    log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
-    log_p_t = F.log_softmax(_mean_teacher(teacher_logits, dtype) / temperature, dim=1)
-    # xlogy-free form: p_t = exp(log p_t) is never 0 where it matters, since log_softmax is finite.
-    loss = (log_p_t.exp() * (log_p_t - log_p_s)).sum() / student_logits.shape[0]
-    return (loss * temperature**2).to(result_dtype(student_logits))
-
-
-def cross_entropy_kl_loss_reference(
-    student_logits: torch.Tensor, teacher_logits: TeacherLogits, labels: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F.cross_entropy(s, labels), kl_div_loss_reference(s, t, T))``, accumulated in at least fp32."""
-    dtype = compute_dtype(student_logits.dtype)
-    ce = F.cross_entropy(student_logits.to(dtype), labels).to(result_dtype(student_logits))
-    return ce, kl_div_loss_reference(student_logits, teacher_logits, temperature)
-
-
-def mutual_kl_loss_reference(logits: TeacherLogits, temperature: float = 1.0) -> torch.Tensor:
-    """``loss_i = 1/(M−1) · Σ_{j≠i} KL_T(z_i ‖ sg(z_j))``, an ``[M]`` tensor; ``sg`` is ``detach``."""
-    z = _stack_models("mutual_kl_loss_reference", logits, "logits")
-    dtype = compute_dtype(z.dtype)
-    log_p = F.log_softmax(z.to(dtype) / temperature, dim=2)
-    log_q = log_p.detach()
-    num_models, batch = z.shape[:2]
-    losses = []
-    for i in range(num_models):
-        terms = [(log_q[j].exp() * (log_q[j] - log_p[i])).sum() for j in range(num_models) if j != i]
-        losses.append(torch.stack(terms).sum() / (num_models - 1))
-    return (torch.stack(losses) * (temperature**2 / batch)).to(result_dtype(z))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Functional API
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def kl_div_loss(student_logits: torch.Tensor, teacher_logits: TeacherLogits, temperature: float = 1.0) -> torch.Tensor:
@@ -785,3 +732,53 @@ class MutualKLLoss(_TemperatureLoss):
 
     def forward(self, logits: TeacherLogits) -> torch.Tensor:
         return mutual_kl_loss(logits, self.temperature)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References (plain PyTorch: the definitions)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mean_teacher(teacher_logits: TeacherLogits, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(teacher_logits, torch.Tensor) and teacher_logits.dim() == 2:
+        return teacher_logits.to(dtype)
+    return _stack_models("kl_div_loss_reference", teacher_logits, "teacher_logits").to(dtype).mean(dim=0)
+
+
+def kl_div_loss_reference(
+    student_logits: torch.Tensor, teacher_logits: TeacherLogits, temperature: float = 1.0
+) -> torch.Tensor:
+    """``T² · (1/B) · Σ_b Σ_c p_t · (log p_t − log p_s)`` with ``p = softmax(z / T)`` over dim 1.
+
+    The same as ``T**2 * F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction='batchmean')``. A
+    ``[M, B, C]`` teacher or a sequence of M ``[B, C]`` teachers means their mean logits ``t = (1/M) Σ_m t_m``.
+    """
+    dtype = compute_dtype(student_logits.dtype)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    log_p_t = F.log_softmax(_mean_teacher(teacher_logits, dtype) / temperature, dim=1)
+    # xlogy-free form: p_t = exp(log p_t) is never 0 where it matters, since log_softmax is finite.
+    loss = (log_p_t.exp() * (log_p_t - log_p_s)).sum() / student_logits.shape[0]
+    return (loss * temperature**2).to(result_dtype(student_logits))
+
+
+def cross_entropy_kl_loss_reference(
+    student_logits: torch.Tensor, teacher_logits: TeacherLogits, labels: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.cross_entropy(s, labels), kl_div_loss_reference(s, t, T))``, accumulated in at least fp32."""
+    dtype = compute_dtype(student_logits.dtype)
+    ce = F.cross_entropy(student_logits.to(dtype), labels).to(result_dtype(student_logits))
+    return ce, kl_div_loss_reference(student_logits, teacher_logits, temperature)
+
+
+def mutual_kl_loss_reference(logits: TeacherLogits, temperature: float = 1.0) -> torch.Tensor:
+    """``loss_i = 1/(M−1) · Σ_{j≠i} KL_T(z_i ‖ sg(z_j))``, an ``[M]`` tensor; ``sg`` is ``detach``."""
+    z = _stack_models("mutual_kl_loss_reference", logits, "logits")
+    dtype = compute_dtype(z.dtype)
+    log_p = F.log_softmax(z.to(dtype) / temperature, dim=2)
+    log_q = log_p.detach()
+    num_models, batch = z.shape[:2]
+    losses = []
+    for i in range(num_models):
+        terms = [(log_q[j].exp() * (log_q[j] - log_p[i])).sum() for j in range(num_models) if j != i]
+        losses.append(torch.stack(terms).sum() / (num_models - 1))
+    return (torch.stack(losses) * (temperature**2 / batch)).to(result_dtype(z))

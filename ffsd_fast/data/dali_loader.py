@@ -9,7 +9,7 @@ so the crops and flips reproduce too (DALI draws them per sample, independently 
 
 Images arrive as float32 (float16 when that is the wanted dtype) from DALI and are cast in torch: DALI has no
 bfloat16. A pipeline error (an unreadable or corrupt file) raises ``RuntimeError`` from the iteration, naming the
-file; nothing skips it, which is why :func:`ffsd_fast.image_folder.index_images` leaves such files out beforehand.
+file; nothing skips it, which is why :func:`ffsd_fast.data.image_folder.index_images` leaves such files out beforehand.
 """
 
 from collections.abc import Callable, Iterator
@@ -156,7 +156,7 @@ def dali_loaders(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
 ) -> tuple[Loader, Loader]:
-    """Train and eval loaders for this rank over ``train`` and ``val`` (see :class:`ffsd_fast.data.Loader`).
+    """Train and eval loaders for this rank over ``train`` and ``val`` (see :class:`ffsd_fast.data.common.Loader`).
 
     Training: RandomResizedCrop (area [0.08, 1], aspect [3/4, 4/3]) to ``image_size``, a horizontal flip with
     probability 1/2, ImageNet normalisation; every batch full, ``train_batches(...)`` of them. Evaluation: shorter

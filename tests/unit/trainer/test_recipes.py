@@ -1,0 +1,48 @@
+"""Recipe defaults have one source (``trainer/recipes.py``); the shipped configs hold only what differs, and still
+resolve to the paper's recipes."""
+
+import pathlib
+
+import pytest
+import yaml
+
+from ffsd_fast.trainer.config import Config, parse_args, resolve
+from ffsd_fast.trainer.recipes import RECIPES
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[3] / "configs").glob("*.yaml"))
+PAPER = {  # ffsd-spec.md: the reference's training recipes
+    "cifar100": dict(epochs=299, batch_size=128, lr_schedule="multistep", lr_milestones=[150, 225], image_size=32),
+    "imagenet": dict(epochs=89, batch_size=256, lr_schedule="imagenet", image_size=224),
+}
+METHOD = dict(
+    method="ffsd", num_students=2, lr=0.1, temperature=2.0, lambda_div=1e-5, lambda_sd=1000.0, lambda_f=10.0, seed=0
+)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_resolves_to_the_papers_recipe(path):
+    cfg = resolve(parse_args(["-c", str(path), "--data-root", "/data", "--device", "cpu"]))
+    for field, value in {**PAPER[cfg.dataset], **METHOD}.items():
+        assert getattr(cfg, field) == value, field
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_holds_only_what_differs(path):
+    values = yaml.safe_load(path.read_text())
+    defaults = Config()
+    recipe = RECIPES[values["dataset"]]
+    for field, value in values.items():
+        if field in ("model", "dataset"):  # what names the row
+            continue
+        assert value != getattr(defaults, field, None) and value != getattr(recipe, field, None), field
+
+
+def test_dataset_defaults_come_from_the_recipe_table():
+    digits = resolve(Config(device="cpu"))
+    assert (digits.epochs, digits.batch_size, digits.image_size) == (12, 32, 16)
+    assert digits.lr_milestones == [6, 9]  # half and three quarters of the epochs
+    assert resolve(Config(device="cpu", model="resnet18")).image_size == 32
+    cifar = resolve(Config(device="cpu", dataset="cifar10", data_root="/data"))
+    assert (cifar.epochs, cifar.batch_size, cifar.lr_milestones) == (299, 128, [150, 225])
+    assert resolve(Config(device="cpu", dataset="cifar10", data_root="/data", epochs=3)).lr_milestones == [150, 225]
+    assert resolve(Config(device="cpu", epochs=8)).lr_milestones == [4, 6]
