@@ -1,6 +1,8 @@
 """The step's optimisers: one multi-tensor SGD for students, leader and fusion module, one Adam for the decoders, and
 the schedule's learning rates written into them in place."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -23,16 +25,20 @@ def _apex_optimizers():
     return FusedSGD, FusedAdam
 
 
-def make_optimizers(
-    nets: FFSDNetworks,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    fusion_weight_decay: float = 1e-5,
-    decoder_lr: float = 1e-3,
-    decoder_weight_decay: float = 1e-4,
-    impl: str = "fused",
-) -> list[torch.optim.Optimizer]:
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimisers' hyper-parameters (the reference's by default): the optimiser slice of a run's configuration."""
+
+    lr: float = 0.1  # SGD: students, leader, fusion module
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # students and leader
+    fusion_weight_decay: float = 1e-5
+    decoder_lr: float = 1e-3  # Adam: the SD decoders
+    decoder_weight_decay: float = 1e-4
+    impl: str = "fused"  # fused | foreach | apex
+
+
+def make_optimizers(nets: FFSDNetworks, spec: OptimizerSpec = OptimizerSpec()) -> list[torch.optim.Optimizer]:
     """SGD (Nesterov) for students, leader and fusion module; Adam (L2, not AdamW) for the SD decoders.
 
     The reference has one optimiser per network; since every update is element-wise, parameter groups of one
@@ -41,6 +47,7 @@ def make_optimizers(
     (CUDA-graph replay requires it; foreach on a CPU takes floats), or NVIDIA apex's ``FusedSGD``/``FusedAdam``
     (Python-float learning rates).
     """
+    lr, momentum, impl = spec.lr, spec.momentum, spec.impl
     device = next(nets.parameters()).device
     # The fused CUDA kernels read a tensor lr as float32; the CPU ones read it as a double, and float64 there keeps
     # the float64 parity runs exact (0.1 in float32 is off by 1.5e-8).
@@ -52,9 +59,9 @@ def make_optimizers(
     def lr_value(value: float) -> torch.Tensor | float:
         return torch.tensor(value, dtype=lr_dtype, device=device) if tensor_lr else value
 
-    groups = [{"params": _params(*nets.students, *filter(None, [nets.leader])), "weight_decay": weight_decay}]
+    groups = [{"params": _params(*nets.students, *filter(None, [nets.leader])), "weight_decay": spec.weight_decay}]
     if nets.fusion is not None:
-        groups.append({"params": _params(nets.fusion), "weight_decay": fusion_weight_decay})
+        groups.append({"params": _params(nets.fusion), "weight_decay": spec.fusion_weight_decay})
     decoders = _params(*nets.decoders, *filter(None, [nets.leader_decoder]))
     if impl == "apex":
         (sgd_class, adam_class), sgd_kind, adam_kind = _apex_optimizers(), {}, {"adam_w_mode": False}
@@ -69,7 +76,10 @@ def make_optimizers(
         group["lr"] = lr_value(lr)  # one tensor per group, so that loading a state dict keeps them independent
     if not decoders:  # the baselines: students only
         return [sgd]
-    return [sgd, adam_class(decoders, lr=lr_value(decoder_lr), weight_decay=decoder_weight_decay, **adam_kind)]
+    return [
+        sgd,
+        adam_class(decoders, lr=lr_value(spec.decoder_lr), weight_decay=spec.decoder_weight_decay, **adam_kind),
+    ]
 
 
 def set_learning_rates(optimizers: list[torch.optim.Optimizer], sgd_lr: float, decoder_lr: float) -> None:

@@ -18,6 +18,7 @@ from ffsd_fast import models
 from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, check_dataset
 from ffsd_fast.errors import UserError
 from ffsd_fast.method.networks import METHODS
+from ffsd_fast.step.optimizers import OptimizerSpec
 from ffsd_fast.trainer.recipes import RECIPES, describe
 
 
@@ -286,6 +287,19 @@ def data_spec(config: Config) -> DataSpec:
         workers=config.workers,
         loader=config.loader,
         check_images=config.check_images,
+    )
+
+
+def optimizer_spec(config: Config) -> OptimizerSpec:
+    """The optimiser slice of a configuration."""
+    return OptimizerSpec(
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        fusion_weight_decay=config.fusion_weight_decay,
+        decoder_lr=config.decoder_lr,
+        decoder_weight_decay=config.decoder_weight_decay,
+        impl=config.optimizer_impl,
     )
 
 

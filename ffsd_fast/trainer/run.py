@@ -41,7 +41,7 @@ from ffsd_fast.step.optimizers import make_optimizers
 from ffsd_fast.step.precision import mixed_precision
 from ffsd_fast.step.train_step import Stepper
 from ffsd_fast.trainer import checkpoint
-from ffsd_fast.trainer.config import Config, data_spec, to_dict
+from ffsd_fast.trainer.config import Config, data_spec, optimizer_spec, to_dict
 from ffsd_fast.trainer.evaluate import evaluate
 from ffsd_fast.trainer.loop import lambdas_for, learning_rates, train_epoch
 from ffsd_fast.trainer.run_dir import check_resumable, find_auto_resume, new_run_dir
@@ -157,16 +157,7 @@ def build(cfg: Config, world: World, device: torch.device) -> Run:
         nets = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets)
     if cfg.channels_last:
         nets = nets.to(memory_format=torch.channels_last)
-    optimizers = make_optimizers(
-        nets,
-        cfg.lr,
-        cfg.momentum,
-        cfg.weight_decay,
-        cfg.fusion_weight_decay,
-        cfg.decoder_lr,
-        cfg.decoder_weight_decay,
-        impl=cfg.optimizer_impl,
-    )
+    optimizers = make_optimizers(nets, optimizer_spec(cfg))
     options = LossOptions(
         temperature=cfg.temperature,
         student_sd_uses_lambda_div=cfg.quirk_student_sd_lambda_div,
