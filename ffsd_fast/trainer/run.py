@@ -171,20 +171,20 @@ def build(cfg: Config, world: World, device: torch.device) -> Run:
         step = CapturedStep(step)
     topk = (1, 5) if cfg.dataset == "imagenet" and info.num_classes >= 5 else (1,)
     return Run(
-        cfg,
-        world,
-        device,
-        run_dir,
-        info,
-        train_loader,
-        test_loader,
-        nets,
-        optimizers,
-        scaler,
-        lambdas,
-        step,
-        topk,
-        saved,
+        cfg=cfg,
+        world=world,
+        device=device,
+        run_dir=run_dir,
+        info=info,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        nets=nets,
+        optimizers=optimizers,
+        scaler=scaler,
+        lambdas=lambdas,
+        step=step,
+        topk=topk,
+        saved=saved,
     )
 
 
