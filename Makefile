@@ -37,7 +37,9 @@ gpu-check:
 	$(GPU_PYTHON) -m pytest tests -q -ra -m cuda
 	$(GPU_PYTHON) benchmarks/kernel_sweep.py
 	$(GPU_PYTHON) benchmarks/train_throughput.py --device cuda --workload cifar100-resnet32-m2-b128,imagenet-resnet18-m2-b256
-	$(GPU_PYTHON) benchmarks/data_throughput.py --device cuda --threads 8
+	# DALI only where it imports (the lent machines have none unless its wheels were carried there).
+	$(GPU_PYTHON) benchmarks/data_throughput.py --device cuda --threads 8 --loader \
+		$$($(GPU_PYTHON) -c 'import nvidia.dali' 2>/dev/null && echo dali,torchvision || echo torchvision)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
