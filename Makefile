@@ -4,14 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint gpu-check clean
+.PHONY: demo test test-quick lint gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstalls when the package's requirements change; constraints.txt pins torch and torchvision.
 $(STAMP): pyproject.toml setup.py constraints.txt | $(PY)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,dali]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,dali,dev]'
 	touch $@
 
 demo: $(STAMP)
@@ -21,9 +21,19 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The whole suite (what .ci/run calls), on TEST_WORKERS pytest-xdist workers of one intra-op thread each
+# (tests/conftest.py); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest tests -q -ra --durations=10 -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests -q -ra --durations=10
+	$(PY) -m ruff format --check .
+	$(PYTEST)
+
+# The edit loop: the suite without the tests marked slow (the end-to-end runs; one short trainer run stays).
+test-quick: $(STAMP)
+	$(PYTEST) -m "not slow"
 
 # On a GPU machine, with its own python (torch and triton there; nothing is downloaded): the CUDA tests, then the
 # kernel sweep, the training-throughput and the data-throughput benchmarks, whose JSON lines land in

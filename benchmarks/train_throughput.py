@@ -6,8 +6,8 @@
 Synthetic batches of the workload's shape already on the device (the input pipeline is measured elsewhere). A
 workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px, 1000 classes). Variants:
 
-* ``reference``: the authors' structure (``tests/sequential_reference.py``): one backward and one optimiser step per
-  network, every loss read back to the host each step, fp32, NCHW;
+* ``reference``: the authors' structure (``tests/helpers/sequential_reference.py``): one backward and one optimiser
+  step per network, every loss read back to the host each step, fp32, NCHW;
 * ``one-backward``: this project's step (one forward of every network, one backward, one fused optimiser step per
   kind), fp32, NCHW, PyTorch losses: the structure alone;
 * each lever on top of ``one-backward`` alone: ``amp`` (bf16 autocast), ``channels-last``, ``cuda-graph`` (the
@@ -53,7 +53,7 @@ from ffsd_fast.step.cuda_graph import CapturedStep  # noqa: E402
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
 from ffsd_fast.step.train_step import Stepper  # noqa: E402
 from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
-from tests.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
+from tests.helpers.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
 
 VARIANTS = (
     "reference",

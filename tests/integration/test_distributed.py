@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from ffsd_fast.data.loaders import dali_available
-from tests.distributed_worker import LAMBDAS, eval_mode_batchnorm, global_batch, networks
-from tests.test_data import write_folder
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, write_folder
+from tests.helpers.distributed_worker import LAMBDAS, eval_mode_batchnorm, global_batch, networks
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -28,8 +26,9 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     )
 
 
+@pytest.mark.slow
 def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(tmp_path):
-    result = torchrun(os.path.join(ROOT, "tests", "distributed_worker.py"), str(tmp_path))
+    result = torchrun(str(ROOT / "tests" / "helpers" / "distributed_worker.py"), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
@@ -55,6 +54,7 @@ def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(t
     assert not torch.equal(ranks[0]["params"]["students.0.fc.weight"], networks().students[0].fc.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loader",
     [
@@ -136,50 +136,7 @@ def test_torchrun_trains_imagenet_folders_and_reports_the_corrupt_file(tmp_path,
     assert [r["epoch"] for r in evals if r["kind"] == "eval"] == [1, 2]
 
 
-def test_gpu_defaults_are_the_measured_fastest_and_cpu_gets_none(monkeypatch):
-    from ffsd_fast.trainer.config import Config, resolve
-
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    gpu = resolve(Config(device="cuda"))
-    assert (gpu.amp, gpu.channels_last, gpu.kernels, gpu.fusion_kernel, gpu.cuda_graph) == (
-        "bf16",
-        True,
-        "triton",
-        "torch",
-        True,
-    )
-    cpu = resolve(Config(device="cpu"))
-    assert (cpu.amp, cpu.channels_last, cpu.kernels, cpu.cuda_graph) == ("off", False, "torch", False)
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    assert resolve(Config(device="cuda")).cuda_graph is False  # capture across processes: not measured yet
-    assert resolve(Config(device="cuda", cuda_graph=True, amp="off")).amp == "off"  # a flag given wins
-
-
-def test_resume_auto_finds_the_newest_checkpoint_of_this_run(tmp_path):
-    from ffsd_fast.trainer.config import Config, resolve
-    from ffsd_fast.trainer.run_dir import find_auto_resume
-
-    cfg = resolve(Config(device="cpu", output_dir=str(tmp_path)))
-    assert find_auto_resume(cfg) is None  # nothing yet: a fresh start
-
-    def write(name, **changes):
-        (tmp_path / name).mkdir()
-        config = {**vars(cfg), **changes}
-        torch.save({"networks": {}, "config": config}, tmp_path / name / "checkpoint.pt")
-        return str(tmp_path / name / "checkpoint.pt")
-
-    older = write("a")
-    os.utime(older, (1, 1))
-    newer = write("b")
-    write("other-model", model="resnet32")  # newest of all, but another run
-    (tmp_path / "damaged").mkdir()
-    (tmp_path / "damaged" / "checkpoint.pt").write_bytes(b"truncated")
-    assert find_auto_resume(cfg) == newer
-    named = resolve(Config(device="cpu", output_dir=str(tmp_path), run_name="a"))
-    assert find_auto_resume(named) == older
-    assert find_auto_resume(resolve(Config(device="cpu", output_dir=str(tmp_path), run_name="new"))) is None
-
-
+@pytest.mark.slow
 def test_a_bad_data_root_stops_every_rank_with_one_line(tmp_path):
     # Rank 0 lists the tree; the others wait for it. Its error must reach them, or they would wait forever.
     result = torchrun(

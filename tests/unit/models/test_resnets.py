@@ -1,3 +1,5 @@
+"""The ResNets of the registry: names, shapes, parameter counts, init, torchvision compatibility, image sizes."""
+
 import math
 
 import pytest
@@ -144,7 +146,11 @@ def test_check_image_size_message():
     assert "resnet18" in message and "16" in message and "4, 2, 1, 1" in message and "multiple of 32" in message
 
 
-@pytest.mark.parametrize("call", [models.create, lambda n, _: models.family(n), lambda n, _: models.tap_shapes(n, 32)])
+@pytest.mark.parametrize(
+    "call",
+    [models.create, lambda n, _: models.family(n), lambda n, _: models.tap_shapes(n, 32)],
+    ids=["create", "family", "tap_shapes"],
+)
 def test_unknown_name(call):
     with pytest.raises(UserError) as info:
         call("resnet99", 10)

@@ -1,14 +1,15 @@
+"""The loaders of ``ffsd_fast.data``: the embedded digits, CIFAR trees and ImageNet-style folders (torchvision)."""
+
 import pickle
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ffsd_fast.data.common import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetInfo, DataSpec
 from ffsd_fast.data.loaders import build_loaders as build_from_spec
 from ffsd_fast.errors import UserError
+from tests.helpers import write_cifar, write_folder
 
 CPU = torch.device("cpu")
 PLACEMENT = ("rank", "world_size", "dtype", "channels_last", "index")
@@ -139,35 +140,6 @@ def test_bad_arguments():
 # ---------------------------------------------------------------- CIFAR
 
 
-def write_cifar(root, num_classes, train_per_file=20, test=10):
-    rng = np.random.RandomState(1)
-
-    def dump(path, n, label_key):
-        labels = rng.randint(0, num_classes, n).tolist()
-        entry = {"data": rng.randint(0, 256, (n, 3072), dtype=np.uint8), label_key: labels}
-        if num_classes == 100:
-            entry["coarse_labels"] = [label // 5 for label in labels]
-        with open(path, "wb") as f:
-            pickle.dump(entry, f)
-
-    if num_classes == 10:
-        folder = root / "cifar-10-batches-py"
-        folder.mkdir(parents=True)
-        for i in range(1, 6):
-            dump(folder / f"data_batch_{i}", train_per_file, "labels")
-        dump(folder / "test_batch", test, "labels")
-        meta_name, meta = "batches.meta", {"label_names": [f"c{i}" for i in range(10)]}
-    else:
-        folder = root / "cifar-100-python"
-        folder.mkdir(parents=True)
-        dump(folder / "train", train_per_file, "fine_labels")
-        dump(folder / "test", test, "fine_labels")
-        meta_name, meta = "meta", {"fine_label_names": [f"c{i}" for i in range(100)]}
-    with open(folder / meta_name, "wb") as f:
-        pickle.dump(meta, f)
-    return folder
-
-
 def raw_images(folder, name):
     with open(folder / name, "rb") as f:
         entry = pickle.load(f)
@@ -231,21 +203,6 @@ def test_cifar_missing_or_wrong_folder_names_the_path(tmp_path):
 
 
 # ---------------------------------------------------------------- ImageFolder
-
-
-SIZES = [(37, 45), (45, 37), (50, 41)]
-
-
-def write_folder(root, classes=("ant", "bee", "cat"), train=3, val=2):
-    rng = np.random.RandomState(2)
-    for split, count in (("train", train), ("val", val)):
-        for name in classes:
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                width, height = SIZES[i % len(SIZES)]
-                pixels = rng.randint(0, 256, (height, width, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
-    return root
 
 
 def imagenet(root, workers=0, **kwargs):

@@ -3,7 +3,7 @@ synchronises with the host.
 
 The launches are recorded, not executed, at the shapes the benchmarks use (the batch made smaller where the launch
 configuration does not depend on it), so the dtypes, block sizes and ``num_warps`` compiled are the launchers' own.
-The compilation runs in a fresh process without the interpreter (``python -m tests.test_kernel_compile``): with
+The compilation runs in a fresh process without the interpreter (``python -m tests.kernels.test_compile``): with
 ``TRITON_INTERPRET=1`` in the environment, Triton 3.8 fails to compile loops, and once the interpreter has run a
 kernel that calls a ``@triton.jit`` helper it leaves ``triton.language`` patched for the rest of the process.
 """
@@ -20,7 +20,7 @@ import torch
 
 import ffsd_kernels as K
 from ffsd_kernels import _dispatch
-from tests.kernel_launches import compile_for_h100, forbid_host_syncs, ptxas_resources, recorded_launches
+from tests.helpers.kernel_launches import compile_for_h100, forbid_host_syncs, ptxas_resources, recorded_launches
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -118,10 +118,10 @@ def compile_every_case() -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def compiled_cases() -> dict[str, list[dict]]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "tests.test_kernel_compile"],
+        [sys.executable, "-m", "tests.kernels.test_compile"],
         cwd=root,
         env=env,
         capture_output=True,
@@ -132,6 +132,8 @@ def compiled_cases() -> dict[str, list[dict]]:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow  # one subprocess compiles every launch for sm_90: ~10 s
+@pytest.mark.xdist_group("compile")  # that subprocess runs once, on one worker
 @pytest.mark.parametrize("case", list(CASES))
 def test_launches_compile_for_h100_without_spills(case, compiled_cases):
     rows = compiled_cases[case]

@@ -3,13 +3,13 @@ script that breaks there wastes one)."""
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from ffsd_kernels._dispatch import INTERPRETER
+from tests.helpers import ROOT
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def _load_script(name: str):
@@ -23,6 +23,7 @@ def _load_sweep():
     return _load_script("kernel_sweep")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETER, reason="the Triton variant needs TRITON_INTERPRET=1 on a CPU")
 def test_kernel_sweep_writes_one_row_per_case_mode_and_variant(tmp_path, capsys):
     sweep = _load_sweep()
@@ -63,6 +64,7 @@ def test_bytes_that_must_move():
     assert sweep.must_move("forward+backward", [s, t, 2.0], [s], loss) == 2 * (320 + 4) + 160
 
 
+@pytest.mark.slow
 def test_train_throughput_writes_its_schema(tmp_path, capsys):
     module = _load_script("train_throughput")
     out = tmp_path / "throughput.jsonl"
@@ -107,6 +109,7 @@ def test_train_throughput_writes_its_schema(tmp_path, capsys):
         module.main(["--device", "cpu", "--workload", "cifar100-resnet20-2-32"])
 
 
+@pytest.mark.slow
 def test_data_throughput_dali_row_schema(tmp_path, capsys):
     pytest.importorskip("nvidia.dali")
     script = _load_script("data_throughput")

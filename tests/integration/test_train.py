@@ -1,4 +1,9 @@
-"""The trainer end to end on the embedded digits: outputs, resume, export, and one-line errors for bad input."""
+"""The trainer end to end on the embedded digits and on generated CIFAR and ImageNet-style trees: outputs, resume,
+export, eval, the shipped recipes, torchrun.
+
+Every run here is marked ``slow`` but one: ``test_trains_on_a_cifar_tree[10]`` (one epoch on 40 generated images, about
+a second) is the quick tier's trainer run (``make test-quick``).
+"""
 
 import json
 import os
@@ -9,33 +14,17 @@ import pytest
 import torch
 import torchvision
 
-import ffsd_kernels
-import ffsd_kernels.reference
 from ffsd_fast import models
 from ffsd_fast.cli.eval import main as eval_main
 from ffsd_fast.cli.export import main as export_main
 from ffsd_fast.cli.train import main
-from ffsd_fast.method.losses import kernel_ops
-from ffsd_fast.step.precision import mixed_precision
 from ffsd_fast.trainer import checkpoint
-from tests.test_data import write_cifar, write_folder
+from tests.helpers import FAST, ROOT, one_line_error, run_ok, write_cifar, write_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--epochs", "1", "--no-progress", "--workers", "0"]
-
-
-def run_ok(args, tmp_path, name="run"):
-    assert main([*args, "--output-dir", str(tmp_path), "--run-name", name]) == 0
-    return tmp_path / name
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
 
-def one_line_error(capsys, args):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("ffsd-train: error: "), err
-    return err
-
-
+@pytest.mark.slow
 def test_short_run_writes_every_artifact(tmp_path):
     run = run_ok([*FAST, "--epochs", "2", "--log-every", "5"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
@@ -62,6 +51,7 @@ def test_short_run_writes_every_artifact(tmp_path):
     assert evals[1]["lambda_f"] == pytest.approx(10 * 2.718281828459045 ** (-5 * 0.36))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dml", "independent"])
 def test_baseline_methods_train_the_students_alone(method, tmp_path):
     run = run_ok([*FAST, "--method", method], tmp_path)
@@ -78,13 +68,7 @@ def test_baseline_methods_train_the_students_alone(method, tmp_path):
     models.create("resnet20", 10).load_state_dict(torch.load(tmp_path / "student.pt"), strict=True)
 
 
-def test_unknown_method_is_refused_with_the_choices(capsys):
-    with pytest.raises(SystemExit) as stop:
-        main([*FAST, "--method", "kd"])
-    assert stop.value.code == 2
-    assert "'ffsd', 'dml', 'independent'" in capsys.readouterr().err
-
-
+@pytest.mark.slow
 def test_eval_reproduces_the_run_and_the_exported_leader(tmp_path, capsys):
     run = run_ok(FAST, tmp_path)
     summary = json.loads((run / "summary.json").read_text())
@@ -102,21 +86,16 @@ def test_eval_reproduces_the_run_and_the_exported_leader(tmp_path, capsys):
     assert err.startswith("ffsd-eval: error: ") and "--model" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_channels_last_foreach_run(tmp_path):
     # bf16 autocast is not run here: on this kind of CPU it is ~15× slower than fp32 (a digits epoch 64 s vs 4.3 s);
-    # tests/test_step.py runs the bf16 step itself.
+    # tests/unit/step/test_train_step.py runs the bf16 step itself.
     run = run_ok([*FAST, "--channels-last", "--optimizer-impl", "foreach"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["leader_top1"] <= 100.0
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
-def test_amp_flag_picks_the_autocast_dtype_and_scaler(amp):
-    dtype, scaler = mixed_precision(amp, torch.device("cpu"))
-    assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    assert (scaler is not None) == (amp == "fp16")
-
-
+@pytest.mark.slow
 def test_compile_flag_compiles_every_network(tmp_path, monkeypatch):
     # nn.Module.compile is recorded, not run: Inductor would take minutes on this CPU. The wiring is what is tested.
     compiled = []
@@ -132,14 +111,7 @@ def test_compile_flag_compiles_every_network(tmp_path, monkeypatch):
     ]
 
 
-def test_cuda_graph_on_a_cpu_is_a_one_line_error(capsys):
-    assert "CPU" in one_line_error(capsys, [*FAST, "--device", "cpu", "--cuda-graph"])
-
-
-def test_apex_without_apex_is_a_one_line_error(capsys):
-    assert "apex" in one_line_error(capsys, [*FAST, "--optimizer-impl", "apex"])
-
-
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_running_straight_through(tmp_path):
     # Explicit milestones: the digits default derives them from --epochs, which differs between the two runs.
     args = [*FAST, "--batch-size", "128", "--lr-milestones", "1", "3"]
@@ -158,6 +130,7 @@ def test_resume_gives_the_same_weights_as_running_straight_through(tmp_path):
     assert [h["leader_top1"] for h in a["history"]] == [h["leader_top1"] for h in b["history"]]
 
 
+@pytest.mark.slow
 def test_export_loads_into_stock_torchvision_resnet(tmp_path):
     run = run_ok([*FAST, "--model", "resnet18", "--batch-size", "128"], tmp_path)
     out = tmp_path / "leader.pt"
@@ -167,8 +140,6 @@ def test_export_loads_into_stock_torchvision_resnet(tmp_path):
     stock = torchvision.models.resnet18(num_classes=10)
     stock.load_state_dict(weights, strict=True)
     full = checkpoint.load(str(run))["networks"]
-    from ffsd_fast import models
-
     ours = models.create("resnet18", 10)
     ours.load_state_dict({k[len("leader.backbone.") :]: v for k, v in full.items() if k.startswith("leader.backbone.")})
     stock.eval()
@@ -177,51 +148,14 @@ def test_export_loads_into_stock_torchvision_resnet(tmp_path):
     assert torch.equal(stock(x), ours(x)[0])
 
 
-def test_unknown_model_lists_the_known_ones(capsys):
-    err = one_line_error(capsys, ["--model", "resnet7"])
-    assert "resnet7" in err and "resnet20" in err and "resnet50" in err
-
-
-@pytest.mark.parametrize("dataset", ["cifar100", "imagenet"])
-def test_missing_data_folder(capsys, tmp_path, dataset):
-    err = one_line_error(capsys, ["--dataset", dataset, "--data-root", str(tmp_path / "nowhere"), *FAST])
-    assert "nowhere" in err
-
-
-def test_empty_data_folder(capsys, tmp_path):
-    err = one_line_error(capsys, ["--imagenet", "--data-root", str(tmp_path), "--image-size", "32", *FAST])
-    assert str(tmp_path) in err
-
-
-def test_data_folder_required(capsys):
-    err = one_line_error(capsys, ["--dataset", "cifar10", *FAST])
-    assert "--data-root" in err or "data_root" in err
-
-
-def test_batch_that_leaves_one_sample_for_batchnorm(capsys, tmp_path):
-    # 1347 digits in batches of 2 leave a last batch of 1; resnet18 at 32 px has 1×1 last maps: BN cannot train.
-    err = one_line_error(capsys, ["--model", "resnet18", "--batch-size", "2", *FAST, "--output-dir", str(tmp_path)])
-    assert "--batch-size 2" in err and "--drop-last" in err
-
-
-def test_image_size_that_does_not_halve(capsys):
-    err = one_line_error(capsys, ["--model", "resnet18", "--image-size", "16", *FAST])
-    assert "16" in err
-
-
+@pytest.mark.slow
 def test_checkpoint_from_another_model(capsys, tmp_path):
     run = run_ok(FAST, tmp_path)
     err = one_line_error(capsys, [*FAST, "--model", "resnet32", "--resume", str(run)])
     assert "resnet20" in err and "resnet32" in err
 
 
-def test_corrupt_checkpoint(capsys, tmp_path):
-    bad = tmp_path / "checkpoint.pt"
-    bad.write_bytes(b"not a checkpoint")
-    err = one_line_error(capsys, [*FAST, "--resume", str(bad)])
-    assert str(bad) in err
-
-
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
     run = run_ok(FAST, tmp_path)
     before = checkpoint.load(str(run))
@@ -233,61 +167,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_pa
         assert torch.equal(value, after["networks"][name])
 
 
-def test_kernels_flag_picks_the_loss_library():
-    assert kernel_ops("triton") is ffsd_kernels
-    assert kernel_ops("torch") is ffsd_kernels.reference
-    assert ffsd_kernels.reference.kl_div_loss is ffsd_kernels.kl_div_loss_reference
-
-
-def test_config_file_and_flags(capsys, tmp_path):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("model: resnet32\nlambda_f: 3.0\n")
-    from ffsd_fast.trainer.config import parse_args
-
-    config = parse_args(["-c", str(cfg), "--lambda-f", "4"])
-    assert config.model == "resnet32" and config.lambda_f == 4.0
-    cfg.write_text("modle: resnet32\n")
-    err = one_line_error(capsys, ["-c", str(cfg)])
-    assert "modle" in err
-
-
-def test_cli_error_has_no_traceback():
-    proc = subprocess.run(
-        [sys.executable, "-m", "ffsd_fast.train", "--model", "nope"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
-
-
-def test_help_documents_every_flag():
-    proc = subprocess.run(
-        [sys.executable, "-m", "ffsd_fast.train", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-    assert proc.returncode == 0
-    for flag in (
-        "--model",
-        "--dataset",
-        "--imagenet",
-        "--data-root",
-        "--num-students",
-        "--epochs",
-        "--batch-size",
-        "--image-size",
-        "--lr",
-        "--seed",
-        "--device",
-        "--output-dir",
-        "--resume",
-        "--kernels",
-        "-c",
-    ):
-        assert flag in proc.stdout, flag
-
-
+@pytest.mark.slow
 def test_torchrun_runs_the_script(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run(
@@ -321,7 +201,8 @@ def test_demo_leader_learns(tmp_path):
     assert summary["leader_top1"] >= sum(summary["students_top1"]) / len(summary["students_top1"])
 
 
-@pytest.mark.parametrize("num_classes", [10, 100])
+# CIFAR-10 is the quick tier's one trainer run: not slow.
+@pytest.mark.parametrize("num_classes", [10, pytest.param(100, marks=pytest.mark.slow)])
 def test_trains_on_a_cifar_tree(tmp_path, num_classes):
     write_cifar(tmp_path / "data", num_classes, train_per_file=40 if num_classes == 100 else 8, test=20)
     dataset = f"cifar{num_classes}"
@@ -333,6 +214,7 @@ def test_trains_on_a_cifar_tree(tmp_path, num_classes):
     assert checkpoint.load(str(run))["num_classes"] == num_classes
 
 
+@pytest.mark.slow
 def test_trains_on_an_image_folder_with_top5(tmp_path):
     classes = [f"n{i:03d}" for i in range(6)]
     write_folder(tmp_path / "data", classes=classes, train=4, val=2)
@@ -356,15 +238,8 @@ def test_trains_on_an_image_folder_with_top5(tmp_path):
     assert "leader_top5" in summary and summary["leader_top5"] >= summary["leader_top1"]
 
 
-@pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(ROOT, "configs")) if p.endswith(".yaml")))
-def test_shipped_configs_resolve(path):
-    from ffsd_fast.trainer.config import parse_args, resolve
-
-    cfg = resolve(parse_args(["-c", os.path.join(ROOT, "configs", path), "--data-root", "/data"]))
-    assert cfg.epochs >= 1 and cfg.model in path
-
-
-@pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(ROOT, "configs")) if p.endswith(".yaml")))
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS)
 def test_shipped_recipes_train_on_generated_data_of_their_shape(path, tmp_path):
     """Each recipe as written (model, m, image size, schedule, λ's), for a few steps on a few generated images."""
     if path.startswith("imagenet"):
@@ -374,7 +249,7 @@ def test_shipped_recipes_train_on_generated_data_of_their_shape(path, tmp_path):
         write_cifar(root, 100, train_per_file=2, test=4)
     args = [
         "-c",
-        os.path.join(ROOT, "configs", path),
+        str(ROOT / "configs" / path),
         "--data-root",
         str(root),
         "--epochs",
@@ -387,10 +262,3 @@ def test_shipped_recipes_train_on_generated_data_of_their_shape(path, tmp_path):
     run = run_ok([*args, "--no-progress", "--workers", "0"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["model"] in path and summary["epochs"] == 1 and 0.0 <= summary["leader_top1"] <= 100.0
-
-
-@pytest.mark.parametrize("script", ["ffsd-train", "ffsd-export", "ffsd-eval"])
-def test_console_scripts_are_installed(script):
-    path = os.path.join(os.path.dirname(sys.executable), script)
-    proc = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and f"usage: {script}" in proc.stdout

@@ -15,7 +15,7 @@ from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates
 from ffsd_fast.step.precision import mixed_precision
 from ffsd_fast.step.train_step import Stepper, train_step
 from ffsd_kernels._dispatch import INTERPRETER
-from tests.kernel_launches import forbid_host_syncs, recorded_launches
+from tests.helpers.kernel_launches import forbid_host_syncs, recorded_launches
 
 
 @pytest.fixture
@@ -76,6 +76,7 @@ def test_bf16_channels_last_stays_close_to_fp32():
     assert worst < 6e-2
 
 
+@pytest.mark.slow  # an FFSD step through Triton's interpreter: ~5 s on a CPU
 def test_every_network_is_updated_once(setup):
     nets, optimizers, x, y = setup
     before = {name: p.detach().clone() for name, p in nets.named_parameters()}
@@ -94,6 +95,7 @@ def test_learning_rates_are_written_in_place(setup):
     assert [float(t) for t in tensors] == pytest.approx([0.025, 0.025, 3e-4])
 
 
+@pytest.mark.slow  # two FFSD steps through Triton's interpreter: ~10 s on a CPU
 def test_terms_weighted_in_one_place(setup):
     nets, optimizers, x, y = setup
     lambdas = torch.tensor([0.5, 7.0, 3.0])
@@ -111,6 +113,7 @@ def test_terms_weighted_in_one_place(setup):
     )
 
 
+@pytest.mark.slow  # four steps through the interpreter: ~25 s
 @pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs TRITON_INTERPRET=1")
 def test_ffsd_trains_with_triton_kernels_on_a_tiny_batch():
     """``--kernels triton`` end to end through the interpreter: fused losses and fusion blocks, several steps on one

@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node=2`` (gloo, CPU): one rank's part of the checks.
+"""Run by tests/integration/test_distributed.py under ``torchrun --nproc_per_node=2`` (gloo, CPU): one rank's part
+of the checks.
 
 Writes ``<out>/rank<r>.pt`` with (1) the averaged gradients of one FFSD loss on this rank's half of a fixed global
 batch, BatchNorm in eval mode, and (2) every parameter after three data-parallel training steps on different data
@@ -10,7 +11,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 sys.path.insert(0, ROOT)
 
 import ffsd_kernels.reference as ops  # noqa: E402

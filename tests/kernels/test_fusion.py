@@ -15,7 +15,7 @@ from ffsd_kernels import _dispatch
 from ffsd_kernels import fusion as fb
 from ffsd_kernels._dispatch import INTERPRETER
 from ffsd_kernels.fusion import FusionBlock
-from tests.kernel_launches import forbid_host_syncs, recorded_launches
+from tests.helpers.kernel_launches import forbid_host_syncs, recorded_launches
 
 DEVICE = "cpu" if INTERPRETER else "cuda"
 pytestmark = [
@@ -210,6 +210,7 @@ def test_triton_path_runs_without_host_syncs(monkeypatch):
         assert "num_warps" in launch.kwargs and "BLOCK_C" in launch.kwargs and "F64" in launch.kwargs
 
 
+@pytest.mark.slow  # ~3.5 s through the interpreter
 def test_small_tiles_loop_over_blocks(monkeypatch):
     # Force tiny tiles so several pixel and channel blocks (and BN statistic tiles of unequal size) are combined.
     monkeypatch.setattr(fb, "_dw_config", lambda *args: (4, 16, 1))
@@ -280,7 +281,7 @@ def test_affine_relu_matches_torch_with_ties():
         check(f"affine_relu grad {name}", x.grad, r.grad, 1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_inputs_close_to_float64(dtype):
     # Half maps and parameters: the kernels accumulate in fp32 and round y, z and the output once each.
     block, ref = pair(3, 2, 4, torch.float64)

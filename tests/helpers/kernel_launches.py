@@ -4,7 +4,7 @@ Patching ``run`` of Triton's kernel classes (``JITFunction``; ``InterpretedFunct
 sees each launch with the arguments, constexprs and ``num_warps`` the launcher really passes. The interpreter
 accepts code the compiler rejects, so each launch is also compiled, with Triton's own argument specialisation
 (dtypes, 16-byte alignment, ints equal to 1), for ``sm_90``. Compiling needs a process where the interpreter is off
-(with it on, Triton 3.8's code generator mis-handles loops): ``tests/test_kernel_compile.py`` starts one.
+(with it on, Triton 3.8's code generator mis-handles loops): ``tests/kernels/test_compile.py`` starts one.
 """
 
 import inspect
