@@ -1,4 +1,4 @@
-"""``python -m ffsd_fast.cli.report RUNS_DIR``: every run's ``summary.json`` gathered into one table beside the paper.
+"""``python -m ffsd_fast.report RUNS_DIR``: every run's ``summary.json`` gathered into one table beside the paper.
 
 Runs are grouped by (dataset, model, method, m); each group gives mean ± std over its runs (seeds) of the number the
 paper reports, each network's *best* top-1 over epochs (the leader's for FFSD, the students' mean for the
@@ -148,7 +148,7 @@ def bar_chart(table: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ffsd_fast.cli.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ffsd_fast.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", help="a folder searched recursively for summary.json")
     parser.add_argument("--out", help="where report.md and report.png go (default: the runs folder)")
     args = parser.parse_args(argv)

@@ -54,3 +54,15 @@ def test_console_scripts_are_installed(script):
     path = os.path.join(os.path.dirname(sys.executable), script)
     proc = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and f"usage: {script}" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("module", "usage"),
+    [("ffsd_fast.train", "usage: ffsd-train"), ("ffsd_fast.report", "usage: python -m ffsd_fast.report")],
+)
+def test_module_entry_points_run(module, usage):
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith(usage), proc.stdout[:200]
