@@ -1,7 +1,10 @@
 """Load weights saved by the authors' reference implementation, to compare the two from identical weights.
 
-The reference saves each network on its own (``torch.save({'weight': state_dict, …})``). Backbones and decoders
-already share our parameter names; the leader's trans-fusion head and the fusion module only need renaming.
+The reference saves each network on its own (``torch.save({'weight': state_dict, …})``). Every backbone of the
+CIFAR zoo (the ResNets, WRN-16-2/40-2 in either block layout, DenseNet-40, GoogLeNet; held to the reference's
+keys by ``tests/unit/models/reference_layout.json``) and the decoders share the reference's parameter names and
+order, so a student loads as it is (``student_from_reference``); the leader's trans-fusion head and the fusion
+module only need renaming.
 """
 
 import torch
@@ -16,6 +19,11 @@ def _rename_block(key: str) -> str | None:
         if key.startswith(theirs):
             return ours + key[len(theirs) :]
     return None
+
+
+def student_from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A reference common student (a bare backbone) → our backbone's state dict: the same keys."""
+    return dict(state)
 
 
 def leader_from_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,10 @@ _MODELS = {
     "wrn40_2": ("cifar", "wrn", 40, 2),
     "densenet40": ("cifar", "densenet", 40, 12),
     "googlenet": ("cifar", "googlenet", 22, 0),
+    # The WRNs in the common pre-activation layout (stride on the first conv, projection on relu(bn1(x))); the
+    # names above build the reference's layout (quirk; docs/quirks.md). Same parameters, so the same checkpoints.
+    "wrn16_2_clean": ("cifar", "wrn_clean", 16, 2),
+    "wrn40_2_clean": ("cifar", "wrn_clean", 40, 2),
 }
 
 # Input size is divided by this before the first tap, then halved per later tap; a size that is a multiple of
@@ -53,8 +57,8 @@ def create(name: str, num_classes: int) -> nn.Module:
     fam, arch, depth, width = _lookup(name)
     if num_classes < 1:
         raise UserError(f"number of classes must be at least 1, got {num_classes}")
-    if arch == "wrn":
-        return WideResNet(depth, width, num_classes)
+    if arch in ("wrn", "wrn_clean"):
+        return WideResNet(depth, width, num_classes, layout="clean" if arch == "wrn_clean" else "reference")
     if arch == "densenet":
         return DenseNet(depth, width, num_classes)
     if arch == "googlenet":
@@ -85,8 +89,8 @@ def tap_shapes(name: str, image_size: int) -> list[tuple[int, int, int]]:
         # Stem and inception modules keep the size; max-pool(3, stride 2, pad 1) after 3b and 4e.
         sizes = [s, _conv_out(s, 3, 2, 1), _conv_out(_conv_out(s, 3, 2, 1), 3, 2, 1)]
         return [(c, h, h) for c, h in zip(GOOGLENET_TAP_CHANNELS, sizes, strict=True)]
-    if fam == "cifar":  # CIFAR ResNet and WRN: the same strides, WRN k times wider
-        channels = [16 * width, 32 * width, 64 * width] if arch == "wrn" else [16, 32, 64]
+    if fam == "cifar":  # CIFAR ResNet and WRN (either layout): the same strides, WRN k times wider
+        channels = [16 * width, 32 * width, 64 * width] if arch in ("wrn", "wrn_clean") else [16, 32, 64]
         strides = [1, 2, 2]
         s = _conv_out(s, 3, 1, 1)
     else:
@@ -96,7 +100,8 @@ def tap_shapes(name: str, image_size: int) -> list[tuple[int, int, int]]:
         s = _conv_out(s, 3, 2, 1)
     shapes = []
     for c, stride in zip(channels, strides, strict=True):
-        # The 3x3/pad-1 conv and the 1x1/pad-0 shortcut give the same size at any stride.
+        # The 3x3/pad-1 conv and the 1x1/pad-0 shortcut give the same size at any stride (in the reference's WRN
+        # layout the stride sits on the block's second 3x3 conv, the first keeping the size: the same result).
         s = _conv_out(s, 3, stride, 1)
         shapes.append((c, s, s))
     return shapes

@@ -12,12 +12,12 @@ class _DenseLayer(nn.Module):
 
     def __init__(self, in_channels: int, growth: int) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_channels)
+        self.bn1 = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(in_channels, growth, kernel_size=3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, growth, kernel_size=3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.conv(self.relu(self.bn(x)))], 1)
+        return torch.cat([x, self.conv1(self.relu(self.bn1(x)))], 1)
 
 
 class _Transition(nn.Module):
@@ -25,13 +25,12 @@ class _Transition(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels)
+        self.bn1 = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
-        self.pool = nn.AvgPool2d(2)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.conv(self.relu(self.bn(x))))
+        return F.avg_pool2d(self.conv1(self.relu(self.bn1(x))), 2)
 
 
 def _dense_block(in_channels: int, layers: int, growth: int) -> nn.Sequential:
@@ -49,6 +48,8 @@ class DenseNet(nn.Module):
 
     Taps: dense block 1's and 2's outputs (before their transitions), and dense block 3's output after the final
     BN+ReLU; then global average pooling and a Linear. DenseNet-40, k = 12: 168/312/456 channels at 32/16/8 px.
+    Parameter names and order are the reference's: ``conv1``, ``dense{1,2,3}.{i}.{bn1,conv1}``,
+    ``trans{1,2}.{bn1,conv1}``, ``bn``, ``fc``.
     """
 
     def __init__(self, depth: int, growth: int, num_classes: int) -> None:

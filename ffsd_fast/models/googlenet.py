@@ -25,16 +25,18 @@ class Inception(nn.Module):
         self, in_channels: int, n1: int, n3_reduce: int, n3: int, n5_reduce: int, n5: int, pool_proj: int
     ) -> None:
         super().__init__()
-        self.b1 = nn.Sequential(*_conv_bn_relu(in_channels, n1, 1))
-        self.b2 = nn.Sequential(*_conv_bn_relu(in_channels, n3_reduce, 1), *_conv_bn_relu(n3_reduce, n3, 3))
-        self.b3 = nn.Sequential(
+        self.branch1x1 = nn.Sequential(*_conv_bn_relu(in_channels, n1, 1))
+        self.branch3x3 = nn.Sequential(*_conv_bn_relu(in_channels, n3_reduce, 1), *_conv_bn_relu(n3_reduce, n3, 3))
+        self.branch5x5 = nn.Sequential(
             *_conv_bn_relu(in_channels, n5_reduce, 1), *_conv_bn_relu(n5_reduce, n5, 3), *_conv_bn_relu(n5, n5, 3)
         )
-        self.b4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), *_conv_bn_relu(in_channels, pool_proj, 1))
+        self.branch_pool = nn.Sequential(
+            nn.MaxPool2d(3, stride=1, padding=1), *_conv_bn_relu(in_channels, pool_proj, 1)
+        )
         self.out_channels = n1 + n3 + n5 + pool_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3(x), self.branch5x5(x), self.branch_pool(x)], 1)
 
 
 # (in, 1×1, 3×3 reduce, 3×3, "5×5" reduce, "5×5", pool projection): the standard GoogLeNet numbers.
@@ -57,6 +59,8 @@ GOOGLENET_TAP_CHANNELS = [480, 832, 1024]
 class GoogLeNet(nn.Module):
     """CIFAR GoogLeNet: stem conv3×3 3→192 + BN + ReLU at full resolution, inception 3a–3b, max-pool(3, 2, 1),
     4a–4e, max-pool(3, 2, 1), 5a–5b, global average pooling, Linear(1024, classes).
+    Parameter names and order are the reference's: ``pre_layers``, ``inception_{a3,b3,a4,…,b5}`` (branches
+    ``branch1x1``, ``branch3x3``, ``branch5x5``, ``branch_pool``), ``linear``.
 
     Taps: 480/832/1024 channels at 32/16/8 px (after 3b, 4e, 5b). The reference pools with ``AvgPool2d(8,
     stride=1)``; here the kernel is the whole last-stage map, which at 32 px is that very op (bit-identical, unlike
@@ -67,26 +71,28 @@ class GoogLeNet(nn.Module):
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.pre_layers = nn.Sequential(*_conv_bn_relu(3, 192, 3))
-        self.a3 = Inception(*_CONFIG["a3"])
-        self.b3 = Inception(*_CONFIG["b3"])
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.a4 = Inception(*_CONFIG["a4"])
-        self.b4 = Inception(*_CONFIG["b4"])
-        self.c4 = Inception(*_CONFIG["c4"])
-        self.d4 = Inception(*_CONFIG["d4"])
-        self.e4 = Inception(*_CONFIG["e4"])
-        self.a5 = Inception(*_CONFIG["a5"])
-        self.b5 = Inception(*_CONFIG["b5"])
-        self.fc = nn.Linear(1024, num_classes)
+        self.inception_a3 = Inception(*_CONFIG["a3"])
+        self.inception_b3 = Inception(*_CONFIG["b3"])
+        self.maxpool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.maxpool2 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception_a4 = Inception(*_CONFIG["a4"])
+        self.inception_b4 = Inception(*_CONFIG["b4"])
+        self.inception_c4 = Inception(*_CONFIG["c4"])
+        self.inception_d4 = Inception(*_CONFIG["d4"])
+        self.inception_e4 = Inception(*_CONFIG["e4"])
+        self.inception_a5 = Inception(*_CONFIG["a5"])
+        self.inception_b5 = Inception(*_CONFIG["b5"])
+        self.linear = nn.Linear(1024, num_classes)
 
         reference_conv_init_(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.pre_layers(x)
-        f1 = self.b3(self.a3(x))
-        x = self.maxpool(f1)
-        f2 = self.e4(self.d4(self.c4(self.b4(self.a4(x)))))
-        x = self.maxpool(f2)
-        f3 = self.b5(self.a5(x))
-        logits = self.fc(torch.flatten(F.avg_pool2d(f3, f3.shape[-2:]), 1))
+        f1 = self.inception_b3(self.inception_a3(x))
+        x = self.maxpool1(f1)
+        x = self.inception_a4(x)
+        f2 = self.inception_e4(self.inception_d4(self.inception_c4(self.inception_b4(x))))
+        x = self.maxpool2(f2)
+        f3 = self.inception_b5(self.inception_a5(x))
+        logits = self.linear(torch.flatten(F.avg_pool2d(f3, f3.shape[-2:]), 1))
         return logits, [f1, f2, f3]

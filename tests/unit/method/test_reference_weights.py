@@ -1,10 +1,19 @@
 """Weights in the reference implementation's layout load into ours and compute the same function."""
 
+import json
+import pathlib
+
+import pytest
 import torch
 from torch import nn
 
 from ffsd_fast.method.networks import build_networks
-from ffsd_fast.method.reference_weights import fusion_from_reference, leader_from_reference, unwrap
+from ffsd_fast.method.reference_weights import (
+    fusion_from_reference,
+    leader_from_reference,
+    student_from_reference,
+    unwrap,
+)
 
 
 class ReferenceLayoutBlock(nn.Module):
@@ -56,3 +65,49 @@ def test_reference_leader_loads():
     logits, taps, tau = nets.leader(x)
     assert torch.equal(logits, donor.leader.backbone(x)[0])
     assert torch.allclose(tau, head(taps[-1]), atol=1e-5)
+
+
+# The reference's state-dict keys and shapes of every CIFAR backbone, written from its definitions
+# (tests/unit/models/make_reference_layout.py).
+_LAYOUT = json.loads((pathlib.Path(__file__).parents[1] / "models" / "reference_layout.json").read_text())["models"]
+
+
+def _reference_backbone_state(name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, shape in _LAYOUT[name.removesuffix("_clean")]["state_dict"]:
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        else:
+            if key.startswith(("fc.", "linear.")):  # the fixture's classifier is for 100 classes
+                shape = [num_classes, *shape[1:]]
+            state[key] = torch.rand(shape) + 0.5  # positive: a valid running_var
+    return state
+
+
+# The deeper variants of one family take the same path, at 5-8 s each on a CPU: slow.
+_SLOW = ("resnet56", "resnet110", "wrn40_2")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n for n in _LAYOUT if "state_dict" in _LAYOUT[n]],
+)
+def test_reference_checkpoint_of_every_backbone_loads(name):
+    nets = build_networks(name, num_classes=10, num_students=2, image_size=16)
+    backbone = _reference_backbone_state(name, 10)
+    channels = nets.leader.head[0].in_channels
+    head = ReferenceLayoutBlock(channels, 2 * channels)
+    _randomise(head)
+    student = nets.students[1]
+    student.load_state_dict(student_from_reference(unwrap({"weight": backbone})), strict=True)
+    leader = {**backbone, **{f"trans_fusion_module.{k}": v for k, v in head.state_dict().items()}}
+    nets.leader.load_state_dict(leader_from_reference(unwrap({"weight": leader})), strict=True)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, backbone[key]), key
+    nets.eval()
+    head.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        logits, taps, tau = nets.leader(x)
+        assert torch.equal(logits, student(x)[0])
+        assert torch.allclose(tau, head(taps[-1]), atol=1e-5)

@@ -15,6 +15,7 @@ from ffsd_fast.step.optimizers import make_optimizers
 from ffsd_fast.step.train_step import train_step
 
 ZOO = ["wrn16_2", "wrn40_2", "densenet40", "googlenet"]
+CLEAN = ["wrn16_2_clean", "wrn40_2_clean"]  # the WRNs' clean block layout: the same parameters
 
 TAPS_AT_32 = {
     "wrn16_2": [(32, 32, 32), (64, 16, 16), (128, 8, 8)],
@@ -40,14 +41,18 @@ def _count(model: nn.Module) -> int:
 
 
 def test_registered_as_cifar_models():
-    assert models.names()[-4:] == ZOO
-    for name in ZOO:
+    assert models.names()[-6:] == ZOO + CLEAN
+    for name in ZOO + CLEAN:
         assert models.family(name) == "cifar"
         assert models.default_image_size(name) == 32
-        assert models.tap_shapes(name, 32) == TAPS_AT_32[name]
+        assert models.tap_shapes(name, 32) == TAPS_AT_32[name.removesuffix("_clean")]
 
 
-@pytest.mark.parametrize("name", ZOO)
+def _classifier(model: nn.Module) -> nn.Linear:
+    return model.fc if hasattr(model, "fc") else model.linear  # the reference's names: fc (DenseNet), linear
+
+
+@pytest.mark.parametrize("name", ZOO + CLEAN)
 def test_forward_at_32(name):
     model = models.create(name, num_classes=100).eval()
     with torch.no_grad():
@@ -56,11 +61,14 @@ def test_forward_at_32(name):
         assert [tuple(t.shape) for t in taps] == [(2, *s) for s in models.tap_shapes(name, 32)]
         # The whole-map pool is bit for bit the fixed AvgPool2d(8, stride=1) at 32 px.
         pooled = nn.AvgPool2d(8, stride=1)(taps[-1])
-        assert torch.equal(logits, model.fc(torch.flatten(pooled, 1)))
+        assert torch.equal(logits, _classifier(model)(torch.flatten(pooled, 1)))
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name,size", [(n, s) for n in ZOO for s in (16, 8)] + [("wrn16_2", 12), ("densenet40", 20)])
+@pytest.mark.parametrize(
+    "name,size",
+    [(n, s) for n in ZOO + CLEAN for s in (16, 8)] + [("wrn16_2", 12), ("wrn16_2_clean", 12), ("densenet40", 20)],
+)
 def test_forward_shapes_match_tap_shapes(name, size):
     model = models.create(name, num_classes=10)
     logits, taps = model(torch.randn(2, 3, size, size))
@@ -100,7 +108,7 @@ def test_parameter_counts(name):
     assert _count(models.create(name, classes)) / 1e6 == pytest.approx(published, rel=0.03)
 
 
-@pytest.mark.parametrize("name", ["wrn16_2", "wrn40_2"])
+@pytest.mark.parametrize("name", ["wrn16_2", "wrn40_2", *CLEAN])
 def test_wrn_layout(name):
     model = models.create(name, 10)
     final_momentum = [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -109,23 +117,24 @@ def test_wrn_layout(name):
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.bias is not None for c in convs)
     n = (int(name[3:5]) - 4) // 6
-    assert [len(model.block1), len(model.block2), len(model.block3)] == [n, n, n]
+    assert [len(model.layer1), len(model.layer2), len(model.layer3)] == [n, n, n]
     # A 1x1 projection shortcut (bias, no BN) wherever the shape changes: 16 -> 32, 32 -> 64 (stride 2), 64 -> 128.
-    for stage, stride in ((model.block1, 1), (model.block2, 2), (model.block3, 2)):
-        shortcut = stage[0].shortcut
+    for stage, stride in ((model.layer1, 1), (model.layer2, 2), (model.layer3, 2)):
+        (shortcut,) = stage[0].shortcut
         assert isinstance(shortcut, nn.Conv2d) and shortcut.kernel_size == (1, 1) and shortcut.stride == (stride,) * 2
-        assert all(block.shortcut is None for block in stage[1:])
+        assert all(len(block.shortcut) == 0 for block in stage[1:])
     assert next(model.parameters()) is model.conv1.weight
 
 
-def test_wrn_taps_are_pre_activation_sums():
-    model = models.create("wrn16_2", 10).eval()
+@pytest.mark.parametrize("name", ["wrn16_2", "wrn16_2_clean"])
+def test_wrn_taps_are_pre_activation_sums(name):
+    model = models.create(name, 10).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         _, (f1, f2, f3) = model(x)
-        assert torch.equal(f1, model.block1(model.conv1(x)))
+        assert torch.equal(f1, model.layer1(model.conv1(x)))
         assert (f1 < 0).any() and (f2 < 0).any() and (f3 >= 0).all()
-        assert torch.equal(f3, torch.relu(model.bn1(model.block3(f2))))
+        assert torch.equal(f3, torch.relu(model.bn1(model.layer3(f2))))
 
 
 def test_conv_biases():
@@ -139,17 +148,20 @@ def test_densenet_layout():
     model = models.create("densenet40", 10)
     assert [len(model.dense1), len(model.dense2), len(model.dense3)] == [12, 12, 12]
     assert model.conv1.out_channels == 24
-    assert model.trans1.conv.in_channels == model.trans1.conv.out_channels == 168
-    assert model.trans2.conv.in_channels == model.trans2.conv.out_channels == 312
+    assert model.trans1.conv1.in_channels == model.trans1.conv1.out_channels == 168
+    assert model.trans2.conv1.in_channels == model.trans2.conv1.out_channels == 312
     assert model.fc.in_features == 456
 
 
 def test_googlenet_inception_channels():
     model = models.create("googlenet", 10)
-    outs = {k: getattr(model, k).out_channels for k in ("a3", "b3", "a4", "b4", "c4", "d4", "e4", "a5", "b5")}
+    outs = {
+        k: getattr(model, f"inception_{k}").out_channels for k in ("a3", "b3", "a4", "b4", "c4", "d4", "e4", "a5", "b5")
+    }
     assert outs == {"a3": 256, "b3": 480, "a4": 512, "b4": 512, "c4": 512, "d4": 528, "e4": 832, "a5": 832, "b5": 1024}
     # The "5x5" branch is 1x1 -> 3x3 -> 3x3.
-    assert [m.kernel_size for m in model.a3.b3 if isinstance(m, nn.Conv2d)] == [(1, 1), (3, 3), (3, 3)]
+    branch = model.inception_a3.branch5x5
+    assert [m.kernel_size for m in branch if isinstance(m, nn.Conv2d)] == [(1, 1), (3, 3), (3, 3)]
     assert model.pre_layers[0].out_channels == 192 and model.pre_layers[0].stride == (1, 1)
 
 
@@ -169,7 +181,7 @@ def test_init(name):
 
 
 # GoogLeNet's step takes ~3 s on a CPU: slow.
-@pytest.mark.parametrize("name", [*ZOO[:-1], pytest.param("googlenet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [*ZOO[:-1], "wrn16_2_clean", pytest.param("googlenet", marks=pytest.mark.slow)])
 def test_ffsd_step(name):
     nets = build_networks(name, num_classes=10, num_students=2, image_size=32)
     optimizers = make_optimizers(nets)

@@ -30,7 +30,14 @@ def _count(model: nn.Module) -> int:
 
 
 def test_names_and_families():
-    assert models.names() == CIFAR + IMAGENET + ["wrn16_2", "wrn40_2", "densenet40", "googlenet"]
+    assert models.names() == CIFAR + IMAGENET + [
+        "wrn16_2",
+        "wrn40_2",
+        "densenet40",
+        "googlenet",
+        "wrn16_2_clean",
+        "wrn40_2_clean",
+    ]
     assert all(models.family(n) == "cifar" for n in CIFAR)
     assert all(models.family(n) == "imagenet" for n in IMAGENET)
     assert all(models.default_image_size(n) == 32 for n in CIFAR)
