@@ -66,7 +66,7 @@ class Run:
     lambdas: torch.Tensor  # [3] on the device, written in place each epoch (LAMBDA_DIV, LAMBDA_SD, LAMBDA_F)
     step: Stepper | CapturedStep
     topk: tuple[int, ...]
-    saved: dict | None = None  # the checkpoint this run resumes
+    saved: dict | None = None  # the checkpoint this run resumes, until ``restore`` has taken it in
     log: RunLog | NullLog = field(default_factory=NullLog)
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 1
@@ -193,6 +193,7 @@ def restore(run: Run) -> None:
     on every rank (one starting point, whatever each built or loaded), compiled once they are final."""
     if run.saved is not None:
         run.history, run.start_epoch = checkpoint.restore(run.saved, run.nets, run.optimizers, run.scaler)
+        run.saved = None  # its tensors (on the training device) are copied in: not held for the whole run
     broadcast_state(run.nets, run.world)
     if run.cfg.compile:
         compile_networks(run.nets)
