@@ -158,6 +158,14 @@ class Config:
     progress: bool = _field(True, "show progress bars")
 
 
+# Fields that do not change what a run computes: where files go and are read from, how often the host looks, how the
+# step is launched (a captured step replays the same kernels). ``--resume`` accepts new values for these (and a larger
+# ``--epochs``) and refuses any other change; the report groups runs by every field not here (and not the seed).
+RESULT_NEUTRAL = frozenset(
+    {"data_root", "output_dir", "run_name", "resume", "log_every", "progress", "workers", "cuda_graph"}
+)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -300,6 +300,7 @@ def finish(run: Run) -> dict:
         "corrupt_images": list(run.info.corrupt),
         "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
         "run_dir": os.path.abspath(run.run_dir),
+        "config": to_dict(cfg),
         **code_version(),
     }
     if world.is_main:
