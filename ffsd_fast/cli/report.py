@@ -1,10 +1,23 @@
 """``python -m ffsd_fast.report RUNS_DIR``: every run's ``summary.json`` gathered into one table beside the paper.
 
-Runs are grouped by (dataset, model, method, m); each group gives mean ± std over its runs (seeds) of the number the
-paper reports, each network's *best* top-1 over epochs (the leader's for FFSD, the students' mean for the
-baselines), and of the final-epoch one, next to the published leader top-1 (``ffsd-spec.md``) and the difference
-from the middle of its range. Writes ``report.md`` and ``report.png`` (a bar chart) into ``--out`` (default:
-RUNS_DIR) and prints the table.
+A row is a group of runs that differ only in their seed: the same dataset, model, method and m, and the same value
+of every other field of the run's resolved configuration (``summary.json``'s ``"config"``) except the fields in
+``ffsd_fast.trainer.config.RESULT_NEUTRAL`` (paths, logging, workers, CUDA-graph capture), plus the number of
+processes (``world_size``: the global batch is ``batch_size`` × ``world_size``). A configuration field recorded by
+one run and not another (a newer or older version of the code) splits the group too; its value shows as ``?``.
+Each row gives n (the runs) and their seeds, and mean ± std over them of the number the paper reports, each
+network's *best* top-1 over epochs (the leader's for FFSD, the students' mean for the baselines), and of the
+final-epoch one, next to the published leader top-1 (``ffsd-spec.md``) and the difference from the middle of its
+range. The *settings* column names only the fields on which the rows of one (dataset, model, method, m) differ, so
+a lone row shows ``–``.
+
+Two runs with the same seed in a row are not independent samples (a rerun, or the same run under two output
+folders): they stay in the mean, since the report cannot tell which one to drop, but the seeds cell says
+``repeated`` and the std then understates the spread over seeds. A summary written before ``"config"`` was
+recorded is grouped by what it holds (dataset, model, method, m, epochs, world size); its settings and seed show as
+unknown and it never joins a group of runs that record their configuration.
+
+Writes ``report.md`` and ``report.png`` (a bar chart) into ``--out`` (default: RUNS_DIR) and prints the table.
 """
 
 import argparse
@@ -14,6 +27,7 @@ import sys
 from pathlib import Path
 
 from ffsd_fast.errors import UserError
+from ffsd_fast.trainer.config import RESULT_NEUTRAL
 
 # Published leader top-1 (%), the paper's three runs as a range; ffsd-spec.md, "Published leader top-1".
 PUBLISHED: dict[tuple[str, str], tuple[float, float]] = {
@@ -56,13 +70,92 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# Fields with a column of their own, so never repeated in the settings column.
+_OWN_COLUMNS = frozenset({"dataset", "model", "method", "num_students", "epochs"})
+# A field one run's configuration records and another's lacks (shown as ``?``).
+_MISSING = object()
+
+
+def _frozen(value):
+    """JSON lists as tuples, so that a configuration value can be part of a dictionary key."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def _show(value) -> str:
+    return "[" + ",".join(map(_show, value)) + "]" if isinstance(value, tuple) else str(value)
+
+
+def _sortable(value) -> tuple:
+    """Numbers in their order (batch 64 before 128); anything else (None, strings, lists) by its repr, since one
+    field may hold values of different types in different groups."""
+    return (0, value, "") if isinstance(value, int | float) else (1, 0, repr(value))
+
+
+def settings(summary: dict) -> tuple[dict, bool]:
+    """What must match, beside dataset, model, method and m, for two runs to share a row; and whether the summary
+    recorded its configuration (older ones did not: then only what they hold, their settings otherwise unknown)."""
+    config = summary.get("config")
+    # world_size is recorded beside the config and changes the result: the global batch is batch_size × world_size.
+    recorded = {name: summary[name] for name in ("epochs", "world_size") if name in summary}
+    if config is None:
+        return recorded, False
+    fields = {name: _frozen(v) for name, v in config.items() if name not in RESULT_NEUTRAL and name != "seed"}
+    return {**recorded, **fields}, True
+
+
+def _differing(groups: list[tuple[dict, bool]]) -> list[str]:
+    """The fields on which the groups of one (dataset, model, method, m) differ. A summary without a configuration
+    takes part only through the fields it has, so that it does not make every configuration field look different."""
+    names = sorted({name for fields, _ in groups for name in fields} - _OWN_COLUMNS)
+    return [
+        name
+        for name in names
+        if len({fields.get(name, _MISSING) for fields, known in groups if known or name in fields}) > 1
+    ]
+
+
+def _seeds_cell(seeds: list[int | None], repeated: list[int]) -> str:
+    ordered = sorted(seeds, key=lambda seed: (seed is None, seed or 0))
+    cell = ",".join("?" if seed is None else str(seed) for seed in ordered)
+    return f"{cell} (repeated)" if repeated else cell
+
+
 def rows(summaries: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
-        key = (s["dataset"], s["model"], s.get("method", "ffsd"), s["num_students"])
+        fields, known = settings(s)
+        key = (
+            s["dataset"],
+            s["model"],
+            s.get("method", "ffsd"),
+            s["num_students"],
+            known,
+            tuple(sorted(fields.items())),
+        )
         groups.setdefault(key, []).append(s)
+    # The groups of one (dataset, model, method, m), to find the fields their settings column shows.
+    members: dict[tuple, list[tuple[dict, bool]]] = {}
+    for dataset, model, method, m, known, items in groups:
+        members.setdefault((dataset, model, method, m), []).append((dict(items), known))
+    differing = {base: _differing(groups_of_base) for base, groups_of_base in members.items()}
+
+    def order(item: tuple[tuple, list[dict]]) -> tuple:
+        dataset, model, method, m, known, items = item[0]
+        settings_order = tuple((name, _sortable(value)) for name, value in items)
+        return dataset, model, method, m, _sortable(dict(items).get("epochs")), not known, settings_order
+
     table = []
-    for (dataset, model, method, m), runs in sorted(groups.items()):
+    for (dataset, model, method, m, known, items), runs in sorted(groups.items(), key=order):
+        fields = dict(items)
+        shown = [
+            f"{name}={_show(fields[name]) if name in fields else '?'}"
+            for name in differing[(dataset, model, method, m)]
+            if known or name in fields
+        ]
+        if not known:
+            shown.insert(0, "unknown (no config)")
+        seeds = [s["config"].get("seed") if known else None for s in runs]
+        repeated = sorted({seed for seed in seeds if seed is not None and seeds.count(seed) > 1})
         best, best_std = _mean_std([headline(s, best=True) for s in runs])
         final, final_std = _mean_std([headline(s, best=False) for s in runs])
         published = PUBLISHED.get((dataset, model)) if method == "ffsd" else None
@@ -73,8 +166,12 @@ def rows(summaries: list[dict]) -> list[dict]:
                 "model": model,
                 "method": method,
                 "m": m,
-                "runs": len(runs),
-                "epochs": sorted({s["epochs"] for s in runs}),
+                "n": len(runs),
+                "seeds": _seeds_cell(seeds, repeated),
+                "repeated_seeds": repeated,
+                "epochs": fields["epochs"],
+                "settings": ", ".join(shown) or "–",
+                "settings_known": known,
                 "best": best,
                 "best_std": best_std,
                 "final": final,
@@ -88,9 +185,9 @@ def rows(summaries: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| dataset | model | method | m | runs | epochs | best top-1 (mean ± std) | final top-1 | published "
-        "| best − published |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | model | method | m | n | seeds | epochs | settings | best top-1 (mean ± std) | final top-1 "
+        "| published | best − published |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         published = (
@@ -103,16 +200,21 @@ def markdown(table: list[dict]) -> str:
             )
         )
         difference = "–" if r["difference"] is None else f"{r['difference']:+.2f}"
-        epochs = ",".join(map(str, r["epochs"]))
         lines.append(
-            f"| {r['dataset']} | {r['model']} | {r['method']} | {r['m']} | {r['runs']} | {epochs} | "
+            f"| {r['dataset']} | {r['model']} | {r['method']} | {r['m']} | {r['n']} | {r['seeds']} | {r['epochs']} | "
+            f"{r['settings']} | "
             f"{r['best']:.2f} ± {r['best_std']:.2f} | {r['final']:.2f} ± {r['final_std']:.2f} | "
             f"{published} | {difference} |"
         )
     note = (
         "\nTop-1 in %: the leader's for FFSD, the students' mean for the baselines; *best* is each run's best "
         "over epochs (what the paper reports), *final* its last epoch. Published: the paper's leader, three "
-        "runs (`ffsd-spec.md`); the difference is from the middle of that range.\n"
+        "runs (`ffsd-spec.md`); the difference is from the middle of that range.\n\n"
+        "A row is the n runs that differ only in their seed. *settings* names the fields on which the rows of "
+        "one dataset, model, method and m differ (`?`: that run's code did not record the field). *repeated*: "
+        "two runs share a seed, so they are not independent samples and the std understates the spread over "
+        "seeds. *unknown (no config)*: the summaries predate the recorded configuration; they are grouped by "
+        "epochs and world size alone.\n"
     )
     return "\n".join(lines) + "\n" + note
 
@@ -123,7 +225,12 @@ def bar_chart(table: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['dataset']}\n{r['model']} {r['method']} m{r['m']}" for r in table]
+    # The settings line tells apart the bars of one dataset, model, method and m.
+    labels = [
+        f"{r['dataset']}\n{r['model']} {r['method']} m{r['m']}\n{r['epochs']} ep, n={r['n']}"
+        + ("" if r["settings"] == "–" else "\n" + r["settings"].replace(", ", "\n"))
+        for r in table
+    ]
     xs = range(len(table))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(table)), 4.5))
     ax.bar(

@@ -5,30 +5,138 @@ import statistics
 
 import pytest
 
-from ffsd_fast.cli.report import main
+from ffsd_fast.cli.report import load_summaries, main, markdown, rows
+from ffsd_fast.trainer.config import Config, to_dict
+
+_RUN = {"dataset": "cifar100", "model": "resnet32", "method": "ffsd", "num_students": 2, "epochs": 299}
 
 
-def _summary(tmp_path, name, **fields):
+def _summary(tmp_path, name, config=None, world_size=1, with_config=True, **results):
+    """A fake summary.json as finish() writes it: the run's fields, its full configuration and its results."""
     run = tmp_path / name
     run.mkdir()
-    base = {"dataset": "cifar100", "model": "resnet32", "method": "ffsd", "num_students": 2, "epochs": 299}
-    (run / "summary.json").write_text(json.dumps({**base, **fields}))
+    cfg = {**to_dict(Config()), **_RUN, "batch_size": 128, **(config or {})}
+    summary = {**{key: cfg[key] for key in _RUN}, "world_size": world_size, **results}
+    if with_config:
+        summary["config"] = cfg
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def _ffsd(tmp_path, name, best=75.0, **kwargs):
+    _summary(tmp_path, name, best_leader_top1=best, leader_top1=best - 0.5, **kwargs)
+
+
+def _markdown(tmp_path) -> str:
+    return markdown(rows(load_summaries(tmp_path)))
+
+
+def _table(tmp_path) -> list[dict[str, str]]:
+    """The report's markdown table as one dict per row, keyed by the column headers."""
+    lines = [line for line in _markdown(tmp_path).splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
 
 
 def test_report_groups_runs_and_compares_with_the_paper(tmp_path, capsys):
     for seed, (best, final) in enumerate([(75.0, 74.5), (74.0, 73.9), (75.5, 75.1)]):
-        _summary(tmp_path, f"ffsd-{seed}", best_leader_top1=best, leader_top1=final)
+        _summary(tmp_path, f"ffsd-{seed}", {"seed": seed}, best_leader_top1=best, leader_top1=final)
     for seed, students in enumerate([[70.0, 72.0], [71.0, 71.0]]):
-        _summary(tmp_path, f"dml-{seed}", method="dml", best_students_top1=students, students_top1=students)
+        _summary(
+            tmp_path,
+            f"dml-{seed}",
+            {"method": "dml", "seed": seed},
+            best_students_top1=students,
+            students_top1=students,
+        )
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.png").stat().st_size > 0
     ffsd = next(line for line in text.splitlines() if "| ffsd |" in line)
     mean, std = statistics.fmean([75.0, 74.0, 75.5]), statistics.stdev([75.0, 74.0, 75.5])
     assert f"{mean:.2f} ± {std:.2f}" in ffsd and "74.82–74.92" in ffsd and f"{mean - 74.87:+.2f}" in ffsd
+    assert "| 3 | 0,1,2 | 299 | – |" in ffsd
     dml = next(line for line in text.splitlines() if "| dml |" in line)
-    assert "| 2 |" in dml and "71.00 ± 0.00" in dml and dml.endswith("| – | – |")
+    assert "| 2 | 0,1 |" in dml and "71.00 ± 0.00" in dml and dml.endswith("| – | – |")
     assert text in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "field, values", [("epochs", (200, 299)), ("batch_size", (64, 128)), ("lr", (0.05, 0.1))], ids=str
+)
+def test_runs_that_differ_in_a_setting_land_in_different_rows(tmp_path, field, values):
+    for value in values:
+        _ffsd(tmp_path, f"run-{value}", config={field: value})
+    table = _table(tmp_path)
+    assert [row["n"] for row in table] == ["1", "1"]
+    if field == "epochs":  # its own column, so not repeated in the settings
+        assert [row["epochs"] for row in table] == ["200", "299"] and [row["settings"] for row in table] == ["–"] * 2
+    else:
+        assert [row["settings"] for row in table] == [f"{field}={value}" for value in values]
+
+
+def test_the_number_of_processes_splits_a_group(tmp_path):
+    # Same batch per process, twice the global batch.
+    _ffsd(tmp_path, "one", world_size=1)
+    _ffsd(tmp_path, "two", world_size=2)
+    assert [row["settings"] for row in _table(tmp_path)] == ["world_size=1", "world_size=2"]
+
+
+def test_runs_that_differ_only_in_seed_share_a_row(tmp_path):
+    _ffsd(tmp_path, "a", 74.0, config={"seed": 1})
+    _ffsd(tmp_path, "b", 76.0, config={"seed": 0})
+    (row,) = _table(tmp_path)
+    assert row["n"] == "2" and row["seeds"] == "0,1" and row["settings"] == "–"
+    assert row["best top-1 (mean ± std)"] == f"75.00 ± {statistics.stdev([74.0, 76.0]):.2f}"
+
+
+def test_result_neutral_fields_do_not_split_a_group(tmp_path):
+    _ffsd(tmp_path, "a", config={"seed": 0, "output_dir": "runs", "log_every": 20, "workers": 4})
+    _ffsd(tmp_path, "b", config={"seed": 1, "output_dir": "elsewhere", "log_every": 5, "workers": 8})
+    (row,) = _table(tmp_path)
+    assert row["n"] == "2" and row["settings"] == "–"
+
+
+def test_settings_name_only_the_fields_that_differ(tmp_path):
+    _ffsd(tmp_path, "a", config={"batch_size": 64, "lr": 0.05, "lr_milestones": [150, 225]})
+    _ffsd(tmp_path, "b", config={"batch_size": 128, "lr": 0.05, "lr_milestones": [100, 200]})
+    _ffsd(tmp_path, "other-model", config={"model": "resnet20", "batch_size": 32})
+    settings = {row["settings"] for row in _table(tmp_path)}
+    # resnet20's lone row shows none, though its batch differs from the resnet32 rows'.
+    assert settings == {"batch_size=64, lr_milestones=[150,225]", "batch_size=128, lr_milestones=[100,200]", "–"}
+
+
+def test_a_field_one_version_of_the_code_did_not_record_shows_as_unknown(tmp_path):
+    _ffsd(tmp_path, "new", config={"temperature": 2.0})
+    _ffsd(tmp_path, "old")
+    config_path = tmp_path / "old" / "summary.json"
+    summary = json.loads(config_path.read_text())
+    del summary["config"]["temperature"]
+    config_path.write_text(json.dumps(summary))
+    assert sorted(row["settings"] for row in _table(tmp_path)) == ["temperature=2.0", "temperature=?"]
+
+
+def test_summaries_without_config_still_report_with_unknown_settings(tmp_path):
+    for seed in range(2):
+        _ffsd(tmp_path, f"old-{seed}", 74.0 + seed, with_config=False)
+    _ffsd(tmp_path, "new", 80.0)
+    _ffsd(tmp_path, "old-long", 70.0, config={"epochs": 400}, with_config=False)
+    table = _table(tmp_path)
+    # A summary without config never joins one with: its other settings may differ.
+    assert [(row["n"], row["seeds"], row["epochs"], row["settings"]) for row in table] == [
+        ("1", "0", "299", "–"),
+        ("2", "?,?", "299", "unknown (no config)"),
+        ("1", "?", "400", "unknown (no config)"),
+    ]
+    assert table[1]["best top-1 (mean ± std)"].startswith("74.50 ± ")
+
+
+def test_repeated_seeds_are_flagged(tmp_path):
+    for name in ("a", "b"):
+        _ffsd(tmp_path, name, config={"seed": 0})
+    _ffsd(tmp_path, "c", config={"seed": 1})
+    (row,) = _table(tmp_path)
+    assert row["n"] == "3" and row["seeds"] == "0,0,1 (repeated)"
+    assert "*repeated*" in _markdown(tmp_path)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "corrupt"])
