@@ -5,13 +5,17 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
+# What a write in progress is called; a resumed run deletes those an interrupted one left (``glob`` pattern).
+PARTIAL_PREFIX, PARTIAL_SUFFIX = ".partial-", ".tmp"
+PARTIAL_PATTERN = PARTIAL_PREFIX + "*" + PARTIAL_SUFFIX
+
 
 def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Calls ``write`` on a temporary file beside ``path``, then renames it over ``path``: the path always holds
     either the old file or the complete new one, even if the process is killed mid-write or the machine loses
     power."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

@@ -34,8 +34,35 @@ except ImportError:  # no triton wheel for this platform (torch's marker: Linux 
 # Read once: triton.jit decides at decoration time whether a kernel is compiled or interpreted.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What every public entry accepts for logits and feature maps: the kernels' dtypes, and fp64 (its reference).
+ACCEPTED_DTYPES = (*KERNEL_DTYPES, torch.float64)
 
-__all__ = ["HAS_TRITON", "INTERPRETER", "KERNEL_DTYPES", "compute_dtype", "result_dtype", "tl", "triton", "use_triton"]
+__all__ = [
+    "ACCEPTED_DTYPES",
+    "HAS_TRITON",
+    "INTERPRETER",
+    "KERNEL_DTYPES",
+    "check_dtypes",
+    "compute_dtype",
+    "result_dtype",
+    "tl",
+    "triton",
+    "use_triton",
+]
+
+
+def check_dtypes(op: str, **tensors: torch.Tensor) -> None:
+    """TypeError naming ``op``, the argument and its dtype unless every tensor is fp32, fp16, bf16 or fp64.
+
+    Called first by every public entry, on whichever path it then takes: an integer or bool tensor would otherwise
+    reach the reference, which computes in fp32 and casts the result back (``kl_div_loss`` of int64 logits gave
+    ``tensor(1)`` for 1.8), and other dtypes (complex, fp8) are not implemented either way."""
+    for name, t in tensors.items():
+        if t.dtype not in ACCEPTED_DTYPES:
+            raise TypeError(
+                f"{op} expects {name} of a floating-point dtype (torch.float32, torch.float16, torch.bfloat16 or "
+                f"torch.float64), got {t.dtype}"
+            )
 
 
 def use_triton(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffsd_kernels._dispatch import compute_dtype, result_dtype, tl, triton, use_triton
+from ffsd_kernels._dispatch import check_dtypes, compute_dtype, result_dtype, tl, triton, use_triton
 
 EPS = 1e-12  # the clamp of ‖v‖₂ in n(v)
 
@@ -483,6 +483,7 @@ def attention_map(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() != 4:
         raise ValueError(f"attention_map expects [B, C, H, W], got shape {tuple(x.shape)}")
+    check_dtypes("attention_map", x=x)
     if not use_triton(x):
         return attention_map_reference(x)
     return _AttentionMapFunction.apply(x, result_dtype(x))
@@ -505,6 +506,7 @@ def normalized_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"normalized_distance expects two tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
         )
+    check_dtypes("normalized_distance", x=x, y=y)
     if not use_triton(x, y):
         return normalized_distance_reference(x, y)
     if x.dim() > 4:
@@ -530,6 +532,7 @@ def attention_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             f"attention_distance expects [B, C, H, W] maps of one batch and size, got "
             f"{tuple(x.shape)} and {tuple(y.shape)}"
         )
+    check_dtypes("attention_distance", x=x, y=y)
     if not use_triton(x, y):
         return attention_distance_reference(x, y)
     a = _AttentionMapFunction.apply(x, torch.float32)
@@ -563,11 +566,13 @@ class NormalizedDistance(nn.Module):
 
 def attention_map_reference(x: torch.Tensor) -> torch.Tensor:
     """``A(x) = mean over channels of x²``: ``[B, C, H, W] → [B, 1, H, W]``, in the input's dtype."""
+    check_dtypes("attention_map_reference", x=x)
     return x.to(compute_dtype(x.dtype)).pow(2).mean(dim=1, keepdim=True).to(x.dtype)
 
 
 def normalized_distance_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d(x, y) = mean((n(x) − n(y))²)`` with ``n`` the per-sample L2 normalisation (eps 1e-12)."""
+    check_dtypes("normalized_distance_reference", x=x, y=y)
     dtype = compute_dtype(x.dtype)
     nx = F.normalize(x.to(dtype).reshape(x.shape[0], -1), dim=1, eps=EPS)
     ny = F.normalize(y.to(dtype).reshape(y.shape[0], -1), dim=1, eps=EPS)
@@ -576,4 +581,5 @@ def normalized_distance_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 def attention_distance_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``d(A(x), A(y))``."""
+    check_dtypes("attention_distance_reference", x=x, y=y)
     return normalized_distance_reference(attention_map_reference(x), attention_map_reference(y))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffsd_kernels._dispatch import compute_dtype, result_dtype, tl, triton, use_triton
+from ffsd_kernels._dispatch import check_dtypes, compute_dtype, result_dtype, tl, triton, use_triton
 from ffsd_kernels.attention import EPS, _channel_broadcast, _channel_reduce
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,6 +328,7 @@ def diversity_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """
     if x.shape != y.shape or x.dim() < 1:
         raise ValueError(f"diversity_loss expects two maps of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    check_dtypes("diversity_loss", x=x, y=y)
     if not use_triton(x, y):
         return diversity_loss_reference(x, y)
     batch = x.shape[0]
@@ -349,6 +350,7 @@ def diversity_shift(y: torch.Tensor) -> torch.Tensor:
     """
     if y.dim() != 4:
         raise ValueError(f"diversity_shift expects [B, C, H, W], got shape {tuple(y.shape)}")
+    check_dtypes("diversity_shift", y=y)
     if not use_triton(y):
         return diversity_shift_reference(y)
     return _DiversityShiftFunction.apply(y)
@@ -386,6 +388,7 @@ def diversity_loss_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     ``n(x)`` has unit norm while ``ỹ`` keeps the scale of ``ν``: this is the reference's formula.
     """
+    check_dtypes("diversity_loss_reference", x=x, y=y)
     dtype, out_dtype = compute_dtype(x.dtype), result_dtype(x)
     x = x.to(dtype).reshape(x.shape[0], -1)
     y = y.to(dtype).reshape(y.shape[0], -1)
@@ -399,6 +402,7 @@ def diversity_shift_reference(y: torch.Tensor) -> torch.Tensor:
     ``a = A(y)``, ``â = n(a)``, ``ν = ‖a‖₂``, ``t`` = the reflected target of ``a``; the ``[B, 1, H, W]`` shift is
     broadcast over the ``C`` channels.
     """
+    check_dtypes("diversity_shift_reference", y=y)
     batch, channels = y.shape[:2]
     a = _attention_map_fp(y)
     target, unit, norm = _reflected_target(a.reshape(batch, -1))

@@ -539,6 +539,10 @@ def _as_list(inputs: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...
     return [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
 
 
+def _check_dtypes(op: str, inputs: list[torch.Tensor]) -> None:
+    _dispatch.check_dtypes(op, **{f"inputs[{i}]": t for i, t in enumerate(inputs)})
+
+
 def _check(block: nn.Sequential, inputs: list[torch.Tensor]) -> None:
     conv1 = block[0]
     shape = inputs[0].shape
@@ -574,6 +578,7 @@ def fusion_block(
     """
     inputs = _as_list(inputs)
     _check(block, inputs)
+    _check_dtypes("fusion_block", inputs)
     if not _use_fused(inputs):
         return fusion_block_reference(inputs, block)
     conv1, bn1, _, conv2, bn2, _ = block
@@ -651,7 +656,9 @@ def fusion_block_reference(
     inputs: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], block: nn.Sequential
 ) -> torch.Tensor:
     """The definition: the Sequential's own modules on ``torch.cat(inputs, 1)``."""
-    x = torch.cat(_as_list(inputs), 1)
+    inputs = _as_list(inputs)
+    _check_dtypes("fusion_block_reference", inputs)  # before torch.cat, which would promote an integer map
+    x = torch.cat(inputs, 1)
     for module in block:
         x = module(x)
     return x

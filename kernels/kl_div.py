@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ffsd_kernels._dispatch import compute_dtype, result_dtype, tl, triton, use_triton
+from ffsd_kernels._dispatch import check_dtypes, compute_dtype, result_dtype, tl, triton, use_triton
 
 TeacherLogits = torch.Tensor | Sequence[torch.Tensor]
 
@@ -154,7 +154,8 @@ def _kl_fwd_kernel(
     tl.store(x_ptr + row, x_row)
     if HAS_LABELS:
         y = tl.load(y_ptr + row).to(tl.int64)
-        # An out-of-range label reads nothing and makes its row's loss NaN (checking it would need a host sync).
+        # An out-of-range label reads nothing and makes its row's loss NaN: the host checks CPU labels only, since on
+        # CUDA that would be a sync (cross_entropy_kl_loss's docstring; the reference does the same).
         s_y = tl.load(s_row + y * stride_sc, mask=(y >= 0) & (y < num_classes), other=float("nan")).to(tl.float32)
         lse_z = m_z + tl.log(d_z)
         tl.store(ce_ptr + row, lse_z - s_y)
@@ -581,22 +582,29 @@ def _check_temperature(op: str, temperature: float) -> float:
 
 
 def _stack_models(op: str, logits: TeacherLogits, what: str) -> torch.Tensor:
-    """``[M, B, C]`` from a ``[M, B, C]`` tensor (as is) or a sequence of ``[B, C]`` tensors (``torch.stack``)."""
+    """``[M, B, C]`` from a ``[M, B, C]`` tensor (as is) or a sequence of ``[B, C]`` tensors (``torch.stack``);
+    ValueError on bad shapes, TypeError on a dtype other than fp32/fp16/bf16/fp64."""
     if isinstance(logits, torch.Tensor):
         if logits.dim() != 3:
             shape = tuple(logits.shape)
             raise ValueError(f"{op} expects {what} as one [M, B, C] tensor or M [B, C] tensors, got {shape}")
+        check_dtypes(op, **{what: logits})
         return logits
     logits = list(logits)
     if not logits or any(z.dim() != 2 or z.shape != logits[0].shape for z in logits):
         shapes = [tuple(z.shape) for z in logits]
         raise ValueError(f"{op} expects {what} as M [B, C] tensors of one shape, got {shapes}")
+    # Each one before torch.stack, which would promote an integer tensor among float ones.
+    check_dtypes(op, **{f"{what}[{i}]": z for i, z in enumerate(logits)})
     return torch.stack(logits)
 
 
 def _teacher_stack(op: str, student: torch.Tensor, teacher: TeacherLogits) -> torch.Tensor:
-    """The teachers as ``[M, B, C]`` (a ``[B, C]`` teacher as a ``[1, B, C]`` view); ValueError on bad shapes."""
+    """The teachers as ``[M, B, C]`` (a ``[B, C]`` teacher as a ``[1, B, C]`` view); ValueError on bad shapes,
+    TypeError on a dtype other than fp32/fp16/bf16/fp64."""
+    check_dtypes(op, student_logits=student)
     if isinstance(teacher, torch.Tensor) and teacher.dim() == 2:
+        check_dtypes(op, teacher_logits=teacher)
         teachers = teacher.unsqueeze(0)
     else:
         teachers = _stack_models(op, teacher, "teacher_logits")
@@ -606,6 +614,22 @@ def _teacher_stack(op: str, student: torch.Tensor, teacher: TeacherLogits) -> to
             f"{tuple(student.shape)} and {tuple(teachers.shape)}"
         )
     return teachers
+
+
+def _check_labels(op: str, student_logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """ValueError unless ``labels`` is an integer ``[B]`` tensor and, where it is on the CPU, every label is in
+    ``[0, C)``. CUDA labels are not read: that would be a host sync (see :func:`cross_entropy_kl_loss`)."""
+    batch, num_classes = student_logits.shape[:1], student_logits.shape[-1]
+    if labels.shape != batch or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(
+            f"{op} expects integer labels of shape [B] = {tuple(batch)}, got {labels.dtype} {tuple(labels.shape)}"
+        )
+    if labels.device.type == "cpu" and labels.numel() > 0:
+        low, high = labels.min().item(), labels.max().item()
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{op} expects labels in [0, {num_classes}) (there is no ignore_index), got {low if low < 0 else high}"
+            )
 
 
 def _triton_ok(*tensors: torch.Tensor) -> bool:
@@ -651,8 +675,10 @@ def cross_entropy_kl_loss(
     Args:
         student_logits: ``[B, C]``, fp32/fp16/bf16/fp64; any strides. Receives both outputs' gradients, summed.
         teacher_logits: as in :func:`kl_div_loss`: ``[B, C]``, ``[M, B, C]`` or a sequence of M ``[B, C]``.
-        labels: int64 ``[B]`` with values in ``[0, C)``. Not checked on the Triton path (that would need a host
-            sync): an out-of-range label makes CE NaN there.
+        labels: int64 ``[B]`` with values in ``[0, C)``; there is no ``ignore_index`` (−100 is out of range, not a
+            row left out). Labels on the CPU are checked: ValueError. Labels on CUDA are not, since reading them
+            would be a host sync: an out-of-range label makes CE NaN instead, on the Triton path and the reference
+            alike (the gradients of that row are then meaningless).
         temperature: ``T > 0``, a Python float, for the KL only.
 
     Returns:
@@ -660,11 +686,7 @@ def cross_entropy_kl_loss(
     """
     temperature = _check_temperature("cross_entropy_kl_loss", temperature)
     teachers = _teacher_stack("cross_entropy_kl_loss", student_logits, teacher_logits)
-    if labels.shape != student_logits.shape[:1] or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(
-            f"cross_entropy_kl_loss expects integer labels of shape [B] = {tuple(student_logits.shape[:1])}, got "
-            f"{labels.dtype} {tuple(labels.shape)}"
-        )
+    _check_labels("cross_entropy_kl_loss", student_logits, labels)
     if not _triton_ok(student_logits, teachers) or labels.device != student_logits.device:
         teacher = teachers if teachers.shape[0] > 1 else teachers[0]
         return cross_entropy_kl_loss_reference(student_logits, teacher, labels, temperature)
@@ -739,10 +761,11 @@ class MutualKLLoss(_TemperatureLoss):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _mean_teacher(teacher_logits: TeacherLogits, dtype: torch.dtype) -> torch.Tensor:
+def _mean_teacher(op: str, teacher_logits: TeacherLogits, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(teacher_logits, torch.Tensor) and teacher_logits.dim() == 2:
+        check_dtypes(op, teacher_logits=teacher_logits)
         return teacher_logits.to(dtype)
-    return _stack_models("kl_div_loss_reference", teacher_logits, "teacher_logits").to(dtype).mean(dim=0)
+    return _stack_models(op, teacher_logits, "teacher_logits").to(dtype).mean(dim=0)
 
 
 def kl_div_loss_reference(
@@ -753,9 +776,16 @@ def kl_div_loss_reference(
     The same as ``T**2 * F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction='batchmean')``. A
     ``[M, B, C]`` teacher or a sequence of M ``[B, C]`` teachers means their mean logits ``t = (1/M) Σ_m t_m``.
     """
+    return _kl_reference("kl_div_loss_reference", student_logits, teacher_logits, temperature)
+
+
+def _kl_reference(
+    op: str, student_logits: torch.Tensor, teacher_logits: TeacherLogits, temperature: float
+) -> torch.Tensor:
+    check_dtypes(op, student_logits=student_logits)
     dtype = compute_dtype(student_logits.dtype)
     log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
-    log_p_t = F.log_softmax(_mean_teacher(teacher_logits, dtype) / temperature, dim=1)
+    log_p_t = F.log_softmax(_mean_teacher(op, teacher_logits, dtype) / temperature, dim=1)
     # xlogy-free form: p_t = exp(log p_t) is never 0 where it matters, since log_softmax is finite.
     loss = (log_p_t.exp() * (log_p_t - log_p_s)).sum() / student_logits.shape[0]
     return (loss * temperature**2).to(result_dtype(student_logits))
@@ -764,10 +794,21 @@ def kl_div_loss_reference(
 def cross_entropy_kl_loss_reference(
     student_logits: torch.Tensor, teacher_logits: TeacherLogits, labels: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F.cross_entropy(s, labels), kl_div_loss_reference(s, t, T))``, accumulated in at least fp32."""
+    """``(F.cross_entropy(s, labels), kl_div_loss_reference(s, t, T))``, accumulated in at least fp32.
+
+    Labels as in :func:`cross_entropy_kl_loss`: CPU labels outside ``[0, C)`` raise ValueError; CUDA ones make CE
+    NaN, as the Triton kernel does (``F.cross_entropy`` alone would leave the rows labelled −100 out of the mean, and
+    fail on other out-of-range labels: on CUDA with a device-side assert, which ends the process's CUDA context).
+    """
+    op = "cross_entropy_kl_loss_reference"
+    check_dtypes(op, student_logits=student_logits)
+    _check_labels(op, student_logits, labels)
     dtype = compute_dtype(student_logits.dtype)
-    ce = F.cross_entropy(student_logits.to(dtype), labels).to(result_dtype(student_logits))
-    return ce, kl_div_loss_reference(student_logits, teacher_logits, temperature)
+    num_classes = student_logits.shape[1]
+    rows = F.cross_entropy(student_logits.to(dtype), labels.clamp(0, num_classes - 1), reduction="none")
+    in_range = (labels >= 0) & (labels < num_classes)
+    ce = torch.where(in_range, rows, torch.nan).mean().to(result_dtype(student_logits))
+    return ce, _kl_reference(op, student_logits, teacher_logits, temperature)
 
 
 def mutual_kl_loss_reference(logits: TeacherLogits, temperature: float = 1.0) -> torch.Tensor:

@@ -2,27 +2,31 @@
 
 The file is a plain state dict (no trans-fusion head, no other network). For the ImageNet ResNets it loads into the
 stock ``torchvision.models.resnetXX(num_classes=…)`` with ``strict=True``. A baseline run (``--method dml`` or
-``independent``) has no leader: its first student is written.
+``independent``) has no leader: its first student is written. Beside it, ``leader.pt.json`` (the ``--out`` path plus
+``.json``) says what it is: model, classes, image size, the input normalisation, dataset, method, network, epoch and
+the run's commit; ``ffsd-eval leader.pt`` reads it.
 """
 
 import argparse
 import sys
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.trainer.export import export
+from ffsd_fast.trainer.export import export, sidecar_path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ffsd-export", description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a run directory (holding checkpoint.pt) or a checkpoint file")
-    parser.add_argument("--out", required=True, help="where to write the leader's state dict (.pt)")
+    parser.add_argument(
+        "--out", required=True, help="where to write the leader's state dict (.pt); its sidecar is this path plus .json"
+    )
     args = parser.parse_args(argv)
     try:
         path = export(args.run, args.out)
     except UserError as error:
         print(f"ffsd-export: error: {error}", file=sys.stderr)
         return 2
-    print(f"leader backbone written to {path}")
+    print(f"leader backbone written to {path}, its description to {sidecar_path(path)}")
     return 0
 
 

@@ -8,8 +8,9 @@ training pipeline is rebuilt at the first ``__iter__`` of each epoch; its seed c
 so the crops and flips reproduce too (DALI draws them per sample, independently of ``threads``).
 
 Images arrive as float32 (float16 when that is the wanted dtype) from DALI and are cast in torch: DALI has no
-bfloat16. A pipeline error (an unreadable or corrupt file) raises ``RuntimeError`` from the iteration, naming the
-file; nothing skips it, which is why :func:`ffsd_fast.data.image_folder.index_images` leaves such files out beforehand.
+bfloat16. An unreadable or corrupt file raises ``UserError`` from the iteration, naming the file (any other pipeline
+error a ``RuntimeError``); nothing skips it, which is why :func:`ffsd_fast.data.image_folder.index_images` leaves
+such files out beforehand.
 """
 
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import torch
 from ffsd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD, Loader
 from ffsd_fast.data.image_folder import ImageList, decode_error
 from ffsd_fast.data.sampling import PAD_LABEL, PIPELINE, eval_indices, seed_for, train_batches, train_indices
+from ffsd_fast.errors import UserError
 
 if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline
@@ -75,20 +77,27 @@ class DaliLoader:
             try:
                 (batch,) = next(iterator)
             except RuntimeError as error:
-                raise RuntimeError(_failure(files[step * size : (step + 1) * size], step)) from error
+                bad = _unreadable(files[step * size : (step + 1) * size])
+                if bad:  # bad input, not a bug: one line, without DALI's operator trace
+                    raise UserError(
+                        f"DALI cannot read {'; '.join(bad)}: DALI cannot skip a file; remove it, or train with "
+                        "--check-images (the default), which leaves undecodable images out"
+                    ) from None
+                raise RuntimeError(
+                    f"DALI failed on batch {step}, although PIL decodes all its files ({files[step * size]}, ...); "
+                    "see the cause above"
+                ) from error
             images, labels = batch["images"], batch["labels"]
             if self.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NHWC viewed as NCHW is channels_last: no copy
             yield images.to(self.device, self.dtype), labels.view(-1).to(self.device, torch.int64)
 
 
-def _failure(files: list[str], step: int) -> str:
-    """What to say when DALI fails on a batch: its message names the operator, never the file."""
+def _unreadable(files: list[str]) -> list[str]:
+    """``path (reason)`` of each of ``files`` that PIL cannot decode: DALI's message names the operator, never the
+    file."""
     reasons = {path: decode_error(path) for path in dict.fromkeys(files)}
-    bad = [f"{path} ({reason})" for path, reason in reasons.items() if reason is not None]
-    if bad:
-        return f"DALI cannot read {'; '.join(bad)}"
-    return f"DALI failed on batch {step}, although PIL decodes all its files ({files[0]}, ...); see the cause above"
+    return [f"{path} ({reason})" for path, reason in reasons.items() if reason is not None]
 
 
 def _pipeline(

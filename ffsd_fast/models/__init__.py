@@ -68,11 +68,6 @@ def create(name: str, num_classes: int) -> nn.Module:
     return ImageNetResNet(depth, num_classes)
 
 
-def default_image_size(name: str) -> int:
-    """The input side length the model family is usually trained at."""
-    return 32 if family(name) == "cifar" else 224
-
-
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
@@ -109,8 +104,11 @@ def tap_shapes(name: str, image_size: int) -> list[tuple[int, int, int]]:
 
 def check_image_size(name: str, image_size: int) -> None:
     """Raise UserError unless every tap is exactly twice the size of the next, as the 2x upsampling decoders need."""
-    fam = family(name)
-    suggestion = f"use a multiple of {_SIZE_MULTIPLE[fam]} (e.g. {default_image_size(name)})"
+    multiple = _SIZE_MULTIPLE[family(name)]
+    # The multiples on either side of the size asked for (the two smallest below the multiple itself): every
+    # multiple halves exactly, so either suits.
+    below = max(multiple, image_size // multiple * multiple)
+    suggestion = f"use a multiple of {multiple} (e.g. {below} or {below + multiple})"
     if image_size < 1:
         raise UserError(f"image size {image_size} does not suit model {name}: it must be at least 1; {suggestion}")
     sizes = [h for _, h, _ in tap_shapes(name, image_size)]

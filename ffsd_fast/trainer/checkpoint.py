@@ -3,6 +3,7 @@ written atomically (temporary file, fsync, rename) and read with ``weights_only=
 
 import os
 import random
+import zipfile
 
 import numpy as np
 import torch
@@ -68,13 +69,23 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def read(path: str, device: torch.device | str = "cpu") -> dict:
-    """Whatever dict a ``.pt`` file holds (a training checkpoint or an exported state dict), read safely."""
+def _first_line(error: BaseException) -> str:
+    # Some errors (EOFError of a cut file) carry no message at all: name the error instead.
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def read(path: str, device: torch.device | str = "cpu", *, mmap: bool = False) -> dict:
+    """Whatever dict a ``.pt`` file holds (a training checkpoint or an exported state dict), read safely. With
+    ``mmap`` the tensors stay on disk until touched: reading a checkpoint's config costs no weight I/O."""
     path = resolve_path(path)
+    if os.path.getsize(path) == 0:
+        raise UserError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which, in one line
-        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+        # mmap needs torch.save's zip format; anything else is read whole, to report what is wrong with it.
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as error:  # a truncated, empty or foreign file: say which, in one line
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds no state dict")
     return state
@@ -84,12 +95,18 @@ def is_training_checkpoint(state: dict) -> bool:
     return "networks" in state and "config" in state
 
 
-def load(path: str, device: torch.device | str = "cpu") -> dict:
+def load(path: str, device: torch.device | str = "cpu", *, mmap: bool = False) -> dict:
     """A full training checkpoint (networks, optimisers, history, RNG and config)."""
-    state = read(path, device)
+    state = read(path, device, mmap=mmap)
     if not is_training_checkpoint(state):
         raise UserError(f"{resolve_path(path)} is not an ffsd-fast checkpoint")
     return state
+
+
+def read_config(path: str) -> tuple[dict, int]:
+    """(the saved run configuration, the epochs done) of a training checkpoint, without reading its weights."""
+    state = load(path, mmap=True)
+    return state["config"], state.get("epoch", 0)
 
 
 def rng_state() -> dict:

@@ -7,6 +7,7 @@ recipe for the embedded digits that trains in minutes on a CPU).
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -22,8 +23,10 @@ from ffsd_fast.step.optimizers import OptimizerSpec
 from ffsd_fast.trainer.recipes import RECIPES, describe
 
 
-def _field(default, help: str, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
+def _field(default, help: str, **checks):
+    """A config field: its default, its help, and the checks ``check_fields`` applies (``choices``; ``at_least``,
+    ``above``, ``below`` for numbers and for each item of a list)."""
+    return field(default=default, metadata={"help": help, **checks})
 
 
 @dataclass
@@ -43,26 +46,29 @@ class Config:
         None,
         "dataset folder (CIFAR: the folder holding cifar-100-python/; ImageNet: the folder holding train/ and val/)",
     )
-    num_students: int = _field(2, "m, the number of common students (≥ 2)")
+    num_students: int = _field(2, "m, the number of common students (≥ 2)", at_least=1)
     image_size: int | None = _field(
         None,
         "input size (default by dataset, for CIFAR / ImageNet models: "
         + describe(lambda r: f"{r.image_size['cifar']}/{r.image_size['imagenet']}")
         + ")",
+        at_least=1,
     )
     # Optimisation.
-    epochs: int | None = _field(None, "epochs to train (default by dataset: " + describe(lambda r: r.epochs) + ")")
-    batch_size: int | None = _field(
-        None, "training batch per process (default by dataset: " + describe(lambda r: r.batch_size) + ")"
+    epochs: int | None = _field(
+        None, "epochs to train (default by dataset: " + describe(lambda r: r.epochs) + ")", at_least=1
     )
-    eval_batch_size: int | None = _field(None, "evaluation batch per process (default: the training batch)")
+    batch_size: int | None = _field(
+        None, "training batch per process (default by dataset: " + describe(lambda r: r.batch_size) + ")", at_least=1
+    )
+    eval_batch_size: int | None = _field(None, "evaluation batch per process (default: the training batch)", at_least=1)
     drop_last: bool = _field(False, "drop the last partial training batch (the reference keeps it)")
-    lr: float = _field(0.1, "SGD learning rate of students, leader and fusion module")
-    momentum: float = _field(0.9, "SGD momentum (Nesterov)")
-    weight_decay: float = _field(1e-4, "weight decay of students and leader")
-    fusion_weight_decay: float = _field(1e-5, "weight decay of the fusion module")
-    decoder_lr: float = _field(1e-3, "Adam learning rate of the self-distillation decoders")
-    decoder_weight_decay: float = _field(1e-4, "Adam L2 weight decay of the decoders")
+    lr: float = _field(0.1, "SGD learning rate of students, leader and fusion module", above=0)
+    momentum: float = _field(0.9, "SGD momentum (Nesterov)", above=0, below=1)
+    weight_decay: float = _field(1e-4, "weight decay of students and leader", at_least=0)
+    fusion_weight_decay: float = _field(1e-5, "weight decay of the fusion module", at_least=0)
+    decoder_lr: float = _field(1e-3, "Adam learning rate of the self-distillation decoders", above=0)
+    decoder_weight_decay: float = _field(1e-4, "Adam L2 weight decay of the decoders", at_least=0)
     lr_schedule: str | None = _field(
         None,
         "multistep | imagenet (per-iteration warm-up and decay); default by dataset: "
@@ -74,13 +80,14 @@ class Config:
         "multistep: epochs after which every lr is ×0.1 (default by dataset: "
         + describe(lambda r: " ".join(map(str, r.lr_milestones)) if r.lr_milestones else "½ and ¾ of --epochs")
         + ")",
+        at_least=0,
     )
     # The method.
-    temperature: float = _field(2.0, "distillation temperature T")
-    lambda_div: float = _field(1e-5, "λ_div: diversity weight (and, by the quirk, the students' SD weight)")
-    lambda_sd: float = _field(1000.0, "λ_sd: the decoders' reconstruction weight")
-    lambda_f: float = _field(10.0, "λ_f: the leader's fusion, trans-fusion and SD weight")
-    lambda_warmup_epochs: int = _field(5, "λ(e) = λ·exp(−5(1 − e/W)²) for epochs e ≤ W")
+    temperature: float = _field(2.0, "distillation temperature T", above=0)
+    lambda_div: float = _field(1e-5, "λ_div: diversity weight (and, by the quirk, the students' SD weight)", at_least=0)
+    lambda_sd: float = _field(1000.0, "λ_sd: the decoders' reconstruction weight", at_least=0)
+    lambda_f: float = _field(10.0, "λ_f: the leader's fusion, trans-fusion and SD weight", at_least=0)
+    lambda_warmup_epochs: int = _field(5, "λ(e) = λ·exp(−5(1 − e/W)²) for epochs e ≤ W", at_least=1)
     # The reference's quirks, reproduced by default; --no-quirk-… gives the clean variant.
     quirk_student_sd_lambda_div: bool = _field(
         True, "weight the students' self-distillation term by λ_div, not λ_sd, as the reference does"
@@ -94,7 +101,7 @@ class Config:
         True, "ImageNet lr formula fed the 1-based epoch, as the reference does (epochs 1–29 at the full lr)"
     )
     # Running.
-    seed: int = _field(0, "seed of the weights, the shuffling and the augmentation")
+    seed: int = _field(0, "seed of the weights, the shuffling and the augmentation", at_least=0, below=2**63)
     device: str | None = _field(None, "cpu | cuda (default: cuda when available)", choices=("cpu", "cuda"))
     # Speed levers. Unset, they take the defaults that benchmarks/train_throughput.py measured fastest on an H100
     # (benchmarks/results/train_throughput.jsonl): on CUDA bf16 autocast, channels-last, the Triton losses and a
@@ -134,7 +141,7 @@ class Config:
         "(NVIDIA apex's FusedSGD/FusedAdam, when apex is installed)",
         choices=("fused", "foreach", "apex"),
     )
-    workers: int = _field(4, "data-loading worker processes, or DALI threads (ImageNet folders)")
+    workers: int = _field(4, "data-loading worker processes, or DALI threads (ImageNet folders)", at_least=0)
     loader: str = _field(
         "auto",
         "ImageNet folders: dali (NVIDIA DALI, GPU decoding on CUDA) | torchvision | auto (DALI when installed)",
@@ -154,7 +161,7 @@ class Config:
         "checkpoint of --run-name under --output-dir, else of a run with this "
         "method, model, dataset, m and image size; a fresh start when none)",
     )
-    log_every: int = _field(20, "read the losses back from the device every N steps (a host sync)")
+    log_every: int = _field(20, "read the losses back from the device every N steps (a host sync)", at_least=1)
     progress: bool = _field(True, "show progress bars")
 
 
@@ -166,7 +173,7 @@ RESULT_NEUTRAL = frozenset(
 )
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -175,6 +182,9 @@ def _base_type(annotation):
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,11 +207,74 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(type=typing.get_args(kind)[0], nargs="+")
         else:
             kwargs["type"] = kind
-        parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
+        parser.add_argument(flag_of(f.name), dest=f.name, **kwargs)
     return parser
 
 
+def _describe(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _check_number(name: str, value, meta: dict, where: str) -> None:
+    if "above" in meta and not value > meta["above"]:
+        raise UserError(f"{name}{where} must be greater than {meta['above']}, got {_describe(value)}")
+    if "at_least" in meta and not value >= meta["at_least"]:
+        raise UserError(f"{name}{where} must be at least {meta['at_least']}, got {_describe(value)}")
+    if "below" in meta and not value < meta["below"]:
+        raise UserError(f"{name}{where} must be less than {meta['below']}, got {_describe(value)}")
+
+
+def check_field(name: str, value, where: str = ""):
+    """``value`` for field ``name`` checked by type and range, as the field declares them (an int is accepted where a
+    float is asked and returned as one); raises ``UserError`` naming the flag (and ``where``: the YAML file)."""
+    f = FIELDS[name]
+    flag = flag_of(name)
+    kind = _base_type(f.type)
+    if value is None:
+        if f.default is None:
+            return None
+        raise UserError(f"{flag}{where} cannot be empty (null)")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{flag}{where} must be true or false, got {_describe(value)}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{flag}{where} must be an integer, got {_describe(value)}")
+        _check_number(flag, value, f.metadata, where)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{flag}{where} must be a number, got {_describe(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"{flag}{where} must be a finite number, got {value}")
+        _check_number(flag, value, f.metadata, where)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise UserError(f"{flag}{where} must be a string, got {_describe(value)}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{flag}{where} must be one of {', '.join(choices)}; got {value!r}")
+    elif typing.get_origin(kind) is list:  # list[int]: the only list field
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise UserError(f"{flag}{where} must be a list of integers (YAML: [150, 225]), got {_describe(value)}")
+        for v in value:
+            _check_number(flag, v, f.metadata, where)
+        value = list(value)
+    return value
+
+
+def check_fields(values: dict, where: str = "") -> dict:
+    """Every value of ``values`` (field: value) checked by ``check_field``; unknown fields refused."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown field(s){where}: {', '.join(unknown)}")
+    return {name: check_field(name, value, where) for name, value in values.items()}
+
+
 def load_yaml(path: str) -> dict:
+    """A YAML file's field: value pairs, checked by type and range (the message names the file)."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as fh:
@@ -211,27 +284,29 @@ def load_yaml(path: str) -> dict:
             raise UserError(f"cannot parse config file {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of field: value")
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown field(s) in {path}: {', '.join(unknown)}")
-    return values
+    return check_fields(values, f" (in {path})")
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Flags → ``Config`` (not yet resolved)."""
+def parse_command(argv: list[str] | None = None) -> tuple[Config, frozenset[str]]:
+    """Flags (after ``-c config.yaml``) → (a ``Config``, not yet resolved; the fields the user gave, in the YAML file
+    or as flags: what ``--resume`` compares with the run it continues)."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     if args.pop("imagenet", False):
         args["dataset"] = "imagenet"
     values = load_yaml(config_file) if config_file else {}
-    values.update(args)
-    return Config(**values)
+    values.update(check_fields(args))
+    return Config(**values), frozenset(values)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Flags → ``Config`` (not yet resolved)."""
+    return parse_command(argv)[0]
 
 
 def resolve(config: Config) -> Config:
     """Fills the dataset-dependent defaults and checks every value; raises ``UserError`` on bad input."""
-    c = dataclasses.replace(config)
+    c = Config(**check_fields(to_dict(config)))  # a Config built in code is checked as flags are
     check_dataset(c.dataset)
     models.family(c.model)  # raises UserError listing the known models
     if c.method not in METHODS:
@@ -274,11 +349,6 @@ def resolve(config: Config) -> Config:
             "--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
             "batch statistics; use --fusion-kernel torch"
         )
-    for name in ("epochs", "log_every", "lambda_warmup_epochs"):
-        if getattr(c, name) < 1:
-            raise UserError(f"{_flag(name)} must be at least 1, got {getattr(c, name)}")
-    if c.temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {c.temperature}")
     return c
 
 

@@ -9,7 +9,7 @@ from ffsd_fast.data.loaders import build_loaders
 from ffsd_fast.errors import UserError
 from ffsd_fast.method.networks import FFSDNetworks, build_networks
 from ffsd_fast.step.distributed import SINGLE_PROCESS, World, all_reduce_sum
-from ffsd_fast.trainer import checkpoint
+from ffsd_fast.trainer import checkpoint, export
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,12 +83,28 @@ def evaluate_network(network: torch.nn.Module, loader, topk: tuple[int, ...] = (
     return {f"top{k}": v for k, v in zip(topk, values, strict=True)}
 
 
+def topk_for(dataset: str, num_classes: int) -> tuple[int, ...]:
+    """The accuracies reported: top-1, and top-5 on ImageNet where there are at least 5 classes to rank."""
+    return (1, 5) if dataset == "imagenet" and num_classes >= 5 else (1,)
+
+
 def _num_classes(weights: dict[str, torch.Tensor]) -> int:
     # The classifier is the last 2-D weight of every backbone here (fc / linear).
     matrices = [v for k, v in weights.items() if k.endswith("weight") and v.dim() == 2]
     if not matrices:
         raise UserError("the state dict has no classifier (no 2-D weight): is it a backbone's?")
     return matrices[-1].shape[0]
+
+
+def _settle(
+    described: dict, source: str, model: str | None, dataset: str | None, image_size: int | None
+) -> tuple[str, str, int]:
+    """``(model, dataset, image_size)``: the ones ``source`` describes, an explicit ``--image-size`` overriding its
+    own; an explicit ``--model`` or ``--dataset`` that contradicts it is refused (the weights are what they are)."""
+    for flag, given in (("model", model), ("dataset", dataset)):
+        if given is not None and given != described[flag]:
+            raise UserError(f"--{flag} {given} contradicts {source}, which says {flag} {described[flag]}")
+    return described["model"], described["dataset"], described["image_size"] if image_size is None else image_size
 
 
 def evaluate_checkpoint(
@@ -100,18 +116,30 @@ def evaluate_checkpoint(
     batch_size: int,
     device: torch.device,
 ) -> dict[str, float]:
+    """Test accuracies of a run's checkpoint (every network) or of weights from ``ffsd-export`` (model, dataset and
+    image size from their sidecar; a bare state dict needs all three given)."""
     state = checkpoint.read(path, device)
+    path = checkpoint.resolve_path(path)
     if checkpoint.is_training_checkpoint(state):
         cfg = state["config"]
-        dataset, model, image_size = cfg["dataset"], cfg["model"], cfg["image_size"]
+        model, dataset, image_size = _settle(cfg, f"the run's config in {path}", model, dataset, image_size)
         data_root = data_root or cfg["data_root"]
-    elif dataset is None or model is None:
-        raise UserError(f"{path} is a single network's weights: give its --model and --dataset")
-    image_size = image_size or models.default_image_size(model)
-    topk = (1, 5) if dataset == "imagenet" else (1,)
+    elif (meta := export.read_sidecar(path)) is not None:
+        model, dataset, image_size = _settle(meta, export.sidecar_path(path), model, dataset, image_size)
+    else:
+        # A bare state dict says nothing of its inputs: a guessed image size evaluated the wrong network silently.
+        missing = [
+            f"--{flag}" for flag, v in (("model", model), ("dataset", dataset), ("image-size", image_size)) if v is None
+        ]
+        if missing:
+            raise UserError(
+                f"{path} is a single network's weights without a sidecar ({export.sidecar_path(path)}): "
+                f"give its {', '.join(missing)}"
+            )
     # No start-up decode of every image (the training tree is listed, not read): evaluation reads val/ only.
     spec = DataSpec(dataset, data_root, image_size, batch_size, batch_size, workers=0, check_images=False)
     _, test_loader, info = build_loaders(spec, device)
+    topk = topk_for(dataset, info.num_classes)
     if checkpoint.is_training_checkpoint(state):
         nets = build_networks(
             model,

@@ -10,10 +10,12 @@ are averaged (``ffsd_fast.step.distributed``); rank 0 alone writes the run direc
 and every rank holds the same evaluation results.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -41,11 +43,12 @@ from ffsd_fast.step.optimizers import make_optimizers
 from ffsd_fast.step.precision import mixed_precision
 from ffsd_fast.step.train_step import Stepper
 from ffsd_fast.trainer import checkpoint
-from ffsd_fast.trainer.config import Config, data_spec, optimizer_spec, to_dict
-from ffsd_fast.trainer.evaluate import evaluate
+from ffsd_fast.trainer.config import FIELDS, Config, data_spec, optimizer_spec, to_dict
+from ffsd_fast.trainer.evaluate import evaluate, topk_for
 from ffsd_fast.trainer.loop import lambdas_for, learning_rates, train_epoch
-from ffsd_fast.trainer.run_dir import check_resumable, find_auto_resume, new_run_dir
-from ffsd_fast.trainer.runlog import NullLog, RunLog, code_version
+from ffsd_fast.trainer.resume import AUTO, changes, check_resumable, find_auto
+from ffsd_fast.trainer.run_dir import new_run_dir, prepare_output_dir, remove_partial_files
+from ffsd_fast.trainer.runlog import NullLog, RunLog, code_version, environment, truncate_metrics
 from ffsd_fast.trainer.summary import print_table, summarize
 
 
@@ -67,6 +70,7 @@ class Run:
     step: Stepper | CapturedStep
     topk: tuple[int, ...]
     saved: dict | None = None  # the checkpoint this run resumes, until ``restore`` has taken it in
+    saved_config: dict | None = None  # the configuration the resumed checkpoint was saved with
     log: RunLog | NullLog = field(default_factory=NullLog)
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 1
@@ -112,22 +116,29 @@ def imagenet_index(cfg: Config, world: World) -> ImageFolderIndex:
     return leave_out(find_images(cfg.data_root), main_index.corrupt)
 
 
-def read_resume(cfg: Config, world: World, device: torch.device) -> tuple[dict | None, str | None]:
-    """(the checkpoint that ``--resume`` names, its run directory), or (None, None) for a fresh run."""
+def read_resume(
+    cfg: Config, given: Collection[str], world: World, device: torch.device
+) -> tuple[Config, dict | None, str | None]:
+    """(the configuration to train with, the checkpoint that ``--resume`` names, its run directory); the checkpoint
+    and directory are None for a fresh run. ``--resume auto`` without ``--epochs`` keeps the run's epochs."""
     resume = cfg.resume
-    if resume == "auto":
-        resume = on_main(world, lambda: find_auto_resume(cfg))
+    if resume == AUTO:
+        resume = on_main(world, lambda: find_auto(cfg))
     if not resume:
-        return None, None
-    saved = checkpoint.load(resume, device)
+        return cfg, None, None
     path = checkpoint.resolve_path(resume)
-    check_resumable(saved["config"], cfg, path)
-    return saved, os.path.dirname(os.path.abspath(path))
+    saved = checkpoint.load(path, device)
+    if cfg.resume == AUTO and "epochs" not in given:
+        cfg = dataclasses.replace(cfg, epochs=saved["config"]["epochs"])
+    check_resumable(saved["config"], saved["epoch"], cfg, given, path)
+    return cfg, saved, os.path.dirname(os.path.abspath(path))
 
 
-def build(cfg: Config, world: World, device: torch.device) -> Run:
-    """Everything a run trains with: loaders, networks (seeded), optimisers, scaler and the step."""
-    saved, run_dir = read_resume(cfg, world, device)
+def build(cfg: Config, world: World, device: torch.device, given: Collection[str] = FIELDS) -> Run:
+    """Everything a run trains with: loaders, networks (seeded), optimisers, scaler and the step. ``given``: the
+    fields the command asked for (a resume refuses to change those that change the result; see ``resume``)."""
+    on_main(world, lambda: prepare_output_dir(cfg.output_dir))
+    cfg, saved, run_dir = read_resume(cfg, given, world, device)
     index = imagenet_index(cfg, world) if cfg.dataset == "imagenet" else None
     amp_dtype, scaler = mixed_precision(cfg.amp, device)
     train_loader, test_loader, info = build_loaders(
@@ -169,7 +180,7 @@ def build(cfg: Config, world: World, device: torch.device) -> Run:
     step = Stepper(nets, optimizers, lambdas, options, ops, amp_dtype, scaler, cfg.channels_last, grad_sync)
     if cfg.cuda_graph:
         step = CapturedStep(step)
-    topk = (1, 5) if cfg.dataset == "imagenet" and info.num_classes >= 5 else (1,)
+    topk = topk_for(cfg.dataset, info.num_classes)
     return Run(
         cfg=cfg,
         world=world,
@@ -185,6 +196,7 @@ def build(cfg: Config, world: World, device: torch.device) -> Run:
         step=step,
         topk=topk,
         saved=saved,
+        saved_config=saved["config"] if saved is not None else None,
     )
 
 
@@ -200,11 +212,26 @@ def restore(run: Run) -> None:
 
 
 def open_log(run: Run) -> None:
-    """The run directory's config, version and metrics log (rank 0), and the images left out, named."""
+    """The run directory's log (rank 0). A fresh run writes its config and version once; a resumed one first clears
+    what the interrupted process left (temporary files, log records past the checkpoint) and logs a ``resume``
+    record naming what it changed, so ``config.yaml`` stays the run's configuration as it started."""
     cfg, world, info = run.cfg, run.world, run.info
-    run.log = RunLog(run.run_dir) if world.is_main else NullLog()
-    run.log.write_config(to_dict(cfg), code_version())
-    if info.corrupt:
+    steps = len(run.train_loader)
+    resumed = run.saved_config is not None
+    if world.is_main:
+        remove_partial_files(run.run_dir)  # an interrupted write's, by a process killed in it
+    if world.is_main and resumed:
+        done = run.start_epoch - 1
+        truncate_metrics(os.path.join(run.run_dir, "metrics.jsonl"), done)
+        run.log = RunLog(run.run_dir, resume_step=done * steps + 1)
+        run.log.log(
+            {"kind": "resume", "epoch": done, "changed": changes(run.saved_config, cfg), **environment(run.device)},
+            done * steps,
+        )
+    elif world.is_main:
+        run.log = RunLog(run.run_dir)
+        run.log.write_config(to_dict(cfg), {**code_version(), **environment(run.device)})
+    if info.corrupt and not resumed:
         shown = "\n  ".join(info.corrupt[:20])
         more = f"\n  … and {len(info.corrupt) - 20} more (all in metrics.jsonl)" if len(info.corrupt) > 20 else ""
         if world.is_main:
@@ -214,7 +241,7 @@ def open_log(run: Run) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-        run.log.log({"kind": "corrupt_images", "count": len(info.corrupt), "files": list(info.corrupt)}, 0)
+        run.log.log({"kind": "corrupt_images", "epoch": 0, "count": len(info.corrupt), "files": list(info.corrupt)}, 0)
     if world.is_main:
         processes = f"  ({world.world_size} processes)" if world.distributed else ""
         print(f"run directory: {run.run_dir}{processes}", flush=True)
@@ -256,7 +283,7 @@ def evaluate_epoch(run: Run, epoch: int, epoch_lambdas: list[float], seconds: fl
         "images_per_s": images / seconds,
     }
     run.history.append(record)
-    run.log.log(record, epoch)
+    run.log.log(record, epoch * steps)  # TensorBoard's step: the global step, as the training records'
     run.log.plot_accuracy(run.history, cfg.num_students)
     if run.world.is_main:
         students = " ".join(f"{accuracies[f'student{i}_top1']:.2f}" for i in range(cfg.num_students))
@@ -302,6 +329,7 @@ def finish(run: Run) -> dict:
         "run_dir": os.path.abspath(run.run_dir),
         "config": to_dict(cfg),
         **code_version(),
+        **environment(run.device),
     }
     if world.is_main:
         write_atomic(
@@ -316,17 +344,18 @@ def finish(run: Run) -> dict:
     return summary
 
 
-def train(cfg: Config) -> dict:
-    """Trains one FFSD run to ``cfg.epochs`` and returns its summary (also written to ``summary.json``)."""
+def train(cfg: Config, given: Collection[str] = FIELDS) -> dict:
+    """Trains one FFSD run to ``cfg.epochs`` and returns its summary (also written to ``summary.json``). ``given``:
+    the fields the command set (default: all of them, so a resume in code refuses any change of result)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
     world = init_world(cfg.device)
     try:
-        run = build(cfg, world, training_device(cfg, world))
+        run = build(cfg, world, training_device(cfg, world), given)
         restore(run)
         open_log(run)
         try:
-            for epoch in range(run.start_epoch, cfg.epochs + 1):
+            for epoch in range(run.start_epoch, run.cfg.epochs + 1):
                 epoch_lambdas, seconds, images = train_one_epoch(run, epoch)
                 evaluate_epoch(run, epoch, epoch_lambdas, seconds, images)
                 save(run, epoch)

@@ -3,9 +3,14 @@ accuracy curves, the resolved config and the code's commit."""
 
 import json
 import os
+import platform
+import shutil
 import subprocess
 
+import torch
 import yaml
+
+from ffsd_fast.files import write_atomic
 
 
 def code_version() -> dict:
@@ -32,6 +37,43 @@ def code_version() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
+def environment(device: torch.device) -> dict:
+    """What besides the code and the seed decides a run's exact numbers: the same seed gives other results with
+    another intra-op thread count (CPU reductions split differently), device, or library version."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
+
+
+def truncate_metrics(path: str, epochs_done: int) -> None:
+    """Drops from ``metrics.jsonl`` every record past ``epochs_done`` (what an interrupted process logged after its
+    last checkpoint, which the resumed run logs again) and a last line cut short by a kill."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("epoch", 0) <= epochs_done:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, lambda fh: fh.write("".join(kept).encode()))
+
+
 def commit_label() -> str:
     """The commit, with ``+dirty`` when the tree had uncommitted changes: what benchmark rows record."""
     version = code_version()
@@ -39,22 +81,35 @@ def commit_label() -> str:
 
 
 class RunLog:
-    """Appends to ``metrics.jsonl``, writes TensorBoard scalars under ``tensorboard/``, redraws ``accuracy.png``."""
+    """Appends to ``metrics.jsonl``, writes TensorBoard scalars under ``tensorboard/``, redraws ``accuracy.png``.
 
-    def __init__(self, run_dir: str, tensorboard: bool = True) -> None:
+    ``resume_step`` (a resumed run: the global step after its checkpoint) keeps what was logged before it and has
+    TensorBoard hide the interrupted process's later events; without it (a fresh run) any log already in the
+    directory, from an attempt that never reached a checkpoint, is cleared."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, resume_step: int | None = None) -> None:
         self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        board = os.path.join(run_dir, "tensorboard")
+        if resume_step is None:
+            if os.path.exists(self.metrics_path):
+                os.unlink(self.metrics_path)
+            shutil.rmtree(board, ignore_errors=True)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.writer = SummaryWriter(board, purge_step=resume_step)
 
     def write_config(self, config: dict, version: dict) -> None:
-        with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(config, fh, sort_keys=False)
-        with open(os.path.join(self.run_dir, "version.json"), "w", encoding="utf-8") as fh:
-            json.dump(version, fh, indent=2)
+        """A fresh run's ``config.yaml`` and ``version.json`` (a resumed run logs a ``resume`` record instead)."""
+        write_atomic(
+            os.path.join(self.run_dir, "config.yaml"),
+            lambda fh: fh.write(yaml.safe_dump(config, sort_keys=False).encode()),
+        )
+        write_atomic(
+            os.path.join(self.run_dir, "version.json"), lambda fh: fh.write(json.dumps(version, indent=2).encode())
+        )
 
     def log(self, record: dict, step: int) -> None:
         """One JSON line; every numeric field also as a TensorBoard scalar tagged ``kind/name``."""

@@ -1,5 +1,6 @@
 """The switch point (``ffsd_kernels._dispatch``): on fp32 CPU input without the interpreter every public function is
-its reference, bit for bit; with it, the Triton kernels agree with the reference to fp32 precision."""
+its reference, bit for bit; with it, the Triton kernels agree with the reference to fp32 precision. Before it, every
+public entry refuses logits and feature maps of any dtype but fp32, fp16, bf16 and fp64 (``check_dtypes``)."""
 
 import pytest
 import torch
@@ -46,3 +47,129 @@ def test_public_against_reference_on_fp32_cpu(layout, interpreter, monkeypatch):
             torch.testing.assert_close(public, reference, rtol=1e-5, atol=1e-7, msg=f"pair {i}")
         else:
             assert torch.equal(public, reference), i
+
+
+# Every public entry that takes logits or feature maps, called with one argument of a bad dtype ``b(*shape)`` and
+# the others fp32 ``f(*shape)``: (the op the error names, the call). Modules name the function they run.
+def _block(fused: bool = True) -> ffsd_kernels.FusionBlock:
+    return ffsd_kernels.FusionBlock(3, 2, 4, fused=fused)
+
+
+BAD_DTYPE_CALLS = {
+    "kl_div_loss/student": ("kl_div_loss", lambda f, b: ffsd_kernels.kl_div_loss(b(4, 10), f(4, 10))),
+    "kl_div_loss/teacher": ("kl_div_loss", lambda f, b: ffsd_kernels.kl_div_loss(f(4, 10), b(4, 10))),
+    "kl_div_loss/teacher-list": (
+        "kl_div_loss",
+        lambda f, b: ffsd_kernels.kl_div_loss(f(4, 10), [f(4, 10), b(4, 10)]),
+    ),
+    "kl_div_loss/teacher-stacked": ("kl_div_loss", lambda f, b: ffsd_kernels.kl_div_loss(f(4, 10), b(2, 4, 10))),
+    "KLDivLoss": ("kl_div_loss", lambda f, b: KLDivLoss(2.0)(b(4, 10), f(4, 10))),
+    "kl_div_loss_reference/student": (
+        "kl_div_loss_reference",
+        lambda f, b: ffsd_kernels.kl_div_loss_reference(b(4, 10), f(4, 10)),
+    ),
+    "kl_div_loss_reference/teacher-list": (
+        "kl_div_loss_reference",
+        lambda f, b: ffsd_kernels.kl_div_loss_reference(f(4, 10), [b(4, 10), f(4, 10)]),
+    ),
+    "cross_entropy_kl_loss/student": (
+        "cross_entropy_kl_loss",
+        lambda f, b: ffsd_kernels.cross_entropy_kl_loss(b(4, 10), f(4, 10), torch.zeros(4, dtype=torch.long)),
+    ),
+    "cross_entropy_kl_loss/teacher": (
+        "cross_entropy_kl_loss",
+        lambda f, b: ffsd_kernels.cross_entropy_kl_loss(f(4, 10), b(4, 10), torch.zeros(4, dtype=torch.long)),
+    ),
+    "CrossEntropyKLLoss": (
+        "cross_entropy_kl_loss",
+        lambda f, b: ffsd_kernels.CrossEntropyKLLoss()(b(4, 10), f(4, 10), torch.zeros(4, dtype=torch.long)),
+    ),
+    "cross_entropy_kl_loss_reference/student": (
+        "cross_entropy_kl_loss_reference",
+        lambda f, b: ffsd_kernels.cross_entropy_kl_loss_reference(b(4, 10), f(4, 10), torch.zeros(4, dtype=torch.long)),
+    ),
+    "cross_entropy_kl_loss_reference/teacher": (
+        "cross_entropy_kl_loss_reference",
+        lambda f, b: ffsd_kernels.cross_entropy_kl_loss_reference(f(4, 10), b(4, 10), torch.zeros(4, dtype=torch.long)),
+    ),
+    "mutual_kl_loss/list": ("mutual_kl_loss", lambda f, b: ffsd_kernels.mutual_kl_loss([f(4, 10), b(4, 10)])),
+    "mutual_kl_loss/stacked": ("mutual_kl_loss", lambda f, b: ffsd_kernels.mutual_kl_loss(b(2, 4, 10))),
+    "MutualKLLoss": ("mutual_kl_loss", lambda f, b: ffsd_kernels.MutualKLLoss()([b(4, 10), f(4, 10)])),
+    "mutual_kl_loss_reference": (
+        "mutual_kl_loss_reference",
+        lambda f, b: ffsd_kernels.mutual_kl_loss_reference([f(4, 10), b(4, 10)]),
+    ),
+    "attention_map": ("attention_map", lambda f, b: ffsd_kernels.attention_map(b(2, 3, 4, 4))),
+    "attention_map_reference": (
+        "attention_map_reference",
+        lambda f, b: ffsd_kernels.attention_map_reference(b(2, 3, 4, 4)),
+    ),
+    "normalized_distance/x": (
+        "normalized_distance",
+        lambda f, b: ffsd_kernels.normalized_distance(b(2, 1, 4, 4), f(2, 1, 4, 4)),
+    ),
+    "normalized_distance/y": (
+        "normalized_distance",
+        lambda f, b: ffsd_kernels.normalized_distance(f(2, 1, 4, 4), b(2, 1, 4, 4)),
+    ),
+    "NormalizedDistance": (
+        "normalized_distance",
+        lambda f, b: ffsd_kernels.NormalizedDistance()(f(2, 16), b(2, 16)),
+    ),
+    "normalized_distance_reference": (
+        "normalized_distance_reference",
+        lambda f, b: ffsd_kernels.normalized_distance_reference(f(2, 16), b(2, 16)),
+    ),
+    "attention_distance/x": (
+        "attention_distance",
+        lambda f, b: ffsd_kernels.attention_distance(b(2, 3, 4, 4), f(2, 5, 4, 4)),
+    ),
+    "attention_distance/y": (
+        "attention_distance",
+        lambda f, b: ffsd_kernels.attention_distance(f(2, 3, 4, 4), b(2, 5, 4, 4)),
+    ),
+    "AttentionDistance": (
+        "attention_distance",
+        lambda f, b: ffsd_kernels.AttentionDistance()(b(2, 3, 4, 4), f(2, 5, 4, 4)),
+    ),
+    "attention_distance_reference": (
+        "attention_distance_reference",
+        lambda f, b: ffsd_kernels.attention_distance_reference(f(2, 3, 4, 4), b(2, 5, 4, 4)),
+    ),
+    "diversity_loss/x": ("diversity_loss", lambda f, b: ffsd_kernels.diversity_loss(b(2, 1, 4, 4), f(2, 1, 4, 4))),
+    "diversity_loss/y": ("diversity_loss", lambda f, b: ffsd_kernels.diversity_loss(f(2, 1, 4, 4), b(2, 1, 4, 4))),
+    "DiversityLoss": ("diversity_loss", lambda f, b: ffsd_kernels.DiversityLoss()(b(2, 1, 4, 4), f(2, 1, 4, 4))),
+    "diversity_loss_reference": (
+        "diversity_loss_reference",
+        lambda f, b: ffsd_kernels.diversity_loss_reference(f(2, 1, 4, 4), b(2, 1, 4, 4)),
+    ),
+    "diversity_shift": ("diversity_shift", lambda f, b: ffsd_kernels.diversity_shift(b(2, 3, 4, 4))),
+    "diversity_shift_reference": (
+        "diversity_shift_reference",
+        lambda f, b: ffsd_kernels.diversity_shift_reference(b(2, 3, 4, 4)),
+    ),
+    "fusion_block": ("fusion_block", lambda f, b: ffsd_kernels.fusion_block([f(2, 3, 4, 4), b(2, 3, 4, 4)], _block())),
+    "FusionBlock": ("fusion_block", lambda f, b: _block()([b(2, 3, 4, 4), f(2, 3, 4, 4)])),
+    "FusionBlock/unfused": ("fusion_block_reference", lambda f, b: _block(False)([f(2, 3, 4, 4), b(2, 3, 4, 4)])),
+    "fusion_block_reference": (
+        "fusion_block_reference",
+        lambda f, b: ffsd_kernels.fusion_block_reference([b(2, 3, 4, 4), f(2, 3, 4, 4)], _block()),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64], ids=str)
+@pytest.mark.parametrize("case", list(BAD_DTYPE_CALLS), ids=list(BAD_DTYPE_CALLS))
+def test_integer_bool_and_complex_inputs_are_refused(case, dtype):
+    """Integer logits once ran the reference in fp32 and came back cast to int64 (``kl_div_loss`` gave tensor(1) for
+    1.8): every entry refuses them before it chooses a path, naming the op, the dtype and what is accepted."""
+    op, call = BAD_DTYPE_CALLS[case]
+
+    def bad(*shape):
+        return (3 * torch.randn(shape)).to(dtype)
+
+    with pytest.raises(TypeError) as info:
+        call(torch.randn, bad)
+    message = str(info.value)
+    assert message.startswith(f"{op} expects ") and message.endswith(f"got {dtype}"), message
+    assert "(torch.float32, torch.float16, torch.bfloat16 or torch.float64)" in message

@@ -15,6 +15,8 @@ Errors: values ``|a − b| / max(|b|, tiny)``, gradients ``max|ga − gb| / max|
 is absolute. The worst error seen per op and dtype is printed at the end.
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -563,6 +565,40 @@ BAD_CALLS = {
 def test_bad_shapes_raise(call):
     with pytest.raises(ValueError):
         call(torch.randn(4, 10))
+
+
+CE_ENTRIES = {
+    "function": cross_entropy_kl_loss,
+    "module": lambda s, t, labels: CrossEntropyKLLoss()(s, t, labels),
+    "reference": cross_entropy_kl_loss_reference,
+}
+
+
+@pytest.mark.parametrize("label", [-100, -1, 10, 2**40])
+@pytest.mark.parametrize("entry", list(CE_ENTRIES))
+def test_out_of_range_cpu_labels_are_refused(entry, label):
+    """No ignore_index: −100 is a label out of range like any other (F.cross_entropy alone would leave its row out)."""
+    s, labels = torch.randn(4, 10), torch.tensor([0, 9, label, 3])
+    op = "cross_entropy_kl_loss_reference" if entry == "reference" else "cross_entropy_kl_loss"
+    message = f"{op} expects labels in [0, 10) (there is no ignore_index), got {label}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CE_ENTRIES[entry](s, torch.randn(4, 10), labels)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+@pytest.mark.parametrize("label", [-100, 10])
+def test_unchecked_out_of_range_label_makes_ce_nan(label, dtype, device, monkeypatch):
+    """CUDA labels are not read (that would be a host sync): an out-of-range one makes CE NaN, on the Triton path
+    (fp32) and the reference (fp64) alike, and leaves the KL as it was. On the CPU, whose labels are checked, the
+    check is switched off to see the same paths."""
+    if device == "cpu":
+        monkeypatch.setattr(kl_module, "_check_labels", lambda *args: None)
+    s, t = logits((4, 10), dtype, device), logits((4, 10), dtype, device, requires_grad=False)
+    labels = torch.tensor([0, 9, label, 3], device=device)
+    for ce, kl in (cross_entropy_kl_loss(s, t, labels, 2.0), cross_entropy_kl_loss_reference(s, t, labels, 2.0)):
+        assert torch.isnan(ce)
+        torch.testing.assert_close(kl, kl_div_loss_reference(s, t, 2.0), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from ffsd_fast.errors import UserError
+
 pytest.importorskip("nvidia.dali")
 
 from ffsd_fast.data.common import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -199,7 +201,7 @@ def test_a_corrupt_file_raises_naming_it_instead_of_hanging(tree, tmp_path, posi
         threads=2,
     )
     read = 0
-    with pytest.raises(RuntimeError, match=f"DALI cannot read {bad}"):
+    with pytest.raises(UserError, match=f"DALI cannot read {bad}.*--check-images"):
         for _ in train:
             read += 1
     assert read == position // 4

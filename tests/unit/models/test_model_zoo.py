@@ -44,7 +44,6 @@ def test_registered_as_cifar_models():
     assert models.names()[-6:] == ZOO + CLEAN
     for name in ZOO + CLEAN:
         assert models.family(name) == "cifar"
-        assert models.default_image_size(name) == 32
         assert models.tap_shapes(name, 32) == TAPS_AT_32[name.removesuffix("_clean")]
 
 

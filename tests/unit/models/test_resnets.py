@@ -40,8 +40,6 @@ def test_names_and_families():
     ]
     assert all(models.family(n) == "cifar" for n in CIFAR)
     assert all(models.family(n) == "imagenet" for n in IMAGENET)
-    assert all(models.default_image_size(n) == 32 for n in CIFAR)
-    assert all(models.default_image_size(n) == 224 for n in IMAGENET)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +148,10 @@ def test_check_image_size_message():
     with pytest.raises(UserError) as info:
         models.check_image_size("resnet18", 16)
     message = str(info.value)
-    assert "resnet18" in message and "16" in message and "4, 2, 1, 1" in message and "multiple of 32" in message
+    assert "resnet18" in message and "16" in message and "4, 2, 1, 1" in message
+    assert "use a multiple of 32 (e.g. 32 or 64)" in message
+    with pytest.raises(UserError, match=r"use a multiple of 4 \(e\.g\. 28 or 32\)"):
+        models.check_image_size("resnet20", 30)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import os
 import torch
 
 from ffsd_fast.trainer.config import Config, resolve
-from ffsd_fast.trainer.run_dir import find_auto_resume
+from ffsd_fast.trainer.resume import find_auto as find_auto_resume
 
 
 def test_resume_auto_finds_the_newest_checkpoint_of_this_run(tmp_path):
