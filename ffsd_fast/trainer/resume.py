@@ -90,4 +90,5 @@ def find_auto(cfg: Config) -> str | None:
 def changes(saved: dict, cfg: Config) -> dict[str, list]:
     """``{field: [saved, now]}`` for every field a resume changed (what the run's log records of it)."""
     now = to_dict(cfg)
-    return {k: [_saved_value(saved, k), v] for k, v in now.items() if _saved_value(saved, k) != v}
+    # ``resume`` itself always changes (None → the path): the record is the resume.
+    return {k: [_saved_value(saved, k), v] for k, v in now.items() if k != "resume" and _saved_value(saved, k) != v}
