@@ -171,3 +171,29 @@ def test_data_throughput_dali_row_schema(tmp_path, capsys):
 def test_data_throughput_rejects_an_unknown_loader():
     with pytest.raises(SystemExit):
         _load_script("data_throughput").parse_args(["--loader", "pillow"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton launches are counted under TRITON_INTERPRET=1")
+def test_step_kernels_counts_every_phase(tmp_path, capsys):
+    script = _load_script("step_kernels")
+    out = tmp_path / "kernels.jsonl"
+    variants = ["reference", "one-backward", "fast"]
+    script.main(["--workload", "cifar100-resnet20-m2-b2", "--variants", ",".join(variants), "--output", str(out)])
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert list(rows) == variants
+    for row in rows.values():
+        assert {"device", "torch", "triton", "commit", "workload", "batch_counted", "top_ops", "excluded"} <= row.keys()
+        assert row["device"] == "cpu (counted)" and row["workload"] == "cifar100-resnet20-m2-b2"
+        counts = row["counts"]
+        assert set(counts) == set(script.PHASES)
+        assert sum(sum(cells.values()) for cells in counts.values()) == row["kernels"] > 0
+        assert row["kernels"] == row["aten_ops"] + row["triton_launches"]
+        assert all(counts[p]["forward"] > 0 and counts[p]["backward"] > 0 for p in ("backbones", "fusion", "losses"))
+        assert counts["decoders"]["forward"] > 0 and counts["optimisers"]["update"] > 0
+        assert row["network_ops_in_losses"] == {}  # every conv and batch norm, forward and backward, in a network
+        assert "view" in row["excluded"] and "allocation" in row["excluded"]
+    assert rows["fast"]["triton_launches"] > 0 and rows["one-backward"]["triton_launches"] == 0
+    assert rows["fast"]["casts"]  # bf16 autocast
+    assert rows["one-backward"]["counts"]["optimisers"]["update"] < rows["reference"]["counts"]["optimisers"]["update"]
+    assert "optimisers" in capsys.readouterr().out
