@@ -624,7 +624,13 @@ def _check_labels(op: str, student_logits: torch.Tensor, labels: torch.Tensor) -
         raise ValueError(
             f"{op} expects integer labels of shape [B] = {tuple(batch)}, got {labels.dtype} {tuple(labels.shape)}"
         )
-    if labels.device.type == "cpu" and labels.numel() > 0:
+    if labels.device.type == "cpu":
+        _check_label_range(op, labels, num_classes)
+
+
+def _check_label_range(op: str, labels: torch.Tensor, num_classes: int) -> None:
+    """ValueError unless every (CPU) label is in ``[0, C)``: reading them is free on the CPU, a host sync on CUDA."""
+    if labels.numel() > 0:
         low, high = labels.min().item(), labels.max().item()
         if low < 0 or high >= num_classes:
             raise ValueError(

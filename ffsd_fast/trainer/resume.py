@@ -65,9 +65,11 @@ def resumed_config(cfg: Config, given: Collection[str]) -> Config:
     return Config(**values)
 
 
-def find_auto(cfg: Config) -> str | None:
+def find_auto(cfg: Config, given: Collection[str] = FIELDS) -> str | None:
     """``--resume auto``: the checkpoint to continue (see the module's docstring), or None for a fresh start. With
-    ``--run-name`` only that run is looked at; a checkpoint that cannot be read (empty, truncated) is passed over."""
+    ``--run-name`` only that run is looked at; a checkpoint that cannot be read (empty, truncated) is passed over.
+    Milestones not ``given`` are not compared: a recipe may derive them from the epochs, which a resume may extend."""
+    compared = set(FIELDS) - ({"lr_milestones"} - set(given))
     if cfg.run_name is not None:
         candidates = [os.path.join(cfg.output_dir, cfg.run_name, checkpoint.CHECKPOINT_NAME)]
     elif os.path.isdir(cfg.output_dir):
@@ -82,7 +84,7 @@ def find_auto(cfg: Config) -> str | None:
             saved, epochs_done = checkpoint.read_config(path)
         except UserError:
             continue  # damaged: an older checkpoint of this run, or a fresh start, is what remains
-        if not conflicts(saved, cfg, FIELDS) and (cfg.epochs is None or cfg.epochs >= epochs_done):
+        if not conflicts(saved, cfg, compared) and (cfg.epochs is None or cfg.epochs >= epochs_done):
             return path
     return None
 

@@ -120,16 +120,17 @@ def read_resume(
     cfg: Config, given: Collection[str], world: World, device: torch.device
 ) -> tuple[Config, dict | None, str | None]:
     """(the configuration to train with, the checkpoint that ``--resume`` names, its run directory); the checkpoint
-    and directory are None for a fresh run. ``--resume auto`` without ``--epochs`` keeps the run's epochs."""
+    and directory are None for a fresh run. ``--resume auto`` keeps the run's epochs and milestones unless given."""
     resume = cfg.resume
     if resume == AUTO:
-        resume = on_main(world, lambda: find_auto(cfg))
+        resume = on_main(world, lambda: find_auto(cfg, given))
     if not resume:
         return cfg, None, None
     path = checkpoint.resolve_path(resume)
     saved = checkpoint.load(path, device)
-    if cfg.resume == AUTO and "epochs" not in given:
-        cfg = dataclasses.replace(cfg, epochs=saved["config"]["epochs"])
+    if cfg.resume == AUTO:  # what the command left to the defaults stays the run's (see ``resume``)
+        kept = {k: saved["config"][k] for k in ("epochs", "lr_milestones") if k not in given and k in saved["config"]}
+        cfg = dataclasses.replace(cfg, **kept)
     check_resumable(saved["config"], saved["epoch"], cfg, given, path)
     return cfg, saved, os.path.dirname(os.path.abspath(path))
 

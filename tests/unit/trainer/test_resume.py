@@ -9,7 +9,9 @@ from ffsd_fast.trainer.resume import changes, find_auto, resumed_config
 
 
 def _saved(tmp_path, epoch=3, **changes_):
-    cfg = resolve(Config(device="cpu", epochs=4, batch_size=64, seed=7, output_dir=str(tmp_path), **changes_))
+    cfg = resolve(
+        Config(device="cpu", epochs=4, batch_size=64, seed=7, lr_milestones=[3], output_dir=str(tmp_path), **changes_)
+    )
     (tmp_path / "r").mkdir(exist_ok=True)
     torch.save({"networks": {}, "config": to_dict(cfg), "epoch": epoch}, tmp_path / "r" / "checkpoint.pt")
     return cfg, str(tmp_path / "r")
@@ -20,13 +22,13 @@ def test_no_flags_means_the_saved_configuration(tmp_path):
     cfg, given = parse_command(["--resume", run])
     resumed = resolve(resumed_config(cfg, given))
     assert resumed == resolve(Config(**{**to_dict(saved), "resume": run}))
-    assert (resumed.epochs, resumed.batch_size, resumed.seed, resumed.lr_milestones) == (4, 64, 7, [2, 3])
+    assert (resumed.epochs, resumed.batch_size, resumed.seed, resumed.lr_milestones) == (4, 64, 7, [3])
 
 
 def test_epochs_may_grow_and_milestones_stay(tmp_path):
     _, run = _saved(tmp_path)
     resumed = resumed_config(*parse_command(["--resume", run, "--epochs", "8", "--log-every", "5"]))
-    assert (resumed.epochs, resumed.lr_milestones, resumed.log_every) == (8, [2, 3], 5)
+    assert (resumed.epochs, resumed.lr_milestones, resumed.log_every) == (8, [3], 5)
     with pytest.raises(UserError, match="trained 3 epochs already: --epochs must be at least 3, got 2"):
         resumed_config(*parse_command(["--resume", run, "--epochs", "2"]))
 
@@ -47,12 +49,19 @@ def test_a_yaml_value_counts_as_given(tmp_path):
 
 def test_auto_continues_only_a_run_of_the_same_settings(tmp_path):
     saved, run = _saved(tmp_path)
-    same = resolve(Config(device="cpu", epochs=4, batch_size=64, seed=7, output_dir=str(tmp_path), resume="auto"))
+    same = resolve(
+        Config(
+            device="cpu", epochs=4, batch_size=64, seed=7, lr_milestones=[3], output_dir=str(tmp_path), resume="auto"
+        )
+    )
     assert find_auto(same) == run + "/checkpoint.pt"
     assert find_auto(resolve(Config(**{**to_dict(same), "epochs": 9}))) is not None  # extending
     for other in ({"seed": 8}, {"batch_size": 32}, {"lr": 0.05}, {"epochs": 2}):
         assert find_auto(resolve(Config(**{**to_dict(same), **other}))) is None, other
     assert find_auto(resolve(Config(**{**to_dict(same), "log_every": 3, "workers": 0}))) is not None
+    # Milestones the command did not give may differ (a recipe derives them from the epochs); given ones may not.
+    other_milestones = resolve(Config(**{**to_dict(same), "lr_milestones": [2]}))
+    assert find_auto(other_milestones, given={"seed"}) is not None and find_auto(other_milestones) is None
 
 
 def test_auto_passes_over_an_empty_checkpoint(tmp_path):
