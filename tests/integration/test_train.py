@@ -117,7 +117,7 @@ def test_compile_flag_compiles_every_network(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_running_straight_through(tmp_path):
-    # Explicit milestones: the digits default derives them from --epochs, which differs between the two runs.
+    # Explicit milestones, so that both runs drop the lr at the same epochs whatever the recipe derives.
     args = [*FAST, "--batch-size", "128", "--lr-milestones", "1", "3"]
     straight = run_ok([*args, "--epochs", "2"], tmp_path, "straight")
     stopped = run_ok(args, tmp_path, "stopped")
@@ -201,12 +201,22 @@ def test_torchrun_runs_the_script(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_leader_learns(tmp_path):
-    """`make demo`'s run: the defaults on the embedded digits. The leader reaches 80 % and at least the students'
-    mean (the spec's promise: the leader is the one worth keeping)."""
-    summary = json.loads((run_ok(["--no-progress"], tmp_path, "demo") / "summary.json").read_text())
+def test_demo_every_network_learns(tmp_path):
+    """`make demo`'s run: the defaults on the embedded digits, seed 0. Every network (each student, the fusion module,
+    the leader) ends at ≥ 95 % test top-1, and the leader at least at the students' mean (the spec's promise: the
+    leader is the one worth keeping). The numbers depend on the intra-op thread count, so the run is pinned to one
+    thread, what `make test`'s workers use (tests/conftest.py), also under `-n 0`; seed 0 at 1 and at 2 threads:
+    README.md, benchmarks/results/demo.md."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = json.loads((run_ok(["--no-progress"], tmp_path, "demo") / "summary.json").read_text())
+    finally:
+        torch.set_num_threads(threads)
     print({k: summary[k] for k in ("leader_top1", "students_top1", "fusion_top1", "ensemble_top1", "train_seconds")})
-    assert summary["leader_top1"] >= 80.0
+    networks = {f"student {i + 1}": top1 for i, top1 in enumerate(summary["students_top1"])}
+    networks |= {"fusion module": summary["fusion_top1"], "leader": summary["leader_top1"]}
+    assert min(networks.values()) >= 95.0, networks
     assert summary["leader_top1"] >= sum(summary["students_top1"]) / len(summary["students_top1"])
 
 

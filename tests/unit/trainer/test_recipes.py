@@ -1,6 +1,7 @@
 """Recipe defaults have one source (``trainer/recipes.py``); the shipped configs hold only what differs, and still
 resolve to the paper's recipes."""
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -39,10 +40,12 @@ def test_shipped_config_holds_only_what_differs(path):
 
 def test_dataset_defaults_come_from_the_recipe_table():
     digits = resolve(Config(device="cpu"))
-    assert (digits.epochs, digits.batch_size, digits.image_size) == (12, 32, 16)
-    assert digits.lr_milestones == [6, 9]  # half and three quarters of the epochs
+    assert (digits.epochs, digits.batch_size, digits.image_size) == (20, 32, 16)
+    assert digits.lr_milestones == [16, 18]
+    assert resolve(Config(device="cpu", epochs=8)).lr_milestones == [16, 18]  # fixed epochs, as CIFAR's
     assert resolve(Config(device="cpu", model="resnet18")).image_size == 32
     cifar = resolve(Config(device="cpu", dataset="cifar10", data_root="/data"))
     assert (cifar.epochs, cifar.batch_size, cifar.lr_milestones) == (299, 128, [150, 225])
     assert resolve(Config(device="cpu", dataset="cifar10", data_root="/data", epochs=3)).lr_milestones == [150, 225]
-    assert resolve(Config(device="cpu", epochs=8)).lr_milestones == [4, 6]
+    # A recipe without milestones drops the rate after half and three quarters of the epochs.
+    assert dataclasses.replace(RECIPES["digits"], lr_milestones=None).milestones(8) == [4, 6]
