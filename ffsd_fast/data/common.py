@@ -18,6 +18,13 @@ LOADERS = ("auto", "dali", "torchvision")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Per-channel (mean, std) on pixels in [0, 1] of the datasets whose pipelines use fixed constants (digits computes its
+# own from the training split): what the loaders normalise with and an exported leader's sidecar records.
+FIXED_STATISTICS = {
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
 
 # What --data-root must hold, by dataset: named in the error when it is missing.
 DATA_ROOT_HOLDS = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "imagenet": "train/ and val/"}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ffsd_fast.data.common import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DatasetInfo, DataSpec
+from ffsd_fast.data.common import FIXED_STATISTICS, DatasetInfo, DataSpec
 from ffsd_fast.data.sampling import AUGMENTATION, PERMUTATION, generator, shard, train_batches
 from ffsd_fast.errors import UserError
 
@@ -194,7 +194,7 @@ def cifar_loaders(
     name, root = spec.dataset, os.path.expanduser(spec.data_root)
     common = dict(seed=spec.seed, drop_last=spec.drop_last, rank=rank, world_size=world_size)
     cls, num_classes = (_CIFAR10, 10) if name == "cifar10" else (_CIFAR100, 100)
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    mean, std = FIXED_STATISTICS[name]
     folder = os.path.join(root, cls.base_folder)
     expected = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]

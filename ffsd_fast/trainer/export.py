@@ -30,12 +30,6 @@ SIDECAR_FORMAT = 1
 # What ffsd-eval reads from a sidecar; a file without one of them is not one of ours.
 SIDECAR_KEYS = ("format", "sha256", "model", "num_classes", "image_size", "dataset")
 
-_FIXED_STATISTICS = {
-    "cifar10": (common.CIFAR10_MEAN, common.CIFAR10_STD),
-    "cifar100": (common.CIFAR100_MEAN, common.CIFAR100_STD),
-    "imagenet": (common.IMAGENET_MEAN, common.IMAGENET_STD),
-}
-
 
 def sidecar_path(weights: str) -> str:
     """Where the sidecar of the weights at ``weights`` lives: ``leader.pt`` → ``leader.pt.json``."""
@@ -58,8 +52,8 @@ def _network(state: dict) -> str:
 
 def normalization(dataset: str, image_size: int) -> tuple[list[float], list[float]]:
     """Per-channel ``(mean, std)`` that the dataset's pipeline (``ffsd_fast.data``) subtracts and divides by."""
-    if dataset in _FIXED_STATISTICS:
-        mean, std = _FIXED_STATISTICS[dataset]
+    if dataset in common.FIXED_STATISTICS:
+        mean, std = common.FIXED_STATISTICS[dataset]
         return list(mean), list(std)
     # Digits: one grey mean and std of the training split as resized to image_size, computed when the data loads;
     # the grey channel is then copied to all three, so each RGB channel has the same pair.
