@@ -67,31 +67,11 @@ def test_torchrun_trains_imagenet_folders_and_reports_the_corrupt_file(tmp_path,
     corrupt = root / "train" / "bee" / "1.jpg"
     corrupt.write_bytes(corrupt.read_bytes()[:300])  # truncated: the header opens, the decode fails
     out = tmp_path / "runs"
-    result = torchrun(
-        "ffsd_fast/train.py",
-        "--imagenet",
-        "--data-root",
-        str(root),
-        "--model",
-        "resnet18",
-        "--image-size",
-        "64",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
-        "--loader",
-        loader,
-        "--output-dir",
-        str(out),
-        "--run-name",
-        "r",
-        "--workers",
-        "1",
-        "--no-progress",
-    )
+    # The same command both times, but for the epochs (and --resume auto the second time).
+    args = ["ffsd_fast/train.py", "--imagenet", "--data-root", str(root), "--model", "resnet18", "--image-size", "64"]
+    args += ["--batch-size", "4", "--device", "cpu", "--loader", loader, "--output-dir", str(out), "--run-name", "r"]
+    args += ["--workers", "1", "--no-progress"]
+    result = torchrun(*args, "--epochs", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(corrupt) in result.stderr and result.stderr.count("cannot be decoded") == 1  # rank 0 alone says it
     summary = json.loads((out / "r" / "summary.json").read_text())
@@ -104,33 +84,7 @@ def test_torchrun_trains_imagenet_folders_and_reports_the_corrupt_file(tmp_path,
     if loader != "torchvision":
         return  # resuming is the trainer's, not the loader's: checked once
     # --resume auto continues the run where it stopped: epoch 2 only.
-    result = torchrun(
-        "ffsd_fast/train.py",
-        "--imagenet",
-        "--data-root",
-        str(root),
-        "--model",
-        "resnet18",
-        "--image-size",
-        "64",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "2",
-        "--device",
-        "cpu",
-        "--loader",
-        loader,
-        "--output-dir",
-        str(out),
-        "--run-name",
-        "r",
-        "--workers",
-        "1",
-        "--no-progress",
-        "--resume",
-        "auto",
-    )
+    result = torchrun(*args, "--epochs", "2", "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in evals if r["kind"] == "eval"] == [1, 2]
