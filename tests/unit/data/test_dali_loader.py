@@ -62,7 +62,7 @@ def _identify(images: torch.Tensor, files: ImageList) -> list[int]:
     return distance.argmin(1).tolist()
 
 
-def _loaders(index, **overrides):
+def _loaders(train: ImageList, val: ImageList, **overrides):
     options = dict(
         image_size=32,
         batch_size=4,
@@ -74,7 +74,7 @@ def _loaders(index, **overrides):
         drop_last=False,
         threads=2,
     )
-    return dali_loaders(index.train, index.val, **{**options, **overrides})
+    return dali_loaders(train, val, **{**options, **overrides})
 
 
 def _epoch(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +91,7 @@ def test_dali_is_available():
     [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16), (False, torch.float16)],
 )
 def test_batches_are_full_with_the_wanted_dtype_and_layout(tree, channels_last, dtype):
-    train, val = _loaders(tree, channels_last=channels_last, dtype=dtype)
+    train, val = _loaders(tree.train, tree.val, channels_last=channels_last, dtype=dtype)
     assert len(train) == train_batches(len(tree.train), 4, 1, False) == 5
     for loader, batch_size in ((train, 4), (val, 3)):
         batches = _epoch(loader, 0)
@@ -104,7 +104,7 @@ def test_batches_are_full_with_the_wanted_dtype_and_layout(tree, channels_last, 
 
 
 def test_training_reads_exactly_the_sampled_files_with_their_labels(tree):
-    train, _ = _loaders(tree)
+    train, _ = _loaders(tree.train, tree.val)
     for epoch in (0, 1):
         batches = _epoch(train, epoch)
         expected = train_indices(len(tree.train), 5, epoch, 0, 1, 4, False).tolist()
@@ -115,7 +115,7 @@ def test_training_reads_exactly_the_sampled_files_with_their_labels(tree):
 def test_two_ranks_read_disjoint_shards_that_cover_the_epoch(tree):
     seen = []
     for rank in (0, 1):
-        train, _ = _loaders(tree, rank=rank, world_size=2, batch_size=3, drop_last=True)
+        train, _ = _loaders(tree.train, tree.val, rank=rank, world_size=2, batch_size=3, drop_last=True)
         assert len(train) == 3
         mine = [i for images, _ in _epoch(train, 2) for i in _identify(images, tree.train)]
         assert mine == train_indices(len(tree.train), 5, 2, rank, 2, 3, True).tolist()
@@ -125,9 +125,9 @@ def test_two_ranks_read_disjoint_shards_that_cover_the_epoch(tree):
 
 
 def test_same_seed_and_epoch_reproduce_the_batches_and_epochs_differ(tree):
-    first, _ = _loaders(tree)
-    again, _ = _loaders(tree, threads=1)
-    other_seed, _ = _loaders(tree, seed=6)
+    first, _ = _loaders(tree.train, tree.val)
+    again, _ = _loaders(tree.train, tree.val, threads=1)
+    other_seed, _ = _loaders(tree.train, tree.val, seed=6)
     reference = _epoch(first, 3)
     for replay in (_epoch(again, 3), _epoch(first, 3)):
         for (x, y), (x2, y2) in zip(reference, replay, strict=True):
@@ -142,19 +142,7 @@ def test_augmentation_depends_on_epoch_and_rank_not_only_on_the_order(tree):
     same = ImageList([tree.train.files[0]] * 8, [0] * 8)
 
     def images(epoch: int, rank: int) -> torch.Tensor:
-        train, _ = dali_loaders(
-            same,
-            tree.val,
-            image_size=32,
-            batch_size=4,
-            eval_batch_size=3,
-            device=torch.device("cpu"),
-            seed=5,
-            rank=rank,
-            world_size=2,
-            drop_last=True,
-            threads=2,
-        )
+        train, _ = _loaders(same, tree.val, rank=rank, world_size=2, drop_last=True)
         return torch.cat([x for x, _ in _epoch(train, epoch)])
 
     reference = images(0, 0)
@@ -166,7 +154,7 @@ def test_augmentation_depends_on_epoch_and_rank_not_only_on_the_order(tree):
 def test_evaluation_pads_with_pad_label_and_covers_val_once_over_ranks(tree):
     real = []
     for rank in (0, 1):
-        _, val = _loaders(tree, rank=rank, world_size=2)
+        _, val = _loaders(tree.train, tree.val, rank=rank, world_size=2)
         indices = eval_indices(len(tree.val), rank, 2, 3).tolist()
         batches = _epoch(val, 0)
         assert len(val) == len(batches) == len(indices) // 3
@@ -187,19 +175,7 @@ def test_a_corrupt_file_raises_naming_it_instead_of_hanging(tree, tmp_path, posi
     files = list(tree.train.files[:8])
     files[train_indices(len(files), 0, 0, 0, 1, 4, False)[position]] = str(bad)
     broken = ImageList(files, [0] * len(files))
-    train, _ = dali_loaders(
-        broken,
-        tree.val,
-        image_size=32,
-        batch_size=4,
-        eval_batch_size=3,
-        device=torch.device("cpu"),
-        seed=0,
-        rank=0,
-        world_size=1,
-        drop_last=False,
-        threads=2,
-    )
+    train, _ = _loaders(broken, tree.val, seed=0)
     read = 0
     with pytest.raises(UserError, match=f"DALI cannot read {bad}.*--check-images"):
         for _ in train:
