@@ -48,7 +48,7 @@ from ffsd_fast.trainer.evaluate import evaluate, topk_for
 from ffsd_fast.trainer.loop import lambdas_for, learning_rates, train_epoch
 from ffsd_fast.trainer.resume import AUTO, changes, check_resumable, find_auto
 from ffsd_fast.trainer.run_dir import new_run_dir, prepare_output_dir, remove_partial_files
-from ffsd_fast.trainer.runlog import NullLog, RunLog, code_version, environment, truncate_metrics
+from ffsd_fast.trainer.runlog import NullLog, RunLog, code_version, environment
 from ffsd_fast.trainer.summary import print_table, summarize
 
 
@@ -223,8 +223,7 @@ def open_log(run: Run) -> None:
         remove_partial_files(run.run_dir)  # an interrupted write's, by a process killed in it
     if world.is_main and resumed:
         done = run.start_epoch - 1
-        truncate_metrics(os.path.join(run.run_dir, "metrics.jsonl"), done)
-        run.log = RunLog(run.run_dir, resume_step=done * steps + 1)
+        run.log = RunLog(run.run_dir, epochs_done=done, steps_per_epoch=steps)
         run.log.log(
             {"kind": "resume", "epoch": done, "changed": changes(run.saved_config, cfg), **environment(run.device)},
             done * steps,

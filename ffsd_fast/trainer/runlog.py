@@ -83,23 +83,29 @@ def commit_label() -> str:
 class RunLog:
     """Appends to ``metrics.jsonl``, writes TensorBoard scalars under ``tensorboard/``, redraws ``accuracy.png``.
 
-    ``resume_step`` (a resumed run: the global step after its checkpoint) keeps what was logged before it and has
-    TensorBoard hide the interrupted process's later events; without it (a fresh run) any log already in the
-    directory, from an attempt that never reached a checkpoint, is cleared."""
+    A resumed run (``epochs_done``: its checkpoint's epoch) keeps what was logged up to the checkpoint, drops the
+    interrupted process's later records, and has TensorBoard hide that process's later events; a fresh run clears any
+    log already in the directory, from an attempt that never reached a checkpoint."""
 
-    def __init__(self, run_dir: str, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str, tensorboard: bool = True, epochs_done: int | None = None, steps_per_epoch: int = 0
+    ) -> None:
         self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         board = os.path.join(run_dir, "tensorboard")
-        if resume_step is None:
+        if epochs_done is None:
             if os.path.exists(self.metrics_path):
                 os.unlink(self.metrics_path)
             shutil.rmtree(board, ignore_errors=True)
+        else:
+            truncate_metrics(self.metrics_path, epochs_done)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(board, purge_step=resume_step)
+            # The first global step after the checkpoint: TensorBoard hides the earlier files' events from it on.
+            purge_step = None if epochs_done is None else epochs_done * steps_per_epoch + 1
+            self.writer = SummaryWriter(board, purge_step=purge_step)
 
     def write_config(self, config: dict, version: dict) -> None:
         """A fresh run's ``config.yaml`` and ``version.json`` (a resumed run logs a ``resume`` record instead)."""
