@@ -325,7 +325,6 @@ def finish(run: Run) -> dict:
         "train_seconds": train_seconds,
         "images_per_s": images_seen / max(train_seconds, 1e-9),
         "corrupt_images": list(run.info.corrupt),
-        "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
         "run_dir": os.path.abspath(run.run_dir),
         "config": to_dict(cfg),
         **code_version(),
