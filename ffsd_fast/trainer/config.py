@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-c", "--config", help="YAML file of field: value pairs (flags given here override it)")
     parser.add_argument("--imagenet", action="store_true", help="short for --dataset imagenet")
-    for f in dataclasses.fields(Config):
+    for f in FIELDS.values():
         kind = _base_type(f.type)
         kwargs = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
