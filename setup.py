@@ -4,6 +4,6 @@
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["ffsd_fast", "ffsd_fast.*"]) + ["ffsd_kernels"],
+    packages=find_packages(include=["ffsd_fast", "ffsd_fast.*"]) + ["ffsd_kernels", "ffsd_kernels.integrations"],
     package_dir={"ffsd_kernels": "kernels"},
 )

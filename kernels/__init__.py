@@ -16,6 +16,7 @@ from ffsd_kernels.attention import (
     normalized_distance,
     normalized_distance_reference,
 )
+from ffsd_kernels.distance_group import NormalizedDistances, normalized_distances, normalized_distances_reference
 from ffsd_kernels.diversity import (
     DiversityLoss,
     diversity_loss,
@@ -23,27 +24,46 @@ from ffsd_kernels.diversity import (
     diversity_shift,
     diversity_shift_reference,
 )
+from ffsd_kernels.fused_linear import (
+    FusedLinearDistillationLoss,
+    fused_linear_distillation_loss,
+    fused_linear_distillation_loss_reference,
+)
 from ffsd_kernels.fusion import FusionBlock, fusion_block, fusion_block_reference
+from ffsd_kernels.jsd import JSDLoss, jsd_loss, jsd_loss_reference
 from ffsd_kernels.kl_div import (
     CrossEntropyKLLoss,
+    DistillationKLLoss,
     KLDivLoss,
     MutualKLLoss,
     cross_entropy_kl_loss,
     cross_entropy_kl_loss_reference,
+    kl_div,
     kl_div_loss,
     kl_div_loss_reference,
+    kl_div_reference,
     mutual_kl_loss,
     mutual_kl_loss_reference,
+)
+from ffsd_kernels.logit_group import (
+    OnlineDistillationLosses,
+    online_distillation_losses,
+    online_distillation_losses_reference,
 )
 
 __all__ = [
     "AttentionDistance",
     "CrossEntropyKLLoss",
+    "DistillationKLLoss",
     "DiversityLoss",
+    "FusedLinearDistillationLoss",
     "FusionBlock",
+    "JSDLoss",
     "KLDivLoss",
     "MutualKLLoss",
     "NormalizedDistance",
+    "NormalizedDistances",
+    "OnlineDistillationLosses",
     "attention_distance",
     "attention_distance_reference",
     "attention_map",
@@ -54,12 +74,22 @@ __all__ = [
     "diversity_loss_reference",
     "diversity_shift",
     "diversity_shift_reference",
+    "fused_linear_distillation_loss",
+    "fused_linear_distillation_loss_reference",
     "fusion_block",
     "fusion_block_reference",
+    "jsd_loss",
+    "jsd_loss_reference",
+    "kl_div",
     "kl_div_loss",
     "kl_div_loss_reference",
+    "kl_div_reference",
     "mutual_kl_loss",
     "mutual_kl_loss_reference",
     "normalized_distance",
     "normalized_distance_reference",
+    "normalized_distances",
+    "normalized_distances_reference",
+    "online_distillation_losses",
+    "online_distillation_losses_reference",
 ]

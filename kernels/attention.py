@@ -4,8 +4,9 @@
 flattened entries; ``d(x, y) = mean((n(x) − n(y))²)`` over all ``B·N`` entries.
 
 Layout of this file: Triton kernels (``_channel_reduce_kernel``, ``_channel_broadcast_kernel`` for the maps;
-``_distance_partial_kernel``, ``_distance_backward_kernel`` for ``d``), their launch configurations and host
-launchers, the autograd Functions, the functional API, the ``nn.Module`` and the plain-PyTorch references.
+``_distance_partial_kernel``, ``_distance_finish_kernel``, ``_distance_backward_kernel`` for ``d``), their launch
+configurations and host launchers, the autograd Functions, the functional API, the ``nn.Module`` and the
+plain-PyTorch references.
 
 Strides are passed to every kernel: NCHW, channels-last and sliced inputs are read where they lie, never copied.
 Everything runs without a host sync (no ``.item()``), so the ops can be captured in a CUDA graph.
@@ -36,13 +37,15 @@ def _pixel_offsets(p, W, stride_h, stride_w, FLAT: tl.constexpr):
     return off
 
 
-# Forward of A: out[b, p] = scale · Σ_c f(x[b, c, p]) with f(v) = v² (SQUARE) or v, accumulated in fp32 on a
-# [BLOCK_C, BLOCK_P] tile, looping over the channels. A(x) is scale = 1/C with SQUARE; the channel sum of an
-# upstream gradient (needed by diversity_shift's backward) is scale = 1 without it.
+# Forward of A: out[b, g, p] = scale · Σ_c f(x[b, g·C + c, p]) with f(v) = v² (SQUARE) or v, accumulated in fp32
+# on a [BLOCK_C, BLOCK_P] tile, looping over the C channels of group g (one group but for stacked networks, whose
+# maps are all computed by one launch). A(x) is scale = 1/C with SQUARE; the channel sum of an upstream gradient
+# (needed by diversity_shift's backward) is scale = 1 without it.
 @triton.jit
 def _channel_reduce_kernel(
-    x_ptr,  # [B, C, H, W], strides (stride_b, stride_c, stride_h, stride_w)
-    out_ptr,  # [B, H·W], row stride out_stride_b, pixels contiguous; any float dtype (stored with a cast)
+    x_ptr,  # [B, GROUPS·C, H, W], strides (stride_b, stride_c, stride_h, stride_w)
+    out_ptr,  # [B·GROUPS, H·W], row stride out_stride_b, pixels contiguous; any float dtype (stored with a cast)
+    GROUPS,
     C,
     H,
     W,
@@ -58,11 +61,11 @@ def _channel_reduce_kernel(
     BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_bg = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < H * W
     p_off = _pixel_offsets(p, W, stride_h, stride_w, FLAT)
-    x_row = x_ptr + pid_b * stride_b
+    x_row = x_ptr + (pid_bg // GROUPS) * stride_b + (pid_bg % GROUPS) * C * stride_c
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -73,20 +76,22 @@ def _channel_reduce_kernel(
             v = v * v
         acc += v
     total = tl.sum(acc, axis=0) * scale
-    tl.store(out_ptr + pid_b * out_stride_b + p.to(tl.int64), total, mask=p_mask)
+    tl.store(out_ptr + pid_bg * out_stride_b + p.to(tl.int64), total, mask=p_mask)
 
 
 # Backward of A: with a = A(x) = (1/C) Σ_c x_c², ∂a_p/∂x_{c,p} = 2·x_{c,p}/C, so dx_{c,p} = grad_a_p · 2·x_{c,p} / C:
-# elementwise, out = scale · coef_p · x with coef = grad_a and scale = 2/C.
+# elementwise, out = scale · coef_p · x with coef = grad_a and scale = 2/C; grouped, channel c reads the coefficient
+# of its group, c // CG.
 # The same kernel adds a per-pixel map to every channel (out = base + coef_p: diversity_shift's forward) and
 # computes diversity_shift's gradient g + coef_p · y (HAS_BASE and MUL_X): out = [base] + scale · coef_p · [x].
 @triton.jit
 def _channel_broadcast_kernel(
     x_ptr,  # [B, C, H, W], strides sx_* (read only when MUL_X)
     base_ptr,  # [B, C, H, W], strides sb_* (read only when HAS_BASE)
-    coef_ptr,  # [B, 1, H, W], strides sk_* (any float dtype)
+    coef_ptr,  # [B, C / CG, H, W], strides sk_* (any float dtype)
     out_ptr,  # [B, C, H, W], strides so_*
     C,
+    CG,  # channels per coefficient map (C when there is one)
     H,
     W,
     sx_b,
@@ -98,6 +103,7 @@ def _channel_broadcast_kernel(
     sb_h,
     sb_w,
     sk_b,
+    sk_g,
     sk_h,
     sk_w,
     so_b,
@@ -118,8 +124,9 @@ def _channel_broadcast_kernel(
     p_mask = p < H * W
     c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask = (c < C)[:, None] & p_mask[None, :]
-    coef = tl.load(coef_ptr + pid_b * sk_b + _pixel_offsets(p, W, sk_h, sk_w, FLAT), mask=p_mask, other=0.0)
-    val = (coef.to(tl.float32) * scale)[None, :]
+    k_off = pid_b * sk_b + (c // CG)[:, None] * sk_g + _pixel_offsets(p, W, sk_h, sk_w, FLAT)[None, :]
+    coef = tl.load(coef_ptr + k_off, mask=mask, other=0.0)
+    val = coef.to(tl.float32) * scale
     if MUL_X:
         x_off = pid_b * sx_b + c[:, None] * sx_c + _pixel_offsets(p, W, sx_h, sx_w, FLAT)[None, :]
         val = val * tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
@@ -149,8 +156,8 @@ def _sample_offsets(j, D2, D3, s1, s2, s3, FLAT: tl.constexpr):
 
 
 # Forward of d, first pass: per-sample sums Sxx = Σx², Syy = Σy², Sxy = Σxy over one slice (CHUNK entries) of
-# sample b, written to partial[b, split, 0:3] (no atomics: the host sums over the splits, deterministically).
-# The host then forms nx = max(√Sxx, 1e-12), ny likewise, u·u = Sxx/nx², v·v = Syy/ny², u·v = Sxy/(nx·ny) and
+# sample b, written to partial[b, split, 0:3] (no atomics: the second pass sums over the splits, in order).
+# That pass forms nx = max(√Sxx, 1e-12), ny likewise, u·u = Sxx/nx², v·v = Syy/ny², u·v = Sxy/(nx·ny) and
 # d = (1/(B·N)) Σ_b (u·u + v·v − 2·u·v).
 @triton.jit
 def _distance_partial_kernel(
@@ -194,22 +201,61 @@ def _distance_partial_kernel(
     tl.store(out + 2, tl.sum(sxy, axis=0))
 
 
+# Forward of d, second pass (one program, a fixed order: deterministic): the per-sample sums out of the partials,
+# the per-sample statistics the backward needs, stats[b] = (nx, ny, ax, ay) with ax = fx·(u·u − u·v),
+# ay = fy·(v·v − u·v) (fx = [‖x‖ > 1e-12]), and d itself, stored in the output's dtype.
+@triton.jit
+def _distance_finish_kernel(
+    partial_ptr,  # [B, SPLITS, 3] fp32, contiguous
+    stats_ptr,  # [B, 4] fp32, contiguous (written)
+    out_ptr,  # [] the loss (written, in its dtype)
+    B,
+    SPLITS,
+    inv_count,  # 1 / (B·N)
+    EPS_: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    total = tl.zeros([BLOCK_B], dtype=tl.float32)
+    s = tl.arange(0, BLOCK_S)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        mask = (b[:, None] < B) & (s[None, :] < SPLITS)
+        base = partial_ptr + (b[:, None] * SPLITS + s[None, :]) * 3
+        sxx = tl.sum(tl.load(base, mask=mask, other=0.0), axis=1)
+        syy = tl.sum(tl.load(base + 1, mask=mask, other=0.0), axis=1)
+        sxy = tl.sum(tl.load(base + 2, mask=mask, other=0.0), axis=1)
+        root_x, root_y = tl.sqrt(sxx), tl.sqrt(syy)
+        nx, ny = tl.maximum(root_x, EPS_), tl.maximum(root_y, EPS_)
+        uu, vv, uv = sxx / (nx * nx), syy / (ny * ny), sxy / (nx * ny)
+        ax = tl.where(root_x > EPS_, uu - uv, 0.0)
+        ay = tl.where(root_y > EPS_, vv - uv, 0.0)
+        in_batch = b < B
+        tl.store(stats_ptr + b * 4, nx, mask=in_batch)
+        tl.store(stats_ptr + b * 4 + 1, ny, mask=in_batch)
+        tl.store(stats_ptr + b * 4 + 2, ax, mask=in_batch)
+        tl.store(stats_ptr + b * 4 + 3, ay, mask=in_batch)
+        total += tl.where(in_batch, uu + vv - 2 * uv, 0.0)
+    tl.store(out_ptr, tl.sum(total, axis=0) * inv_count)
+
+
 # Backward of d. With M = B·N, u = x/nx, v = y/ny and g the upstream gradient, d = (1/M) Σ (u − v)², so
 # ∂d/∂u = 2(u − v)/M. Where ‖x‖ > 1e-12, nx = ‖x‖ and ∂u/∂x = (I − u uᵀ)/nx; where it is clamped, nx is the
 # constant 1e-12 and ∂u/∂x = I/nx. Hence, with f = [‖x‖ > 1e-12],
-#   grad_x = (2g/(M·nx)) · [(u − v) − f · u · (u·u − u·v)] = cx · (u − v) − ex · u,
-#   cx = 2g/(M·nx),   ex = cx · f · (u·u − u·v),
-# and symmetrically grad_y = cy · (v − u) − ey · v. The host forms the per-sample coefficients
-# coef[b] = (nx, ny, cx, ex, cy, ey) from the forward's sums; the kernel is elementwise, forms u and v (so that
-# u − v is exactly 0 where the samples are proportional, e.g. one-pixel maps) and writes only the gradients asked for.
+#   grad_x = (2g/(M·nx)) · [(u − v) − f · u · (u·u − u·v)] = cx · (u − v − ax · u),   cx = 2g/(M·nx),
+# and symmetrically grad_y = cy · (v − u − ay · v), with the forward's per-sample stats (nx, ny, ax, ay). g is read
+# from device memory (no host sync: capturable). The kernel is elementwise, forms u and v (so that u − v is exactly
+# 0 where the samples are proportional, e.g. one-pixel maps) and writes only the gradients asked for.
 @triton.jit
 def _distance_backward_kernel(
     x_ptr,  # [B, D1, D2, D3], strides sx_*
     y_ptr,  # [B, D1, D2, D3], strides sy_*
     gx_ptr,  # [B, D1, D2, D3], strides sgx_* (written when WRITE_X)
     gy_ptr,  # [B, D1, D2, D3], strides sgy_* (written when WRITE_Y)
-    coef_ptr,  # [B, 6] fp32, contiguous: (nx, ny, cx, ex, cy, ey)
+    stats_ptr,  # [B, 4] fp32, contiguous: (nx, ny, ax, ay)
+    grad_ptr,  # [] the upstream gradient of d
     N,
+    inv_count,  # 1 / (B·N)
     D2,
     D3,
     sx_b,
@@ -237,20 +283,21 @@ def _distance_backward_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     j = pid_j * BLOCK + tl.arange(0, BLOCK)
     mask = j < N
+    c = 2.0 * tl.load(grad_ptr).to(tl.float32) * inv_count
+    nx = tl.load(stats_ptr + pid_b * 4)
+    ny = tl.load(stats_ptr + pid_b * 4 + 1)
     xv = tl.load(x_ptr + pid_b * sx_b + _sample_offsets(j, D2, D3, sx_1, sx_2, sx_3, FLAT), mask=mask, other=0.0)
     yv = tl.load(y_ptr + pid_b * sy_b + _sample_offsets(j, D2, D3, sy_1, sy_2, sy_3, FLAT), mask=mask, other=0.0)
-    u = xv.to(tl.float32) / tl.load(coef_ptr + pid_b * 6)
-    v = yv.to(tl.float32) / tl.load(coef_ptr + pid_b * 6 + 1)
+    u = xv.to(tl.float32) / nx
+    v = yv.to(tl.float32) / ny
     if WRITE_X:
-        cx = tl.load(coef_ptr + pid_b * 6 + 2)
-        ex = tl.load(coef_ptr + pid_b * 6 + 3)
+        ax = tl.load(stats_ptr + pid_b * 4 + 2)
         gx_off = pid_b * sgx_b + _sample_offsets(j, D2, D3, sgx_1, sgx_2, sgx_3, FLAT)
-        tl.store(gx_ptr + gx_off, cx * (u - v) - ex * u, mask=mask)
+        tl.store(gx_ptr + gx_off, (c / nx) * (u - v - ax * u), mask=mask)
     if WRITE_Y:
-        cy = tl.load(coef_ptr + pid_b * 6 + 4)
-        ey = tl.load(coef_ptr + pid_b * 6 + 5)
+        ay = tl.load(stats_ptr + pid_b * 4 + 3)
         gy_off = pid_b * sgy_b + _sample_offsets(j, D2, D3, sgy_1, sgy_2, sgy_3, FLAT)
-        tl.store(gy_ptr + gy_off, cy * (v - u) - ey * v, mask=mask)
+        tl.store(gy_ptr + gy_off, (c / ny) * (v - u - ay * v), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,15 +356,17 @@ def _is_flat(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _channel_reduce(x: torch.Tensor, out: torch.Tensor, scale: float, square: bool) -> torch.Tensor:
-    """``out[b, p] = scale · Σ_c x[b, c, p]^(2 if square else 1)``; ``out`` is ``[B, H·W]`` with unit pixel stride."""
+def _channel_reduce(x: torch.Tensor, out: torch.Tensor, scale: float, square: bool, groups: int = 1) -> torch.Tensor:
+    """``out[b·G + g, p] = scale · Σ_c x[b, g·C + c, p]^(2 if square else 1)`` for ``G = groups`` of ``C`` channels;
+    ``out`` is ``[B·G, H·W]`` with unit pixel stride."""
     batch, channels, height, width = x.shape
+    channels //= groups
     pixels = height * width
     block_c, block_p, num_warps = _map_config(channels, pixels, x.stride(1) == 1 and channels > 1)
     stride_h, stride_w = _hw_strides(x)
-    grid = (triton.cdiv(pixels, block_p), batch)
+    grid = (triton.cdiv(pixels, block_p), batch * groups)
     _channel_reduce_kernel[grid](
-        x, out, channels, height, width, x.stride(0), x.stride(1), stride_h, stride_w, out.stride(0), scale,
+        x, out, groups, channels, height, width, x.stride(0), x.stride(1), stride_h, stride_w, out.stride(0), scale,
         SQUARE=square, FLAT=_is_flat(x), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )  # fmt: skip
     return out
@@ -326,7 +375,8 @@ def _channel_reduce(x: torch.Tensor, out: torch.Tensor, scale: float, square: bo
 def _channel_broadcast(
     out: torch.Tensor, coef: torch.Tensor, scale: float, x: torch.Tensor | None = None, base: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``out = [base] + scale · coef · [x]``, ``coef`` ``[B, 1, H, W]`` broadcast over the channels of ``out``."""
+    """``out = [base] + scale · coef · [x]``, ``coef`` ``[B, G, H, W]`` broadcast over each of the ``G`` groups of
+    channels of ``out`` (``G = 1``: over all of them)."""
     batch, channels, height, width = out.shape
     pixels = height * width
     x_arg = out if x is None else x
@@ -335,10 +385,10 @@ def _channel_broadcast(
     tensors = [t for t in (x, base, coef, out) if t is not None]
     grid = (triton.cdiv(pixels, block_p), batch, triton.cdiv(channels, block_c))
     _channel_broadcast_kernel[grid](
-        x_arg, base_arg, coef, out, channels, height, width,
+        x_arg, base_arg, coef, out, channels, channels // coef.shape[1], height, width,
         x_arg.stride(0), x_arg.stride(1), *_hw_strides(x_arg),
         base_arg.stride(0), base_arg.stride(1), *_hw_strides(base_arg),
-        coef.stride(0), *_hw_strides(coef),
+        coef.stride(0), coef.stride(1), *_hw_strides(coef),
         out.stride(0), out.stride(1), *_hw_strides(out),
         scale,
         MUL_X=x is not None, HAS_BASE=base is not None, FLAT=_is_flat(*tensors),
@@ -347,17 +397,18 @@ def _channel_broadcast(
     return out
 
 
-def _attention_map_forward(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``A(x)`` as a contiguous ``[B, 1, H, W]`` tensor of ``out_dtype`` (summed in fp32, rounded once)."""
+def _attention_map_forward(x: torch.Tensor, out_dtype: torch.dtype, groups: int) -> torch.Tensor:
+    """``A`` of each group of channels as a contiguous ``[B, G, H, W]`` tensor of ``out_dtype`` (summed in fp32,
+    rounded once)."""
     batch, channels, height, width = x.shape
-    out = torch.empty((batch, 1, height, width), dtype=out_dtype, device=x.device)
-    _channel_reduce(x, out.view(batch, height * width), 1.0 / channels, square=True)
+    out = torch.empty((batch, groups, height, width), dtype=out_dtype, device=x.device)
+    _channel_reduce(x, out.view(batch * groups, height * width), groups / channels, square=True, groups=groups)
     return out
 
 
-def _attention_map_backward(x: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
-    """``dx = grad_a · 2x / C``, in ``x``'s dtype and memory format."""
-    return _channel_broadcast(torch.empty_like(x), grad_a, 2.0 / x.shape[1], x=x)
+def _attention_map_backward(x: torch.Tensor, grad_a: torch.Tensor, groups: int) -> torch.Tensor:
+    """``dx = grad_a · 2x / C`` (``C`` channels per group), in ``x``'s dtype and memory format."""
+    return _channel_broadcast(torch.empty_like(x), grad_a, 2.0 * groups / x.shape[1], x=x)
 
 
 def _sample_layout(shape: torch.Size, tensors: list[torch.Tensor]) -> tuple[list[int], list[list[int]]]:
@@ -386,8 +437,8 @@ def _sample_layout(shape: torch.Size, tensors: list[torch.Tensor]) -> tuple[list
     return [1] * pad + sizes, [[0] * pad + s for s in strides]
 
 
-def _distance_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``(Sxx, Syy, Sxy)``, ``[B, 3]`` fp32."""
+def _distance_forward(x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d in out_dtype, stats [B, 4] fp32)``: two launches, the partial sums and the one-program finish."""
     batch, n = x.shape[0], x[0].numel()
     sizes, (sx, sy) = _sample_layout(x.shape, [x, y])
     block, chunk, splits, num_warps = _distance_config(batch, n)
@@ -396,21 +447,19 @@ def _distance_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y, partial, n, sizes[1], sizes[2], chunk, x.stride(0), *sx, y.stride(0), *sy,
         FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
-    return partial.sum(dim=1)
-
-
-def _distance_from_sums(sums: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """``(d, nx, ny, uu, vv, uv, fx, fy)`` from the per-sample sums (fp32, on the device, no sync)."""
-    sxx, syy, sxy = sums.unbind(dim=1)
-    root_x, root_y = sxx.sqrt(), syy.sqrt()
-    nx, ny = root_x.clamp_min(EPS), root_y.clamp_min(EPS)
-    uu, vv, uv = sxx / (nx * nx), syy / (ny * ny), sxy / (nx * ny)
-    loss = (uu + vv - 2 * uv).sum() / (sums.shape[0] * n)
-    return loss, nx, ny, uu, vv, uv, (root_x > EPS).float(), (root_y > EPS).float()
+    stats = torch.empty((batch, 4), dtype=torch.float32, device=x.device)
+    loss = torch.empty((), dtype=out_dtype, device=x.device)
+    block_s = triton.next_power_of_2(splits)
+    block_b = max(min(triton.next_power_of_2(batch), max(1024 // block_s, 1)), 1)
+    _distance_finish_kernel[(1,)](
+        partial, stats, loss, batch, splits, 1.0 / (batch * n), EPS_=EPS, BLOCK_B=block_b, BLOCK_S=block_s,
+        num_warps=4,
+    )  # fmt: skip
+    return loss, stats
 
 
 def _distance_backward(
-    x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, need_x: bool, need_y: bool
+    x: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, grad: torch.Tensor, need_x: bool, need_y: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     batch, n = x.shape[0], x[0].numel()
     grad_x = torch.empty_like(x) if need_x else None
@@ -420,7 +469,7 @@ def _distance_backward(
     sizes, (sx, sy, sgx, sgy) = _sample_layout(x.shape, [x, y, gx_arg, gy_arg])
     block, _, _, num_warps = _distance_config(batch, n)
     _distance_backward_kernel[(triton.cdiv(n, block), batch)](
-        x, y, gx_arg, gy_arg, coef, n, sizes[1], sizes[2],
+        x, y, gx_arg, gy_arg, stats, grad, n, 1.0 / (batch * n), sizes[1], sizes[2],
         x.stride(0), *sx, y.stride(0), *sy, gx_arg.stride(0), *sgx, gy_arg.stride(0), *sgy,
         WRITE_X=need_x, WRITE_Y=need_y, FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
@@ -434,35 +483,31 @@ def _distance_backward(
 
 class _AttentionMapFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, out_dtype: torch.dtype, groups: int = 1) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return _attention_map_forward(x, out_dtype)
+        ctx.groups = groups
+        return _attention_map_forward(x, out_dtype, groups)
 
     @staticmethod
     def backward(ctx, grad_a: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return _attention_map_backward(x, grad_a), None
+        return _attention_map_backward(x, grad_a, ctx.groups), None, None
 
 
 class _NormalizedDistanceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        n = x[0].numel()
-        loss, *stats = _distance_from_sums(_distance_sums(x, y), n)
-        ctx.save_for_backward(x, y, *stats)
-        ctx.n = n
-        return loss.to(out_dtype)
+        loss, stats = _distance_forward(x, y, out_dtype)
+        ctx.save_for_backward(x, y, stats)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, y, nx, ny, uu, vv, uv, fx, fy = ctx.saved_tensors
+        x, y, stats = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_x or need_y):
             return None, None, None
-        c = 2.0 * grad_out.float() / (x.shape[0] * ctx.n)
-        cx, cy = c / nx, c / ny
-        coef = torch.stack([nx, ny, cx, cx * fx * (uu - uv), cy, cy * fy * (vv - uv)], dim=1)
-        grad_x, grad_y = _distance_backward(x, y, coef.contiguous(), need_x, need_y)
+        grad_x, grad_y = _distance_backward(x, y, stats, grad_out, need_x, need_y)
         return grad_x, grad_y, None
 
 
@@ -471,22 +516,26 @@ class _NormalizedDistanceFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def attention_map(x: torch.Tensor) -> torch.Tensor:
-    """Attention map ``A(x) = mean_c(x²)``.
+def attention_map(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Attention map ``A(x) = mean_c(x²)``; with ``groups = G``, one per group of ``C / G`` consecutive channels (the
+    maps of ``G`` stacked networks' features, ``[B, G·C, H, W]``, in one launch).
 
     Args:
         x: ``[B, C, H, W]``, NCHW, channels-last or any strided view; fp32/fp16/bf16 (Triton) or fp64 (reference).
+        groups: a divisor of ``C``.
 
     Returns:
-        ``[B, 1, H, W]`` (contiguous) in ``result_dtype(x)``: ``x``'s dtype, or fp32 for half inputs under autocast.
-        Squares are summed in fp32 and the mean rounded once. ``dA/dx = 2x/C``.
+        ``[B, G, H, W]`` (contiguous; ``[B, 1, H, W]`` by default) in ``result_dtype(x)``: ``x``'s dtype, or fp32 for
+        half inputs under autocast. Squares are summed in fp32 and the mean rounded once. ``dA/dx = 2x/C``.
     """
     if x.dim() != 4:
         raise ValueError(f"attention_map expects [B, C, H, W], got shape {tuple(x.shape)}")
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"attention_map: groups={groups} must divide the {x.shape[1]} channels")
     check_dtypes("attention_map", x=x)
     if not use_triton(x):
-        return attention_map_reference(x)
-    return _AttentionMapFunction.apply(x, result_dtype(x))
+        return attention_map_reference(x, groups)
+    return _AttentionMapFunction.apply(x, result_dtype(x), groups)
 
 
 def normalized_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -564,10 +613,14 @@ class NormalizedDistance(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def attention_map_reference(x: torch.Tensor) -> torch.Tensor:
-    """``A(x) = mean over channels of x²``: ``[B, C, H, W] → [B, 1, H, W]``, in the input's dtype."""
+def attention_map_reference(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``A(x) = mean over channels of x²``: ``[B, C, H, W] → [B, 1, H, W]``, in the input's dtype; with ``groups``,
+    the mean over each group of consecutive channels, ``[B, groups, H, W]``."""
     check_dtypes("attention_map_reference", x=x)
-    return x.to(compute_dtype(x.dtype)).pow(2).mean(dim=1, keepdim=True).to(x.dtype)
+    squares = x.to(compute_dtype(x.dtype)).pow(2)
+    if groups == 1:
+        return squares.mean(dim=1, keepdim=True).to(x.dtype)
+    return squares.unflatten(1, (groups, -1)).mean(dim=2).to(x.dtype)
 
 
 def normalized_distance_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

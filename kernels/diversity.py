@@ -138,36 +138,58 @@ def _diversity_forward_kernel(
     tl.store(keys_ptr + pid_b, theta_key)
 
 
+# Forward of div, second pass (one program, a fixed order: deterministic): div = (1/M) Σ_b loss_b, M = B·N, stored
+# in the output's dtype.
+@triton.jit
+def _diversity_finish_kernel(
+    stats_ptr,  # [B, 6] fp32, contiguous: loss_b first
+    out_ptr,  # [] the loss (written, in its dtype)
+    B,
+    inv_count,  # 1 / (B·N)
+    BLOCK_B: tl.constexpr,
+):
+    total = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        total += tl.load(stats_ptr + b * 6, mask=b < B, other=0.0)
+    tl.store(out_ptr, tl.sum(total, axis=0) * inv_count)
+
+
 # Backward of div (gradient to x only; ỹ is a function of the detached y). With M = B·N, u = n(x),
 # div = (1/M) Σ (u − ỹ)², ∂div/∂u = 2(u − ỹ)/M, and ∂u/∂x = (I − u uᵀ)/nx where ‖x‖ > 1e-12 (I/nx where clamped):
 #   grad_x = (2g/(M·nx)) · [(u − ỹ) − f · u · (u·u − u·ỹ)] = c · (u − ỹ) − e · u,
-# c = 2g/(M·nx), e = c · f · (u·u − u·ỹ), f = [‖x‖ > 1e-12], u·u = Sxx/nx². The host forms coef[b] = (c, e); the
-# kernel recomputes ỹ elementwise from the saved ny, ν and θ's key, with the forward's exact expression for ŷ.
+# c = 2g/(M·nx), e = c · f · (u·u − u·ỹ), f = [‖x‖ > 1e-12], u·u = Sxx/nx². The kernel forms c and e per sample from
+# the forward's stats and the upstream gradient g, read from device memory (no host sync: capturable), and
+# recomputes ỹ elementwise from the saved ny, ν and θ's key, with the forward's exact expression for ŷ.
 @triton.jit
 def _diversity_backward_kernel(
     x_ptr,  # [B, N], strides (sx_b, sx_n)
     y_ptr,  # [B, N], strides (sy_b, sy_n)
     stats_ptr,  # [B, 6] fp32: (loss_b, u·ỹ, nx, ny, ν, Sxx)
     keys_ptr,  # [B] int64
-    coef_ptr,  # [B, 2] fp32: (c, e)
+    grad_out_ptr,  # [] the upstream gradient of div
     grad_ptr,  # [B, N], contiguous, x's dtype
     N,
+    inv_count,  # 1 / (B·N)
     sx_b,
     sx_n,
     sy_b,
     sy_n,
+    EPS_: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     j = pid_j * BLOCK + tl.arange(0, BLOCK)
     mask = j < N
+    ut = tl.load(stats_ptr + pid_b * 6 + 1)
     nx = tl.load(stats_ptr + pid_b * 6 + 2)
     ny = tl.load(stats_ptr + pid_b * 6 + 3)
     nu = tl.load(stats_ptr + pid_b * 6 + 4)
+    sxx = tl.load(stats_ptr + pid_b * 6 + 5)
     theta_key = tl.load(keys_ptr + pid_b)
-    c = tl.load(coef_ptr + pid_b * 2)
-    e = tl.load(coef_ptr + pid_b * 2 + 1)
+    c = 2.0 * tl.load(grad_out_ptr).to(tl.float32) * inv_count / nx
+    e = tl.where(tl.sqrt(sxx) > EPS_, c * (sxx / (nx * nx) - ut), 0.0)
     xv = tl.load(x_ptr + pid_b * sx_b + j.to(tl.int64) * sx_n, mask=mask, other=0.0).to(tl.float32)
     yv = tl.load(y_ptr + pid_b * sy_b + j.to(tl.int64) * sy_n, mask=mask, other=0.0).to(tl.float32)
     u = xv / nx
@@ -256,7 +278,11 @@ class _DiversityLossFunction(torch.autograd.Function):
             BLOCK=block, ONE_CHUNK=one_chunk, num_warps=num_warps,
         )  # fmt: skip
         ctx.save_for_backward(x, y, stats, keys)
-        return (stats[:, 0].sum() / (batch * n)).to(out_dtype)
+        loss = torch.empty((), dtype=out_dtype, device=x.device)
+        _diversity_finish_kernel[(1,)](
+            stats, loss, batch, 1.0 / (batch * n), BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=4,
+        )  # fmt: skip
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -264,15 +290,11 @@ class _DiversityLossFunction(torch.autograd.Function):
             return None, None, None
         x, y, stats, keys = ctx.saved_tensors
         batch, n = x.shape
-        ut, nx, sxx = stats[:, 1], stats[:, 2], stats[:, 5]
-        c = 2.0 * grad_out.float() / (batch * n * nx)
-        e = c * (sxx.sqrt() > EPS).float() * (sxx / (nx * nx) - ut)
-        coef = torch.stack([c, e], dim=1)
         grad = torch.empty((batch, n), dtype=x.dtype, device=x.device)
         block, _, num_warps = _select_config(n)
         _diversity_backward_kernel[(triton.cdiv(n, block), batch)](
-            x, y, stats, keys, coef, grad, n, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            BLOCK=block, num_warps=num_warps,
+            x, y, stats, keys, grad_out, grad, n, 1.0 / (batch * n), x.stride(0), x.stride(1), y.stride(0),
+            y.stride(1), EPS_=EPS, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
         return grad, None, None
 

@@ -606,8 +606,9 @@ class FusionBlock(nn.Sequential):
     It is the ``nn.Sequential`` ``[0] Conv2d(mC, mC, 3, padding=1, groups=mC, bias=False), [1] BatchNorm2d(mC),
     [2] ReLU, [3] Conv2d(mC, C_out, 1, bias=False), [4] BatchNorm2d(C_out), [5] ReLU``, so its state_dict is the
     Sequential's and either loads the other's weights. ``forward(inputs)`` takes the list of m ``[B, C, H, W]`` maps
-    (or one map when ``num_inputs`` is 1) and returns ``[B, C_out, H, W]``: :func:`fusion_block`, or with
-    ``fused = False`` the reference (``cat`` and the modules in turn).
+    (or one map when ``num_inputs`` is 1, or the m maps already side by side, ``[B, m·C, H, W]``) and returns
+    ``[B, C_out, H, W]``: :func:`fusion_block`, or with ``fused = False`` the reference (``cat`` and the modules in
+    turn; the modules alone on maps already side by side).
 
     Train mode normalises with the batch statistics (biased variance) and updates the running statistics as
     ``nn.BatchNorm2d`` does (unbiased variance, momentum or the cumulative average when momentum is None,
@@ -632,7 +633,20 @@ class FusionBlock(nn.Sequential):
     def forward(  # type: ignore[override]
         self, inputs: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        inputs = _as_list(inputs)
+        concatenated = (
+            isinstance(inputs, torch.Tensor)
+            and self.num_inputs > 1
+            and inputs.dim() == 4
+            and inputs.shape[1] == self.channels * self.num_inputs
+        )
+        if concatenated and not self.fused:
+            # The maps already side by side (a channel slice of stacked networks' taps): no torch.cat to make.
+            _check_dtypes("FusionBlock", [inputs])
+            x = inputs
+            for module in self:
+                x = module(x)
+            return x
+        inputs = list(inputs.chunk(self.num_inputs, dim=1)) if concatenated else _as_list(inputs)
         if len(inputs) != self.num_inputs:
             raise ValueError(f"FusionBlock expects {self.num_inputs} inputs, got {len(inputs)}")
         if not self.fused:
@@ -658,7 +672,7 @@ def fusion_block_reference(
     """The definition: the Sequential's own modules on ``torch.cat(inputs, 1)``."""
     inputs = _as_list(inputs)
     _check_dtypes("fusion_block_reference", inputs)  # before torch.cat, which would promote an integer map
-    x = torch.cat(inputs, 1)
+    x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)  # one map: nothing to concatenate (a copy saved)
     for module in block:
         x = module(x)
     return x

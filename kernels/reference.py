@@ -7,12 +7,17 @@
 from ffsd_kernels.attention import attention_distance_reference as attention_distance
 from ffsd_kernels.attention import attention_map_reference as attention_map
 from ffsd_kernels.attention import normalized_distance_reference as normalized_distance
+from ffsd_kernels.distance_group import normalized_distances_reference as normalized_distances
 from ffsd_kernels.diversity import diversity_loss_reference as diversity_loss
 from ffsd_kernels.diversity import diversity_shift_reference as diversity_shift
+from ffsd_kernels.fused_linear import fused_linear_distillation_loss_reference as fused_linear_distillation_loss
 from ffsd_kernels.fusion import fusion_block_reference as fusion_block
+from ffsd_kernels.jsd import jsd_loss_reference as jsd_loss
 from ffsd_kernels.kl_div import cross_entropy_kl_loss_reference as cross_entropy_kl_loss
 from ffsd_kernels.kl_div import kl_div_loss_reference as kl_div_loss
+from ffsd_kernels.kl_div import kl_div_reference as kl_div
 from ffsd_kernels.kl_div import mutual_kl_loss_reference as mutual_kl_loss
+from ffsd_kernels.logit_group import online_distillation_losses_reference as online_distillation_losses
 
 __all__ = [
     "attention_distance",
@@ -20,8 +25,13 @@ __all__ = [
     "cross_entropy_kl_loss",
     "diversity_loss",
     "diversity_shift",
+    "fused_linear_distillation_loss",
     "fusion_block",
+    "jsd_loss",
+    "kl_div",
     "kl_div_loss",
     "mutual_kl_loss",
     "normalized_distance",
+    "normalized_distances",
+    "online_distillation_losses",
 ]

@@ -7,6 +7,7 @@ accepts code the compiler rejects, so each launch is also compiled, with Triton'
 (with it on, Triton 3.8's code generator mis-handles loops): ``tests/kernels/test_compile.py`` starts one.
 """
 
+import importlib
 import inspect
 import re
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
@@ -61,18 +63,43 @@ def recorded_launches(monkeypatch: pytest.MonkeyPatch, execute: bool = True) -> 
         yield launches
 
 
+# Aten ops that launch no GPU kernel: tensor metadata and allocations without a fill (the full rule, by schema, is
+# ``benchmarks/step_kernels.no_kernel_reason``; these are the ones the kernels' launchers run).
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "view", "detach", "t", "unsqueeze", "squeeze",
+             "select", "slice", "as_strided", "expand", "alias", "_unsafe_view", "unbind", "split", "chunk", "permute",
+             "transpose", "reshape", "_reshape_alias"}  # fmt: skip
+
+
+class AtenKernels(TorchDispatchMode):
+    """The aten ops inside the block that launch a kernel (``ops``, by name, in order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name not in NO_KERNEL:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 def forbid_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every host-synchronising tensor method raise until ``monkeypatch.undo()``.
 
-    The CPU tensors of these tests stand in for CUDA ones. ``cross_entropy_kl_loss`` reads CPU labels to check their
-    range (there is no device to wait for) and never CUDA ones, so that one read is switched off here, as on CUDA.
+    The CPU tensors of these tests stand in for CUDA ones. ``cross_entropy_kl_loss`` and
+    ``fused_linear_distillation_loss`` read CPU labels to check their range (there is no device to wait for) and
+    never CUDA ones, so that one read is switched off here, as on CUDA.
     """
-    from ffsd_kernels import kl_div
+    from ffsd_kernels import fused_linear
+
+    kl_div = importlib.import_module("ffsd_kernels.kl_div")  # the module: ffsd_kernels.kl_div is the function
 
     def refuse(*args, **kwargs):
         raise AssertionError("host synchronisation")
 
-    monkeypatch.setattr(kl_div, "_check_label_range", lambda *args: None)
+    for module in (kl_div, fused_linear):
+        monkeypatch.setattr(module, "check_label_range", lambda *args: None)
     for name in HOST_SYNCS:
         monkeypatch.setattr(torch.Tensor, name, refuse)
 

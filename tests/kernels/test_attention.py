@@ -46,6 +46,7 @@ from tests.helpers import (
     union,
     value_error,
 )
+from tests.helpers.kernel_launches import AtenKernels, recorded_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # the kernels' dtypes
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -106,6 +107,41 @@ def test_attention_map(shape, view, dtype, device):
         value_kind=elementwise_error,
     )
     assert a.shape == (shape[0], 1, *shape[2:]) and a.dtype == dtype
+
+
+def grouped_attention_map64(groups: int):
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([attention_map64(part) for part in x.chunk(groups, dim=1)], dim=1)
+
+    return reference
+
+
+@pytest.mark.parametrize("view", ["nchw", "channels_last", "slice_c", "slice_hw"])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_attention_map_is_each_groups_map(view, dtype, device):
+    """``groups = G``: the maps of G stacked networks' features (C/G channels each), values and gradient."""
+    if dtype != torch.float64 and device not in TRITON_DEVICE_NAMES:
+        pytest.skip("half and fp32 inputs are the Triton kernels' (the reference is checked in float64)")
+    x = feature((2, 9, 5, 3), dtype, view, device=device)
+    upstream = torch.randn(2, 3, 5, 3, dtype=torch.float64)
+    a = compare(
+        "attention_map",
+        dtype,
+        lambda t: attention_map(t, groups=3),
+        grouped_attention_map64(3),
+        [x],
+        ["grad"],
+        upstream,
+        tol=TOL[dtype],
+        value_kind=elementwise_error,
+    )
+    assert a.shape == (2, 3, 5, 3) and a.dtype == dtype
+
+
+def test_grouped_attention_map_needs_a_divisor_of_the_channels():
+    with pytest.raises(ValueError, match="groups=4 must divide the 9 channels"):
+        attention_map(torch.randn(2, 9, 3, 3), groups=4)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -504,3 +540,22 @@ BAD_SHAPES = union(
 def test_attention_bad_shapes_raise(op, shapes, dtype, device):
     with pytest.raises(ValueError):
         op(*[torch.randn(shape, dtype=dtype, device=device) for shape in shapes])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_normalized_distance_is_two_forward_launches_and_one_backward(device, monkeypatch):
+    """No torch epilogue around the kernels: the partial sums and the finish forward, one elementwise backward that
+    reads the upstream gradient from device memory; no other kernel either way."""
+    x = torch.randn(5, 3, 4, 6, device=device, requires_grad=True)
+    y = torch.randn(5, 3, 4, 6, device=device, requires_grad=True)
+    # Recorded, not run: the interpreter's own torch ops are not the op's (a launch reads no tensor data).
+    with recorded_launches(monkeypatch, execute=False) as launches, AtenKernels() as aten:
+        loss = normalized_distance(x, y)
+    assert [launch.name for launch in launches] == ["_distance_partial_kernel", "_distance_finish_kernel"]
+    assert aten.ops == []
+    grad = torch.tensor(1.5, device=device)
+    with recorded_launches(monkeypatch, execute=False) as launches, AtenKernels() as aten:
+        # autograd.grad, not backward: AccumulateGrad would copy a gradient the recorder still holds.
+        torch.autograd.grad(loss, [t for t in (x, y) if t.requires_grad], grad)
+    assert [launch.name for launch in launches] == ["_distance_backward_kernel"]
+    assert aten.ops == []

@@ -39,6 +39,13 @@ def _labels(batch, classes):
     return torch.randint(0, classes, (batch,))
 
 
+def _padded(lead, classes):
+    """Labels with every third row ``ignore_index``: the launches of the ignore path."""
+    labels = torch.randint(0, classes, lead)
+    labels.view(-1)[::3] = -100
+    return labels
+
+
 BF16 = torch.bfloat16
 # Each case: forward and backward of one op. The KL batch is 64 rather than 8192: the grid grows with the batch, the
 # kernels do not.
@@ -53,6 +60,35 @@ CASES = {
     "cross_entropy_kl[64,128256]bf16": lambda: sum(
         K.cross_entropy_kl_loss(_t((64, 128256), BF16), _t((64, 128256), BF16, False), _labels(64, 128256), 1.0)
     ),
+    "kl_div_loss[4,16,4096]bf16,labels,none": lambda: K.kl_div_loss(
+        _t((4, 16, 4096), BF16), _t((4, 16, 4096), BF16), 2.0, labels=_padded((4, 16), 4096), reduction="none"
+    ).sum(),
+    "cross_entropy_kl[64,128256]bf16,labels": lambda: sum(
+        K.cross_entropy_kl_loss(_t((64, 128256), BF16), _t((64, 128256), BF16, False), _padded((64,), 128256))
+    ),
+    "torch_kl_div[64,128256]bf16,batchmean": lambda: K.kl_div(
+        _t((64, 128256), BF16), _t((64, 128256), BF16), reduction="batchmean"
+    ),
+    "torch_kl_div[128,100]fp32,none,log-target": lambda: K.kl_div(
+        _t((128, 100)), _t((128, 100)), reduction="none", log_target=True
+    ).sum(),
+    "jsd[64,128256]bf16,beta=0.5": lambda: K.jsd_loss(_t((64, 128256), BF16), _t((64, 128256), BF16, False), 0.5),
+    "jsd[256,1000]fp32,beta=0,teacher-grad": lambda: K.jsd_loss(_t((256, 1000)), _t((256, 1000)), 0.0, 2.0),
+    "jsd[4,16,4096]bf16,beta=1,labels,none": lambda: K.jsd_loss(
+        _t((4, 16, 4096), BF16), _t((4, 16, 4096), BF16), 1.0, labels=_padded((4, 16), 4096), reduction="none"
+    ).sum(),
+    "fused_linear[64,256->32000]bf16,labels,ce": lambda: K.fused_linear_distillation_loss(
+        _t((64, 256), BF16),
+        _t((32000, 256), BF16),
+        _t((64, 256), BF16, False),
+        _t((32000, 256), BF16, False),
+        _padded((64,), 32000),
+        ce_weight=0.5,
+        chunk_size=16,
+    ),  # fmt: skip
+    "mutual_kl[3,128,100]fp32,labels,none": lambda: K.mutual_kl_loss(
+        _t((3, 128, 100)), 2.0, labels=_padded((128,), 100), reduction="none"
+    ).sum(),
     "mutual_kl[2,128,100]fp32": lambda: K.mutual_kl_loss([_t((128, 100)), _t((128, 100))], 2.0).sum(),
     "mutual_kl[4,256,1000]bf16": lambda: K.mutual_kl_loss(_t((4, 256, 1000), BF16), 2.0).sum(),
     "attention_distance[16,64,56,56]bf16,channels-last": lambda: K.attention_distance(
@@ -64,6 +100,19 @@ CASES = {
         _t((128, 32, 16, 16)), _t((128, 32, 16, 16), grad=False)
     ),
     "normalized_distance[64,3000]bf16": lambda: K.normalized_distance(_t((64, 3000), BF16), _t((64, 3000), BF16)),
+    # FFSD's distances of one step: fp32 attention maps at three resolutions and bf16 channels-last feature maps,
+    # each student's against a detached target, all in one call.
+    "normalized_distances[14 pairs,128,...]fp32+bf16,channels-last,y-detached": lambda: K.normalized_distances(
+        [_t((128, 1, r, r)) for r in (32, 16, 8) * 3]
+        + [_t((128, 16, 32, 32), BF16, channels_last=True) for _ in range(3)]
+        + [_t((128, 32, 16, 16), BF16, channels_last=True) for _ in range(2)],
+        [_t((128, 1, r, r), grad=False) for r in (32, 16, 8) * 3]
+        + [_t((128, 16, 32, 32), BF16, False, channels_last=True) for _ in range(3)]
+        + [_t((128, 32, 16, 16), BF16, False, channels_last=True) for _ in range(2)],
+    ),
+    "normalized_distances[1 pair,64,3000]fp16": lambda: K.normalized_distances(
+        [_t((64, 3000), torch.float16)], [_t((64, 3000), torch.float16)]
+    ),
     "diversity_loss[128,1,8,8]fp32": lambda: K.diversity_loss(_t((128, 1, 8, 8)), _t((128, 1, 8, 8), grad=False)),
     "diversity_loss[16,1,56,56]bf16": lambda: K.diversity_loss(
         _t((16, 1, 56, 56), BF16), _t((16, 1, 56, 56), BF16, False)
@@ -80,6 +129,12 @@ CASES = {
     ),
     "trans_fusion_head[8,64->128,8,8]fp64": lambda: (
         K.FusionBlock(64, 1, 128).double()(_t((8, 64, 8, 8), torch.float64)).sum()
+    ),
+    "online_distillation[2,128,100]bf16": lambda: K.online_distillation_losses(
+        _t((3, 128, 100), BF16), _t((128, 100), BF16), _labels(128, 100), 2.0
+    ),
+    "online_distillation[3,256,1000]fp32": lambda: K.online_distillation_losses(
+        _t((4, 256, 1000)), _t((256, 1000)), _labels(256, 1000), 2.0
     ),
 }
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ffsd_kernels
-from ffsd_kernels import AttentionDistance, KLDivLoss, _dispatch, attention_map
+from ffsd_kernels import AttentionDistance, DistillationKLLoss, _dispatch, attention_map
 from tests.helpers import feature
 
 LAYOUTS = ["nchw", "channels_last"]
@@ -27,7 +27,7 @@ def test_public_against_reference_on_fp32_cpu(layout, interpreter, monkeypatch):
     a, b = attention_map(x), attention_map(y)
     pairs = [
         (ffsd_kernels.kl_div_loss(s, t, 3.0), ffsd_kernels.kl_div_loss_reference(s, t, 3.0)),
-        (KLDivLoss(3.0)(s, t), ffsd_kernels.kl_div_loss_reference(s, t, 3.0)),
+        (DistillationKLLoss(3.0)(s, t), ffsd_kernels.kl_div_loss_reference(s, t, 3.0)),
         (ffsd_kernels.kl_div_loss(s, [t, s], 3.0), ffsd_kernels.kl_div_loss_reference(s, [t, s], 3.0)),
         (
             torch.stack(ffsd_kernels.cross_entropy_kl_loss(s, t, labels, 3.0)),
@@ -63,7 +63,7 @@ BAD_DTYPE_CALLS = {
         lambda f, b: ffsd_kernels.kl_div_loss(f(4, 10), [f(4, 10), b(4, 10)]),
     ),
     "kl_div_loss/teacher-stacked": ("kl_div_loss", lambda f, b: ffsd_kernels.kl_div_loss(f(4, 10), b(2, 4, 10))),
-    "KLDivLoss": ("kl_div_loss", lambda f, b: KLDivLoss(2.0)(b(4, 10), f(4, 10))),
+    "DistillationKLLoss": ("kl_div_loss", lambda f, b: DistillationKLLoss(2.0)(b(4, 10), f(4, 10))),
     "kl_div_loss_reference/student": (
         "kl_div_loss_reference",
         lambda f, b: ffsd_kernels.kl_div_loss_reference(b(4, 10), f(4, 10)),

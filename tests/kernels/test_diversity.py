@@ -40,6 +40,7 @@ from tests.helpers import (
     union,
     value_error,
 )
+from tests.helpers.kernel_launches import AtenKernels, recorded_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # the kernels' dtypes
 KERNEL_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -428,3 +429,22 @@ BAD_SHAPES = union(
 def test_diversity_bad_shapes_raise(op, shapes, dtype, device):
     with pytest.raises(ValueError):
         op(*[torch.rand(shape, dtype=dtype, device=device) for shape in shapes])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_diversity_loss_is_two_forward_launches_and_one_backward(device, monkeypatch):
+    """No torch epilogue: the per-sample pass and the finish forward, one backward that forms its coefficients from
+    the forward's statistics and the upstream gradient in device memory."""
+    x = torch.rand(5, 1, 4, 6, device=device, requires_grad=True)
+    y = torch.rand(5, 1, 4, 6, device=device)
+    # Recorded, not run: the interpreter's own torch ops are not the op's (a launch reads no tensor data).
+    with recorded_launches(monkeypatch, execute=False) as launches, AtenKernels() as aten:
+        loss = diversity_loss(x, y)
+    assert [launch.name for launch in launches] == ["_diversity_forward_kernel", "_diversity_finish_kernel"]
+    assert aten.ops == []
+    grad = torch.tensor(0.5, device=device)
+    with recorded_launches(monkeypatch, execute=False) as launches, AtenKernels() as aten:
+        # autograd.grad, not backward: AccumulateGrad would copy a gradient the recorder still holds.
+        torch.autograd.grad(loss, [t for t in (x, y) if t.requires_grad], grad)
+    assert [launch.name for launch in launches] == ["_diversity_backward_kernel"]
+    assert aten.ops == []

@@ -1,5 +1,6 @@
 """``kl_div_loss``, ``cross_entropy_kl_loss`` and ``mutual_kl_loss`` against float64 formulas written out in
-``tests/helpers``.
+``tests/helpers``; ``kl_div`` / ``KLDivLoss`` against ``torch.nn.functional.kl_div`` in float64 (every reduction,
+``log_target``); the rows of ``[..., V]`` logits, ``labels`` with ``ignore_index`` and the reductions.
 
 Two kinds of test. The contract tests call the public functions on every device (the CPU always: its Triton
 kernels under the interpreter, its reference without; CUDA where there is one), in float32 and float64, so they hold
@@ -15,19 +16,21 @@ Errors: values ``|a − b| / max(|b|, tiny)``, gradients ``max|ga − gb| / max|
 is absolute. The worst error seen per op and dtype is printed at the end.
 """
 
+import importlib
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import ffsd_kernels.kl_div as kl_module
 from ffsd_kernels import (
     CrossEntropyKLLoss,
+    DistillationKLLoss,
     KLDivLoss,
     MutualKLLoss,
     cross_entropy_kl_loss,
     cross_entropy_kl_loss_reference,
+    kl_div,
     kl_div_loss,
     kl_div_loss_reference,
     mutual_kl_loss,
@@ -49,6 +52,9 @@ from tests.helpers import (
     union,
     value_error,
 )
+
+# The module, not the function ``ffsd_kernels.kl_div`` that shadows its name on the package.
+kl_module = importlib.import_module("ffsd_kernels.kl_div")
 
 HALF_TOL = 1e-2
 KL_SHAPES = [(1, 1), (1, 7), (5, 3), (13, 100), (3, 3001)]
@@ -204,7 +210,7 @@ def test_kl_half_precision(shape, dtype, temperature, teacher_grad, upstream, de
     if use_triton(s, t):
         request.getfixturevalue("kernels_only")
     loss = kl_div_loss(s, t, temperature)
-    assert loss.dtype == dtype and loss.shape == ()
+    assert loss.dtype == torch.float32 and loss.shape == ()  # fp32 for half inputs, autocast or not
     (loss * upstream).backward()
     assert s.grad.dtype == dtype
     s64, t64 = leaf64(s), leaf64(t, teacher_grad)  # the half inputs, exactly, in float64
@@ -230,10 +236,10 @@ def test_kl_detached_teacher_gets_no_gradient():
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.5])
 def test_kl_module_equals_function(temperature):
     s, t = torch.randn(6, 20), torch.randn(6, 20)
-    module = KLDivLoss(temperature=temperature)
+    module = DistillationKLLoss(temperature=temperature)
     assert torch.equal(module(s, t), kl_div_loss(s, t, temperature))
     assert f"temperature={temperature}" in repr(module)
-    assert torch.equal(KLDivLoss()(s, t), kl_div_loss(s, t))
+    assert torch.equal(DistillationKLLoss()(s, t), kl_div_loss(s, t))
 
 
 # float64 (the reference, to 1e-14) on every device, float32 where the Triton kernels run (to fp32 precision).
@@ -380,7 +386,7 @@ def test_cross_entropy_kl_half_precision(dtype, device):
     s, t = logits((4, 3001), dtype, device, 2.0), logits((4, 3001), dtype, device, 2.0, requires_grad=False)
     labels = torch.randint(0, 3001, (4,), device=device)
     ce, kl = cross_entropy_kl_loss(s, t, labels, 4.5)
-    assert ce.dtype == kl.dtype == dtype
+    assert ce.dtype == kl.dtype == torch.float32
     (ce + 1.5 * kl).backward()
     assert s.grad.dtype == dtype
     s64 = leaf64(s)
@@ -543,7 +549,9 @@ BAD_CALLS = {
     "kl-teacher-classes": lambda s: kl_div_loss(s, torch.randn(4, 11)),
     "kl-teacher-batch": lambda s: kl_div_loss(s, torch.randn(5, 10)),
     "kl-1d": lambda s: kl_div_loss(s[0], torch.randn(10)),
-    "kl-3d": lambda s: kl_div_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4)),
+    "kl-3d-teacher-classes": lambda s: kl_div_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 5)),
+    "kl-labels-shape": lambda s: kl_div_loss(s, torch.randn(4, 10), labels=torch.zeros(4, 10, dtype=torch.long)),
+    "kl-reduction-mean": lambda s: kl_div_loss(s, torch.randn(4, 10), reduction="mean"),
     "kl-teacher-list-classes": lambda s: kl_div_loss(s, [torch.randn(4, 10), torch.randn(4, 11)]),
     "kl-teacher-list-empty": lambda s: kl_div_loss(s, []),
     "kl-teacher-stack-classes": lambda s: kl_div_loss(s, torch.randn(3, 4, 11)),
@@ -574,26 +582,26 @@ CE_ENTRIES = {
 }
 
 
-@pytest.mark.parametrize("label", [-100, -1, 10, 2**40])
+@pytest.mark.parametrize("label", [-1, -99, 10, 2**40])
 @pytest.mark.parametrize("entry", list(CE_ENTRIES))
 def test_out_of_range_cpu_labels_are_refused(entry, label):
-    """No ignore_index: −100 is a label out of range like any other (F.cross_entropy alone would leave its row out)."""
+    """−100 (``ignore_index``) leaves its row out; any other label outside [0, C) is refused on the CPU."""
     s, labels = torch.randn(4, 10), torch.tensor([0, 9, label, 3])
     op = "cross_entropy_kl_loss_reference" if entry == "reference" else "cross_entropy_kl_loss"
-    message = f"{op} expects labels in [0, 10) (there is no ignore_index), got {label}"
+    message = f"{op} expects labels in [0, 10) or ignore_index=-100, got {label}"
     with pytest.raises(ValueError, match=re.escape(message)):
         CE_ENTRIES[entry](s, torch.randn(4, 10), labels)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
-@pytest.mark.parametrize("label", [-100, 10])
+@pytest.mark.parametrize("label", [-1, 10])
 def test_unchecked_out_of_range_label_makes_ce_nan(label, dtype, device, monkeypatch):
     """CUDA labels are not read (that would be a host sync): an out-of-range one makes CE NaN, on the Triton path
     (fp32) and the reference (fp64) alike, and leaves the KL as it was. On the CPU, whose labels are checked, the
     check is switched off to see the same paths."""
     if device == "cpu":
-        monkeypatch.setattr(kl_module, "_check_label_range", lambda *args: None)
+        monkeypatch.setattr(kl_module, "check_label_range", lambda *args: None)
     s, t = logits((4, 10), dtype, device), logits((4, 10), dtype, device, requires_grad=False)
     labels = torch.tensor([0, 9, label, 3], device=device)
     for ce, kl in (cross_entropy_kl_loss(s, t, labels, 2.0), cross_entropy_kl_loss_reference(s, t, labels, 2.0)):
@@ -605,12 +613,12 @@ def test_unchecked_out_of_range_label_makes_ce_nan(label, dtype, device, monkeyp
 def test_modules_equal_functions(temperature):
     s, t, u = torch.randn(6, 20), torch.randn(6, 20), torch.randn(6, 20)
     labels = torch.randint(0, 20, (6,))
-    assert torch.equal(KLDivLoss(temperature)(s, [t, u]), kl_div_loss(s, [t, u], temperature))
+    assert torch.equal(DistillationKLLoss(temperature)(s, [t, u]), kl_div_loss(s, [t, u], temperature))
     ce, kl = CrossEntropyKLLoss(temperature)(s, t, labels)
     ce_f, kl_f = cross_entropy_kl_loss(s, t, labels, temperature)
     assert torch.equal(ce, ce_f) and torch.equal(kl, kl_f)
     assert torch.equal(MutualKLLoss(temperature)([s, t, u]), mutual_kl_loss([s, t, u], temperature))
-    for module in (KLDivLoss(temperature), CrossEntropyKLLoss(temperature), MutualKLLoss(temperature)):
+    for module in (DistillationKLLoss(temperature), CrossEntropyKLLoss(temperature), MutualKLLoss(temperature)):
         assert f"temperature={temperature}" in repr(module)
     assert torch.equal(CrossEntropyKLLoss()(s, t, labels)[1], kl_div_loss(s, t))
 
@@ -641,3 +649,246 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     torch.testing.assert_close(s.grad, eager_s)
     torch.testing.assert_close(t.grad, eager_t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kl_div and KLDivLoss: exactly torch's, on the fused kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+TORCH_REDUCTIONS = ["none", "mean", "sum", "batchmean"]
+# (input shape, target shape): rows of odd widths, one wide row, [B, T, V], a 1-D pair, a target broadcast.
+TORCH_SHAPES = [((5, 7), (5, 7)), ((1, 3001), (1, 3001)), ((2, 3, 11), (2, 3, 11)), ((13,), (13,)), ((4, 9), (9,))]
+
+
+@pytest.fixture
+def torch_kl_kernels_only(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("F.kl_div ran instead of the Triton kernels")
+
+    monkeypatch.setattr(kl_module, "kl_div_reference", forbidden)
+
+
+def torch_pair(input_shape, target_shape, dtype, device, log_target, zeros=False):
+    """Log-probabilities and a (log-)probability target, drawn in float64 and rounded once to ``dtype``."""
+    x = F.log_softmax(torch.randn(input_shape, dtype=torch.float64) * 2, -1)
+    y = F.softmax(torch.randn(target_shape, dtype=torch.float64) * 2, -1)
+    if zeros:
+        y = torch.where(torch.rand(target_shape) < 0.3, 0.0, y)
+    y = y.log() if log_target else y
+    return x.to(device, dtype).requires_grad_(), y.to(device, dtype).requires_grad_()
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean'")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+@pytest.mark.parametrize("log_target", [False, True], ids=["prob-target", "log-target"])
+@pytest.mark.parametrize("reduction", TORCH_REDUCTIONS)
+@pytest.mark.parametrize("shapes", TORCH_SHAPES, ids=str)
+def test_kl_div_is_torch_kl_div(shapes, reduction, log_target, dtype, device, request):
+    x, y = torch_pair(*shapes, dtype, device, log_target)
+    if use_triton(x, y):
+        request.getfixturevalue("torch_kl_kernels_only")
+    out = kl_div(x, y, reduction=reduction, log_target=log_target)
+    x64, y64 = leaf64(x), leaf64(y)
+    ref = F.kl_div(x64, y64, reduction=reduction, log_target=log_target)
+    assert out.shape == ref.shape and out.dtype == dtype
+    upstream = torch.rand(ref.shape, dtype=torch.float64) + 0.5  # grad_output ≠ 1 (elementwise for none)
+    out.backward(upstream.to(device, dtype))
+    ref.backward(upstream)
+    check("kl_div", dtype, "value", value_error(out, ref))
+    check("kl_div", dtype, "grad_input", grad_error(x.grad, x64.grad))
+    check("kl_div", dtype, "grad_target", grad_error(y.grad, y64.grad))
+    module = KLDivLoss(reduction=reduction, log_target=log_target)
+    assert isinstance(module, torch.nn.KLDivLoss)
+    torch.testing.assert_close(module(x, y), out, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean'")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", TORCH_REDUCTIONS)
+def test_kl_div_half_precision(reduction, dtype, device, torch_kl_kernels_only):
+    x, y = torch_pair((3, 3001), (3, 3001), dtype, device, False)
+    out = kl_div(x, y, reduction=reduction)
+    assert out.dtype == dtype  # torch's dtype rule: the input's
+    out.backward(torch.ones_like(out))
+    x64, y64 = leaf64(x), leaf64(y)
+    ref = F.kl_div(x64, y64, reduction=reduction)
+    ref.backward(torch.ones_like(ref))
+    check("kl_div", dtype, "value", value_error(out, ref), HALF_TOL)
+    check("kl_div", dtype, "grad_input", grad_error(x.grad, x64.grad), HALF_TOL)
+    check("kl_div", dtype, "grad_target", grad_error(y.grad, y64.grad), HALF_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_div_zero_targets_as_torch(device):
+    """``xlogy``: a target of 0 adds 0 to the loss, and its gradient is NaN exactly where torch's is."""
+    x, y = torch_pair((6, 40), (6, 40), torch.float32, device, False, zeros=True)
+    out = kl_div(x, y, reduction="sum")
+    out.backward()
+    x2, y2 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    ref = F.kl_div(x2, y2, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(y.grad, y2.grad, equal_nan=True)
+    assert torch.isnan(y.grad).any()
+
+
+def test_kl_div_module_keeps_torch_call_pattern():
+    """Issue 19: ``KLDivLoss()(log_softmax(s / T), softmax(t / T))`` once gave 0.248 where torch gave 0.428."""
+    s, t, temperature = torch.randn(8, 100), torch.randn(8, 100), 4.0
+    args = F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1)
+    for reduction in ("batchmean", "sum"):
+        torch.testing.assert_close(
+            KLDivLoss(reduction=reduction)(*args), torch.nn.KLDivLoss(reduction=reduction)(*args)
+        )
+    with pytest.warns(UserWarning, match="'mean' divides the total loss"):
+        torch.testing.assert_close(KLDivLoss()(*args), torch.nn.KLDivLoss()(*args))
+    assert KLDivLoss(reduction="sum", log_target=True).log_target
+    with pytest.raises(ValueError):
+        kl_div(*args, reduction="average")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows: [..., V] logits, labels with ignore_index, reductions, fp32 results
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def kept_rows64(x, labels, ignore_index=-100):
+    """The float64 rows of ``x`` ``[..., V]`` whose label is not ``ignore_index``, as ``[K, V]``."""
+    return x.reshape(-1, x.shape[-1])[labels.reshape(-1).cpu() != ignore_index]
+
+
+def kl_rows64(s, t, temperature):
+    """Per-row ``T² KL(p_t ‖ p_s)`` of float64 ``[N, V]`` logits."""
+    log_p_s, log_p_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    return temperature**2 * F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
+
+
+def padded_labels(lead, num_classes, device):
+    labels = torch.randint(0, num_classes, lead)
+    labels.view(-1)[::3] = -100  # every third row is padding
+    return labels.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("lead", [(7,), (2, 5), (2, 1, 3)], ids=str)
+def test_kl_rows_labels_and_reductions(lead, reduction, device, request):
+    num_classes, temperature = 37, 2.0
+    s = logits((*lead, num_classes), device=device)
+    t = logits((*lead, num_classes), device=device)
+    labels = padded_labels(lead, num_classes, device)
+    if use_triton(s, t):
+        request.getfixturevalue("kernels_only")
+    kl = kl_div_loss(s, t, temperature, labels=labels, reduction=reduction)
+    ce, kl_ce = cross_entropy_kl_loss(s, t, labels, temperature, reduction=reduction)
+    assert kl.shape == ce.shape == (lead if reduction == "none" else ())
+    (1.3 * kl + 0.4 * ce + 0.7 * kl_ce).sum().backward()
+
+    s64, t64 = leaf64(s), leaf64(t)
+    kept = labels.cpu() != -100
+    rows_kl = torch.zeros(lead, dtype=torch.float64)
+    rows_ce = torch.zeros(lead, dtype=torch.float64)
+    rows_kl = rows_kl.masked_scatter(kept, kl_rows64(kept_rows64(s64, labels), kept_rows64(t64, labels), temperature))
+    ce_kept = F.cross_entropy(kept_rows64(s64, labels), labels.cpu()[kept], reduction="none")
+    rows_ce = rows_ce.masked_scatter(kept, ce_kept)
+    if reduction == "none":
+        ref_kl, ref_ce = rows_kl, rows_ce
+    else:
+        divisor = kept.sum() if reduction == "batchmean" else 1
+        ref_kl, ref_ce = rows_kl.sum() / divisor, rows_ce.sum() / divisor
+    (1.3 * ref_kl + 0.4 * ref_ce + 0.7 * ref_kl).sum().backward()
+    check("kl_rows", torch.float32, "value_kl", value_error(kl, ref_kl))
+    check("kl_rows", torch.float32, "value_kl_ce", value_error(kl_ce, ref_kl))
+    check("kl_rows", torch.float32, "value_ce", value_error(ce, ref_ce))
+    check("kl_rows", torch.float32, "grad_student", grad_error(s.grad, s64.grad))
+    check("kl_rows", torch.float32, "grad_teacher", grad_error(t.grad, t64.grad))
+    assert torch.all(s.grad[~kept.to(device)] == 0) and torch.all(t.grad[~kept.to(device)] == 0)
+    if reduction == "none":
+        assert torch.all(kl[~kept.to(device)] == 0) and torch.all(ce[~kept.to(device)] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_mutual_rows_labels_and_reductions(reduction, device, request):
+    lead, num_classes, temperature = (2, 4), 29, 3.0
+    z = logits((3, *lead, num_classes), device=device)
+    labels = padded_labels(lead, num_classes, device)
+    if use_triton(z):
+        request.getfixturevalue("kernels_only")
+    losses = mutual_kl_loss(z, temperature, labels=labels, reduction=reduction)
+    assert losses.shape == ((3, *lead) if reduction == "none" else (3,))
+    weights = torch.tensor([1.3, -0.7, 2.1], device=device).view(3, *[1] * (losses.dim() - 1))
+    (losses * weights).sum().backward()
+    z64 = leaf64(z)
+    kept = (labels.cpu() != -100).reshape(-1)
+    zs = [z64[i].reshape(-1, num_classes) for i in range(3)]
+    rows = torch.stack(
+        [sum(kl_rows64(zs[i], zs[j].detach(), temperature) for j in range(3) if j != i) / 2 for i in range(3)]
+    )
+    rows = torch.where(kept, rows, 0.0)
+    ref = {"none": rows.reshape(3, *lead), "sum": rows.sum(1), "batchmean": rows.sum(1) / kept.sum()}[reduction]
+    (ref * weights.cpu().double()).sum().backward()
+    check("mutual_rows", torch.float32, "value", value_error(losses, ref))
+    check("mutual_rows", torch.float32, "grad", grad_error(z.grad, z64.grad))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_row_ignored_gives_zero_not_nan(device):
+    s, t = logits((2, 3, 11), device=device), logits((2, 3, 11), device=device)
+    labels = torch.full((2, 3), -100, device=device)
+    kl = kl_div_loss(s, t, 2.0, labels=labels)
+    ce, kl_ce = cross_entropy_kl_loss(s, t, labels, 2.0)
+    (kl + ce + kl_ce).backward()
+    assert kl.item() == ce.item() == kl_ce.item() == 0.0
+    assert torch.all(s.grad == 0) and torch.all(t.grad == 0)
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_half_inputs_give_fp32_results_outside_autocast(dtype, device):
+    """A bf16 loss once came back as 4.0 where the fp32 value was 4.0038: every distillation form returns fp32."""
+    s, t = logits((2, 3, 300), dtype, device), logits((2, 3, 300), dtype, device, requires_grad=False)
+    labels = torch.zeros(2, 3, dtype=torch.long, device=device)
+    outputs = [
+        kl_div_loss(s, t, 2.0),
+        *cross_entropy_kl_loss(s, t, labels, 2.0),
+        mutual_kl_loss([s, t], 2.0),
+        kl_div_loss(s, t, 2.0, reduction="none"),
+    ]
+    assert all(out.dtype == torch.float32 for out in outputs)
+    ref = kl64(leaf64(s).reshape(-1, 300), leaf64(t).reshape(-1, 300), 2.0)
+    check("kl_div_loss", dtype, "value", value_error(outputs[0], ref), 1e-5)  # fp32 accuracy of half inputs
+
+
+@pytest.mark.usefixtures("kernels_only")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_leading_dims_are_views_not_copies(device):
+    """``[B, T, V]`` logits (and a vocabulary slice of them) reach the kernels as ``[N, V]`` views."""
+    base = torch.randn(2, 5, 50, device=device, requires_grad=True)
+    s = base[..., 3:40]  # strided rows: reshape(-1, V) of it is still a view
+    t = torch.randn(2, 5, 37, device=device)
+    loss = kl_div_loss(s, t, 2.0)
+    loss.backward()
+    s64 = leaf64(s)
+    ref = kl64(s64.reshape(-1, 37), leaf64(t, False).reshape(-1, 37), 2.0)
+    ref.backward()
+    check("kl_div_loss", torch.float32, "value", value_error(loss, ref))
+    check("kl_div_loss", torch.float32, "grad_student", grad_error(base.grad[..., 3:40], s64.grad))
+    assert torch.all(base.grad[..., :3] == 0) and torch.all(base.grad[..., 40:] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_labels(device):
+    """``labels[:, ::2]`` flattens to a view of stride 2: the ops read it as the labels it shows."""
+    s, t = logits((2, 4, 13), device=device), logits((2, 4, 13), device=device)
+    labels = padded_labels((2, 8), 13, device)[:, ::2]
+    assert not labels.is_contiguous() and labels.reshape(-1)._base is not None
+    dense = labels.contiguous()
+    torch.testing.assert_close(kl_div_loss(s, t, 2.0, labels=labels), kl_div_loss(s, t, 2.0, labels=dense))
+    torch.testing.assert_close(
+        torch.stack(cross_entropy_kl_loss(s, t, labels, 2.0)), torch.stack(cross_entropy_kl_loss(s, t, dense, 2.0))
+    )

@@ -25,6 +25,12 @@ SCRIPT = textwrap.dedent(
     assert torch.equal(K.kl_div_loss(s, t, 2.0), R.kl_div_loss(s, t, 2.0))
     K.kl_div_loss(s, t, 2.0).backward()
     assert s.grad is not None
+    x, y = s.detach().log_softmax(1), t.softmax(1)
+    assert torch.equal(K.kl_div(x, y, reduction="batchmean"), R.kl_div(x, y, reduction="batchmean"))
+    assert torch.equal(K.jsd_loss(s, t, 0.3), R.jsd_loss(s, t, 0.3))
+    h, w = torch.randn(5, 4, requires_grad=True), torch.randn(7, 4)
+    K.fused_linear_distillation_loss(h, w, h.detach(), w, chunk_size=2).backward()
+    assert h.grad is not None
     x, y = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
     assert torch.equal(K.attention_distance(x, y), R.attention_distance(x, y))
     assert torch.equal(K.diversity_loss(x, y), R.diversity_loss(x, y))
