@@ -29,10 +29,11 @@ data- and weight-gradient kernels; a multi-tensor ``_foreach_*``/``_fused_*`` op
 tensors), so the count is a lower bound on what ``nsys`` would list, and a like-for-like measure of what the code
 asks for.
 
-Phases: ``backbones`` (the students and the leader's backbone), ``decoders`` (the self-distillation decoders, their
-no-grad target passes included), ``fusion`` (the fusion module and the leader's trans-fusion head), ``optimisers``
-(``step`` and ``zero_grad``; direction ``update``) and ``losses`` (everything else: the loss terms and their sum, the
-backward's seed gradient and, with channels-last, the one copy of the batch into that layout). Forward ops are
+Phases: ``backbones`` (the students and the leader's backbone; with ``--stack-networks``, the stack that runs them),
+``decoders`` (the self-distillation decoders, their no-grad target passes included; stacked, their stack),
+``fusion`` (the fusion module and the leader's trans-fusion head), ``optimisers`` (``step`` and ``zero_grad``;
+direction ``update``) and ``losses`` (everything else: the loss terms and their sum, the backward's seed gradient
+and, with channels-last, the one copy of the batch into that layout). Forward ops are
 attributed by forward pre/post hooks on those modules; backward ops by the autograd node that runs them
 (``torch._C._current_autograd_node``): at a module's forward post-hook every node reachable from its outputs that no
 module claimed yet becomes its own (the leader's head runs after its backbone, whose nodes are taken by then). A
@@ -70,6 +71,7 @@ if "triton" not in sys.modules:
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import importlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
@@ -93,7 +95,6 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-import ffsd_kernels.kl_div  # noqa: E402
 from ffsd_fast.method.networks import FFSDNetworks  # noqa: E402
 from ffsd_fast.step.train_step import Stepper  # noqa: E402
 from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
@@ -308,21 +309,43 @@ def triton_launches(counter: KernelCounter, execute: bool) -> Iterator[Counter[t
             kind.run = original
 
 
+# Where the fused losses check CPU labels' range (the module, the function): patched wherever it is defined or
+# imported by name.
+LABEL_CHECKS = (
+    ("ffsd_kernels.kl_div", "_check_labels"),
+    ("ffsd_kernels.kl_div", "check_label_range"),
+    ("ffsd_kernels._rows", "check_label_range"),
+    ("ffsd_kernels.fused_linear", "check_label_range"),
+    ("ffsd_kernels.logit_group", "_check_label_range"),
+)
+
+
 @contextmanager
 def cpu_only_checks(counter: KernelCounter) -> Iterator[None]:
-    """Sets aside the label-range check of the fused losses, which reads CPU labels (two reductions, two host
-    copies) and leaves CUDA labels alone (``ffsd_kernels.kl_div._check_labels``)."""
-    original = ffsd_kernels.kl_div._check_labels
+    """Sets aside the label-range check of the fused losses, which reads CPU labels (reductions and host copies)
+    and leaves CUDA labels alone (``ffsd_kernels._rows.check_label_range``)."""
 
-    def check(*args, **kwargs):
-        with set_aside(counter, "cpu-only label check"):
-            return original(*args, **kwargs)
+    def aside(original):
+        def check(*args, **kwargs):
+            with set_aside(counter, "cpu-only label check"):
+                return original(*args, **kwargs)
 
-    ffsd_kernels.kl_div._check_labels = check
+        return check
+
+    patched = []
+    for module_name, name in LABEL_CHECKS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            patched.append((module, name, getattr(module, name)))
+            setattr(module, name, aside(getattr(module, name)))
     try:
         yield
     finally:
-        ffsd_kernels.kl_div._check_labels = original
+        for module, name, original in patched:
+            setattr(module, name, original)
 
 
 def host_tensors(optimizers: list[torch.optim.Optimizer]) -> set[int]:
@@ -343,8 +366,10 @@ def host_tensors(optimizers: list[torch.optim.Optimizer]) -> set[int]:
 def phase_modules(nets: FFSDNetworks) -> dict[str, list[nn.Module]]:
     leader = nets.leader
     return {
-        "backbones": [*nets.students, *([leader.backbone] if leader is not None else [])],
-        "decoders": [*nets.decoders, *([nets.leader_decoder] if nets.leader_decoder is not None else [])],
+        "backbones": [*nets.students, *([leader.backbone] if leader is not None else [])]
+        + ([nets.stack] if nets.stack is not None else []),
+        "decoders": [*nets.decoders, *([nets.leader_decoder] if nets.leader_decoder is not None else [])]
+        + ([nets.decoder_stack] if nets.decoder_stack is not None else []),
         "fusion": [*([nets.fusion] if nets.fusion is not None else []), *([leader.head] if leader is not None else [])],
     }
 

@@ -51,6 +51,39 @@ class LossTerms:
         )
 
 
+class _Distances:
+    """The step's normalised distances, one by one (``ops.normalized_distance``) or, ``grouped``, all at once
+    (``ops.normalized_distances``: two forward launches and one backward launch, whatever their number).
+
+    Grouped, a call returns the pair's index, which ``resolve`` replaces by its distance once every pair is known."""
+
+    def __init__(self, ops: ModuleType, grouped: bool) -> None:
+        self.ops, self.grouped = ops, grouped
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | int:
+        if not self.grouped:
+            return self.ops.normalized_distance(x, y)
+        self.pairs.append((x, y))
+        return len(self.pairs) - 1
+
+    def resolve(self, parts: dict[str, list]) -> dict[str, list[torch.Tensor]]:
+        if not self.pairs:
+            return parts
+        xs, ys = zip(*self.pairs, strict=True)
+        distances = self.ops.normalized_distances(list(xs), list(ys)).unbind()
+        return {name: [distances[p] if isinstance(p, int) else p for p in ps] for name, ps in parts.items()}
+
+
+def _split_maps(
+    ops: ModuleType, stacked: list[torch.Tensor], count: int, maps_given: bool = False
+) -> list[list[torch.Tensor]]:
+    """Network by network, the attention maps of stacked maps ``[B, count·C, H, W]`` (one launch each; or, with
+    ``maps_given``, of the grouped maps themselves, ``[B, count, H, W]``): ``[network][tap]``, views."""
+    grouped = stacked if maps_given else [ops.attention_map(t, groups=count) for t in stacked]
+    return [list(maps) for maps in zip(*(a.split(1, dim=1) for a in grouped), strict=True)]
+
+
 def _eval_pass(decoder: SelfDistillationDecoder, x: torch.Tensor) -> list[torch.Tensor]:
     # The targets come from the decoder in eval mode (running statistics, none updated), with its pre-step weights.
     decoder.eval()
@@ -78,31 +111,72 @@ def ffsd_losses(
         ops: the loss library (``ffsd_kernels``), so that its implementations can be swapped in one place.
     """
     temperature = options.temperature
-    values: dict[str, torch.Tensor] = {}
-    weighted: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor]] = {}
+    weights: dict[str, torch.Tensor | None] = {}
 
-    def add(name: str, value: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        values[name] = value
-        weighted[name] = value if weight is None else value * weight
+    def add(name: str, value: torch.Tensor | list[torch.Tensor], weight: torch.Tensor | None = None) -> None:
+        """A term: one value, or the list of values it sums; weight None is 1."""
+        parts[name] = list(value) if isinstance(value, list) else [value]
+        weights[name] = weight
 
+    # With stacked networks (opt-in, until a GPU has measured the grouped op inside a captured step) every distance
+    # of the step is computed in one grouped op.
+    distance = _Distances(ops, grouped=nets.stack is not None)
     lambda_div, lambda_sd, lambda_f = lambdas[LAMBDA_DIV], lambdas[LAMBDA_SD], lambdas[LAMBDA_F]
     student_sd_weight = lambda_div if options.student_sd_uses_lambda_div else lambda_sd
 
-    # Forward in the reference's order: leader, students, fusion module.
-    leader_logits, leader_taps, trans_fused = nets.leader(images)
-    student_logits, student_taps = zip(*(student(images) for student in nets.students), strict=True)
-    last_maps = [taps[-1].detach() for taps in student_taps]
-    fusion_logits, fused = nets.fusion(last_maps)
+    num_students = nets.num_students
+    if nets.stack is None:
+        # Forward in the reference's order: leader, students, fusion module.
+        leader_logits, leader_taps, trans_fused = nets.leader(images)
+        student_logits, student_taps = zip(*(student(images) for student in nets.students), strict=True)
+        last_maps = [taps[-1].detach() for taps in student_taps]
+        fusion_input = last_maps
+    else:
+        # Every backbone in one forward (students, then the leader): each network's logits and taps are views.
+        logits, taps = nets.stack(images)
+        per_network = list(zip(*(nets.stack.split(t) for t in taps), strict=True))
+        student_logits, student_taps = nets.stack.split(logits)[:num_students], per_network[:num_students]
+        leader_logits, leader_taps = logits[num_students], list(per_network[num_students])
+        trans_fused = nets.leader.head(leader_taps[-1])
+        last_maps = [taps[-1].detach() for taps in student_taps]
+        # The students' last maps side by side are a channel slice of the stack's last tap: no concatenation.
+        fusion_input = taps[-1][:, : num_students * leader_taps[-1].shape[1]].detach()
+        stacked_last = taps[-1]
+    fusion_logits, fused = nets.fusion(fusion_input)
+    eval_targets = None
+    if nets.decoder_stack is not None:
+        # Every decoder's eval-mode targets in one stacked pass: students 1 … m−1 from the previous student's shifted
+        # map, the leader's from the fused map (student targets unused when the diversity terms are off).
+        shifted = [ops.diversity_shift(last_maps[i - 1]) for i in range(1, num_students)]
+        stacked = _eval_pass(nets.decoder_stack, torch.cat([*shifted, fused.detach()], dim=1))
+        eval_targets = _split_maps(ops, stacked, nets.decoder_stack.count)
 
     # Each attention map is computed once and reused, with its gradient where a term needs one.
-    student_attention = [[ops.attention_map(f) for f in taps] for taps in student_taps]
-    leader_attention = [ops.attention_map(f) for f in leader_taps]
+    if nets.stack is None:
+        student_attention = [[ops.attention_map(f) for f in taps] for taps in student_taps]
+        leader_attention = [ops.attention_map(f) for f in leader_taps]
+    else:  # every network's map of a tap in one launch
+        grouped_attention = [ops.attention_map(t, groups=nets.stack.count) for t in taps]
+        per_network = _split_maps(ops, grouped_attention, nets.stack.count, maps_given=True)
+        student_attention, leader_attention = per_network[:num_students], per_network[num_students]
 
-    num_students = nets.num_students
-    # Deep mutual learning, every student from every other one's detached logits, in one op.
-    mutual = ops.mutual_kl_loss(student_logits, temperature)
+    if nets.stack is None:
+        # Deep mutual learning, every student from every other one's detached logits, in one op.
+        mutual = ops.mutual_kl_loss(student_logits, temperature)
+        student_ce = [F.cross_entropy(z, labels) for z in student_logits]
+        # The fusion module's teacher is the students' ensemble: the mean of their logits.
+        teachers = [z.detach() for z in student_logits]
+        fusion_ce, fusion_kl = ops.cross_entropy_kl_loss(fusion_logits, teachers, labels, temperature)
+        leader_ce, leader_kl = ops.cross_entropy_kl_loss(leader_logits, fusion_logits.detach(), labels, temperature)
+    else:
+        # The same terms, all from the stack's logits (students, then the leader) in one op: two forward launches
+        # and one backward launch instead of one set per term.
+        group = ops.online_distillation_losses(logits, fusion_logits, labels, temperature).unbind()
+        student_ce, mutual = group[:num_students], group[num_students : 2 * num_students]
+        fusion_ce, fusion_kl, leader_ce, leader_kl = group[2 * num_students :]
     for i in range(num_students):
-        add(f"student{i}.ce", F.cross_entropy(student_logits[i], labels))
+        add(f"student{i}.ce", student_ce[i])
         add(f"student{i}.mutual", mutual[i])
         if i == 0 or not options.diversity_enabled:
             continue
@@ -111,52 +185,87 @@ def ffsd_losses(
             ops.diversity_loss(student_attention[i][-1], student_attention[i - 1][-1].detach()),
             lambda_div,
         )
-        targets = _eval_pass(nets.decoders[i - 1], ops.diversity_shift(last_maps[i - 1]))
+        if eval_targets is None:
+            targets = _eval_pass(nets.decoders[i - 1], ops.diversity_shift(last_maps[i - 1]))
+            target_maps = [ops.attention_map(g) for g in targets]
+        else:
+            target_maps = eval_targets[i - 1]
         add(
             f"student{i}.self_distillation",
-            sum(ops.normalized_distance(student_attention[i][k], ops.attention_map(g)) for k, g in enumerate(targets)),
+            [distance(student_attention[i][k], a) for k, a in enumerate(target_maps)],
             student_sd_weight,
         )
 
-    # The fusion module's teacher is the students' ensemble: the mean of their logits.
-    ce, kl = ops.cross_entropy_kl_loss(fusion_logits, [z.detach() for z in student_logits], labels, temperature)
-    add("fusion.ce", ce)
-    add("fusion.kl", kl)
-
-    ce, kl = ops.cross_entropy_kl_loss(leader_logits, fusion_logits.detach(), labels, temperature)
-    add("leader.ce", ce)
-    add("leader.kl", kl)
+    add("fusion.ce", fusion_ce)
+    add("fusion.kl", fusion_kl)
+    add("leader.ce", leader_ce)
+    add("leader.kl", leader_kl)
     fused = fused.detach()
-    add("leader.fusion", ops.normalized_distance(leader_attention[-1], ops.attention_map(fused)), lambda_f)
+    add("leader.fusion", distance(leader_attention[-1], ops.attention_map(fused)), lambda_f)
     # A(concat(f_1 … f_m)) is the mean of the students' maps A(f_i): every student has C channels.
-    concat_attention = torch.stack([a[-1].detach() for a in student_attention]).mean(dim=0)
-    add("leader.trans_fusion", ops.normalized_distance(ops.attention_map(trans_fused), concat_attention), lambda_f)
-    targets = _eval_pass(nets.leader_decoder, fused)
+    if nets.stack is None:
+        concat_attention = torch.stack([a[-1].detach() for a in student_attention]).mean(dim=0)
+    else:
+        concat_attention = grouped_attention[-1][:, :num_students].detach().mean(dim=1, keepdim=True)
+    add("leader.trans_fusion", distance(ops.attention_map(trans_fused), concat_attention), lambda_f)
+    if eval_targets is None:
+        target_maps = [ops.attention_map(g) for g in _eval_pass(nets.leader_decoder, fused)]
+    else:
+        target_maps = eval_targets[-1]
     add(
         "leader.self_distillation",
-        sum(ops.normalized_distance(leader_attention[k], ops.attention_map(g)) for k, g in enumerate(targets)),
+        [distance(leader_attention[k], a) for k, a in enumerate(target_maps)],
         lambda_f,
     )
 
     # The decoders' training passes come after their eval passes above, which must see the old BN statistics.
     decoder_pairs = [(f"decoder{i}", nets.decoders[i - 1], i) for i in range(1, num_students)]
     decoder_pairs.append(("decoder_leader", nets.leader_decoder, None))
-    for name, decoder, student in decoder_pairs:
+    if nets.decoder_stack is not None:
+        # One stacked training pass: the inputs (students 1 … m−1, then the leader) are a slice of the last tap.
+        stacked = nets.decoder_stack(stacked_last[:, leader_taps[-1].shape[1] :].detach())
+        decoder_outputs = list(zip(*(nets.decoder_stack.split(t) for t in stacked), strict=True))
+        decoder_maps = _split_maps(ops, stacked, nets.decoder_stack.count)
+    for j, (name, decoder, student) in enumerate(decoder_pairs):
         taps = leader_taps if student is None else student_taps[student]
         attention = leader_attention if student is None else student_attention[student]
-        outputs = decoder(taps[-1].detach())
+        if nets.decoder_stack is None:
+            outputs = decoder(taps[-1].detach())
+            output_maps = [ops.attention_map(g) for g in outputs]
+        else:
+            outputs, output_maps = decoder_outputs[j], decoder_maps[j]
         add(
             f"{name}.feature",
-            sum(ops.normalized_distance(g, taps[k].detach()) for k, g in enumerate(outputs)),
+            [distance(g, taps[k].detach()) for k, g in enumerate(outputs)],
             lambda_sd,
         )
         add(
             f"{name}.attention",
-            sum(ops.normalized_distance(ops.attention_map(g), attention[k].detach()) for k, g in enumerate(outputs)),
+            [distance(a, attention[k].detach()) for k, a in enumerate(output_maps)],
             lambda_sd,
         )
 
-    return LossTerms(values, weighted, total=sum(weighted.values()))
+    return weighted_terms(distance.resolve(parts), weights, lambdas)
+
+
+def weighted_terms(
+    parts: dict[str, list[torch.Tensor]], weights: dict[str, torch.Tensor | None], lambdas: torch.Tensor
+) -> LossTerms:
+    """Each term's value (the sum of its parts), weighted value and the weighted total, in a handful of kernels
+    whatever the number of terms: the parts in one ``[T, K]`` stack (a shared zero pads the shorter sums), the
+    weights in one ``[T]`` stack. Summed in Python, each addition and each weighting would be a kernel of its own,
+    forward and backward (~40 and ~15 a step); the backward of these is one multiplication."""
+    names = list(parts)
+    width = max(len(p) for p in parts.values())
+    zero, one = lambdas.new_zeros(()), lambdas.new_ones(())
+    table = torch.stack([t for name in names for t in parts[name] + [zero] * (width - len(parts[name]))])
+    values = table.view(len(names), width).sum(dim=1) if width > 1 else table
+    weighted = values * torch.stack([one if weights[name] is None else weights[name] for name in names])
+    return LossTerms(
+        dict(zip(names, values.unbind(), strict=True)),
+        dict(zip(names, weighted.unbind(), strict=True)),
+        total=weighted.sum(),
+    )
 
 
 def baseline_losses(
@@ -165,7 +274,10 @@ def baseline_losses(
     """The baselines' terms: each student's CE and, for ``dml``, its mutual KL from every other (detached) student
     (the same ``student{i}.mutual`` as FFSD's). ``independent`` is CE alone: the students never meet."""
     values: dict[str, torch.Tensor] = {}
-    student_logits = [student(images)[0] for student in nets.students]
+    if nets.stack is None:
+        student_logits = [student(images)[0] for student in nets.students]
+    else:
+        student_logits = nets.stack(images)[0]  # [m, B, K]: the KL op takes them stacked
     mutual = ops.mutual_kl_loss(student_logits, options.temperature) if nets.method == "dml" else None
     for i, logits in enumerate(student_logits):
         values[f"student{i}.ce"] = F.cross_entropy(logits, labels)

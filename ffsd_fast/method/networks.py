@@ -11,6 +11,7 @@ from torch import nn
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
 from ffsd_fast.models.init import reference_conv_init_
+from ffsd_fast.models.stacking import StackedNetworks
 from ffsd_kernels import FusionBlock
 
 
@@ -28,7 +29,8 @@ class FusionModule(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
         reference_conv_init_(self.block)
 
-    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, maps: list[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``maps``: the m students' last maps, or the same side by side (``[B, m·C, H, W]``, stacked networks)."""
         fused = self.block(maps)
         logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(fused, 1), 1))
         return logits, fused
@@ -116,10 +118,45 @@ class FFSDNetworks(nn.Module):
         self.fusion = fusion
         self.leader = leader
         self.method = method
+        # Not a submodule: the stack's tensors are the networks' own (theirs are views into it), so it belongs in
+        # no state dict, no .to() and no parameter list.
+        self.__dict__["stack"] = None
+        self.__dict__["decoder_stack"] = None
 
     @property
     def num_students(self) -> int:
         return len(self.students)
+
+    @property
+    def stacks(self) -> list[StackedNetworks]:
+        """The stacked networks the step runs (``stack_backbones``), none by default."""
+        return [s for s in (self.stack, self.decoder_stack) if s is not None]
+
+    @property
+    def backbones(self) -> list[nn.Module]:
+        """The students, then the leader's backbone (when there is one): the order of the stack's networks."""
+        return [*self.students, *([self.leader.backbone] if self.leader is not None else [])]
+
+    def stack_backbones(self, model: str) -> None:
+        """``--stack-networks``: from now on the training step runs every backbone as one ``StackedNetworks``, and
+        the self-distillation decoders as another.
+
+        Call it after the last ``.to(...)``. One-line ``UserError`` for an architecture that cannot be stacked."""
+        check_stackable(model)
+        self.__dict__["stack"] = StackedNetworks(self.backbones)
+        if self.leader_decoder is not None:
+            # The decoders of students 1 … m−1 and the leader's, in the order of their inputs in the stack's last tap.
+            self.__dict__["decoder_stack"] = StackedNetworks([*self.decoders, self.leader_decoder])
+
+
+def check_stackable(model: str) -> None:
+    """``UserError`` (one line, saying why) unless ``model``'s networks can run stacked (``--stack-networks``)."""
+    reason = models.stack_blocker(model)
+    if reason is not None:
+        raise UserError(
+            f"--stack-networks: {model} cannot be stacked: {reason}, which would interleave the networks' "
+            "channels (grouped convolutions need them network by network); drop --stack-networks"
+        )
 
 
 def build_networks(

@@ -68,6 +68,19 @@ def create(name: str, num_classes: int) -> nn.Module:
     return ImageNetResNet(depth, num_classes)
 
 
+# Why an architecture cannot run as stacked networks (``models.stacking``): its forward concatenates channels.
+_STACK_BLOCKERS = {
+    "densenet": "each dense layer concatenates its output after its input (torch.cat over channels)",
+    "googlenet": "each inception module concatenates its four branches (torch.cat over channels)",
+}
+
+
+def stack_blocker(name: str) -> str | None:
+    """Why ``name`` cannot be stacked (``models.stacking``), or None when it can: a concatenation over channels
+    would interleave the stacked networks' channels, which a grouped convolution needs network by network."""
+    return _STACK_BLOCKERS.get(_lookup(name)[1])
+
+
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 

@@ -1,26 +1,53 @@
 """Data-parallel training under ``torchrun``: one process per GPU (or several CPU processes over gloo).
 
-The FFSD step runs every network forward, sums every loss and calls one backward, so the networks are kept in sync
-by one averaging of all their gradients between that backward and the optimisers' steps (``GradientAverager``),
-rather than by a ``DistributedDataParallel`` wrapper per network: the same arithmetic as DDP (every rank applies the
-mean gradient), one code path for students, fusion module, leader and decoders, and nothing in it that a CUDA graph
-or ``torch.compile`` cannot take. BatchNorm statistics stay per rank (each normalises its own batch, as under DDP);
-``--sync-bn`` makes them global on CUDA, and rank 0's running statistics are broadcast before every evaluation
-and checkpoint, as DDP's buffer broadcast would.
+Every trained network's gradients are averaged by ``torch.nn.parallel.DistributedDataParallel``: one DDP around
+``StepLosses``, a module that holds every network and whose forward computes the step's losses (timm's task-module
+pattern), so the all-reduce of each ~``--ddp-bucket-mb`` bucket starts as soon as the backward has filled it and runs
+under the rest of the backward. One DDP around the whole step rather than one per network: the same arithmetic and,
+on the CPU, the same speed within the noise (``benchmarks/ddp_step.py``, ``benchmarks/results/ddp_step.jsonl``), but
+one set of buckets, and nothing that reaches into a network past its DDP wrapper (the stacked step calls
+``nets.leader.head`` directly) or that changes when the set of networks changes.
+
+BatchNorm buffers stay as they were under the hand-made averager: each rank updates its own running statistics, and
+rank 0's are broadcast before every evaluation and checkpoint (``broadcast_state(..., buffers_only=True)``), so that
+every rank evaluates, and the checkpoint holds, the same networks. DDP's broadcast of rank 0's buffers before every
+forward is off (``broadcast_buffers=False``): training normalises with batch statistics, and the one place where it
+reads running ones (the decoders' eval-mode pass that makes the self-distillation targets) sees on each rank an
+average over its own batches of the same distribution; a broadcast there would put one more collective on every
+step's critical path (before the forward, where nothing overlaps it, and inside a captured graph) and change the
+arithmetic of runs made so far. A resume stays exact: the checkpoint holds the statistics that every rank had just
+received. ``--sync-bn`` makes the batch statistics global on CUDA (``SyncBatchNorm``), as before.
 """
 
+import contextlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 from ffsd_fast.errors import UserError
+from ffsd_fast.method.losses import LossOptions, LossTerms, step_losses
+from ffsd_fast.method.networks import FFSDNetworks
 
-# Gradients are averaged in buckets of about this many bytes: few collectives, bounded extra memory.
-BUCKET_BYTES = 64 * 2**20
+# --grad-compression: DDP's built-in hooks, which cast each bucket to half precision for the all-reduce (half the
+# bytes on the wire) and back to fp32 after it.
+COMPRESSION_HOOKS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+GRAD_COMPRESSION = ("none", *COMPRESSION_HOOKS)
+
+# No buffer broadcast before each forward (why: the module docstring). torch 2.14 calls the switch
+# forward_sync_buffers and deprecates broadcast_buffers; torch 2.11 (the GPU machines) knows only broadcast_buffers.
+NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @dataclass(frozen=True)
@@ -49,12 +76,18 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"{name}={value!r} is not an integer (set by torchrun)") from None
 
 
-def init_world(device_type: str) -> World:
+def init_world(device_type: str, cuda_graph: bool = False) -> World:
     """The process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo on the CPU); a
-    single process when ``WORLD_SIZE`` is unset or 1."""
+    single process when ``WORLD_SIZE`` is unset or 1. ``cuda_graph``: the step will be captured with its
+    all-reduces inside."""
     world = World(_env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1))
     if not world.distributed:
         return world
+    if device_type == "cuda" and cuda_graph:
+        # PyTorch's recipe for DDP in a CUDA graph (CUDA semantics notes, "Usage with DistributedDataParallel"): the
+        # NCCL watchdog's async error handling polls the collectives' events, which a captured collective does not
+        # have. It is read when the process group is made, so it is set before.
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
     if device_type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
             raise UserError(
@@ -119,37 +152,68 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
-class GradientAverager:
-    """Replaces every parameter's gradient by its mean over the ranks: coalesced into ~64 MiB buckets per dtype
-    and device, one ``all_reduce`` each, in a fixed order (the same on every rank)."""
+class StepLosses(torch.nn.Module):
+    """The step's forward as one module, the one that DDP wraps: every trained network is a submodule (so DDP
+    averages every gradient), and ``forward`` computes the step's loss terms (``method.losses.step_losses``)."""
 
-    def __init__(self, parameters: list[torch.nn.Parameter], world: World) -> None:
-        self.parameters, self.world = [p for p in parameters if p.requires_grad], world
+    def __init__(self, nets: FFSDNetworks, options: LossOptions, ops: ModuleType) -> None:
+        super().__init__()
+        self.nets, self.options, self.ops = nets, options, ops
 
-    def _buckets(self) -> list[list[torch.Tensor]]:
-        buckets, current, size, key = [], [], 0, None
-        for p in self.parameters:
-            if p.grad is None:
-                # Every rank runs the same graph, so a missing gradient is missing everywhere; a zero keeps the
-                # buckets identical across ranks regardless.
-                p.grad = torch.zeros_like(p)
-            grad_key = (p.grad.dtype, p.grad.device)
-            if current and (grad_key != key or size + p.grad.numel() * p.grad.element_size() > BUCKET_BYTES):
-                buckets.append(current)
-                current, size = [], 0
-            current.append(p.grad)
-            size += p.grad.numel() * p.grad.element_size()
-            key = grad_key
-        return buckets + ([current] if current else [])
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        terms = step_losses(self.nets, images, labels, lambdas, self.options, self.ops)
+        # A tuple, not the LossTerms: DDP finds the output's tensors with pytree (the first backward of a static graph
+        # must pass through them, or that step's gradients are never reduced), and a LossTerms is opaque to pytree.
+        return terms.values, terms.weighted, terms.total
 
-    def __call__(self) -> None:
-        if not self.world.distributed:
-            return
-        for grads in self._buckets():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat.div_(self.world.world_size)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+
+class DataParallelLosses:
+    """``losses(images, labels, lambdas)``: the step's ``LossTerms``, computed through DDP, whose backward averages
+    every gradient over the ranks."""
+
+    def __init__(self, ddp: DistributedDataParallel) -> None:
+        self.ddp = ddp
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor) -> LossTerms:
+        return LossTerms(*self.ddp(images, labels, lambdas))
+
+
+def data_parallel(
+    nets: FFSDNetworks,
+    options: LossOptions,
+    ops: ModuleType,
+    bucket_mb: float = 25,
+    compression: str = "none",
+    for_capture: bool = False,
+) -> DataParallelLosses:
+    """The step's losses under one DDP over every network (process group already made, every rank calling this
+    with the same networks). ``compression``: one of ``GRAD_COMPRESSION``. ``for_capture``: the step will be
+    captured in a CUDA graph."""
+    if compression not in GRAD_COMPRESSION:
+        raise UserError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSION)}; got {compression!r}")
+    device = next(nets.parameters()).device
+    # PyTorch's recipe for capturing DDP's backward: DDP built on a side stream (its constructor's work, and the
+    # AccumulateGrad nodes that it keeps, then belong to no stream that the capture must follow).
+    side = torch.cuda.Stream(device) if for_capture else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        ddp = DistributedDataParallel(
+            StepLosses(nets, options, ops),
+            device_ids=[device] if device.type == "cuda" else None,
+            **NO_FORWARD_BUFFER_SYNC,
+            bucket_cap_mb=bucket_mb,
+            # Every step runs the same graph over the same parameters: DDP records it once (which parameters get a
+            # gradient, in which order) and then needs no per-step search for unused parameters.
+            static_graph=True,
+            # The gradients are views into the buckets that DDP all-reduces: no copy into and out of them each step,
+            # and no second copy of every gradient in memory.
+            gradient_as_bucket_view=True,
+        )
+        if compression != "none":
+            ddp.register_comm_hook(None, COMPRESSION_HOOKS[compression])
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
+    return DataParallelLosses(ddp)

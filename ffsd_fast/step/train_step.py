@@ -25,32 +25,39 @@ def train_step(
     ops: ModuleType,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    grad_sync: Callable[[], None] | None = None,
+    losses: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossTerms] | None = None,
 ) -> LossTerms:
     """One step of the run's method; returns the loss terms (device tensors, detached) for logging at the caller's
     pace.
 
     ``amp_dtype`` (bf16 or fp16) runs the forward passes under autocast; ``scaler`` scales the fp16 loss (with the
-    fused optimisers it unscales and skips steps on the device, no host sync). ``grad_sync`` runs between the
-    backward and the optimisers (data parallelism: ``distributed.GradientAverager``).
+    fused optimisers it unscales and skips steps on the device, no host sync). ``losses(images, labels, lambdas)``
+    replaces ``step_losses`` over ``nets`` (data parallelism: ``distributed.data_parallel``, the same losses through
+    DDP, whose backward averages every gradient over the ranks; under fp16 the scaled ones, so every rank sees the
+    same inf/NaN and skips the same steps).
     """
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
+    for stack in nets.stacks:
+        stack.zero_grad(set_to_none=True)
     autocast = (
         torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
     with autocast:
-        terms = step_losses(nets, images, labels, lambdas, options, ops)
+        if losses is None:
+            terms = step_losses(nets, images, labels, lambdas, options, ops)
+        else:
+            terms = losses(images, labels, lambdas)
     if scaler is None:
         terms.total.backward()
-        if grad_sync is not None:
-            grad_sync()
+        for stack in nets.stacks:
+            stack.share_grads()  # the networks' gradients: views into the stack's
         for optimizer in optimizers:
             optimizer.step()
     else:
         scaler.scale(terms.total).backward()
-        if grad_sync is not None:
-            grad_sync()  # scaled gradients: every rank then sees the same inf/NaN and skips the same steps
+        for stack in nets.stacks:
+            stack.share_grads()
         for optimizer in optimizers:
             scaler.step(optimizer)
         scaler.update()
@@ -69,7 +76,7 @@ class Stepper:
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
-    grad_sync: Callable[[], None] | None = None
+    losses: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossTerms] | None = None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
         if self.channels_last:
@@ -84,5 +91,5 @@ class Stepper:
             self.ops,
             self.amp_dtype,
             self.scaler,
-            self.grad_sync,
+            self.losses,
         )

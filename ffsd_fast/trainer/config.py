@@ -18,7 +18,7 @@ import yaml
 from ffsd_fast import models
 from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, check_dataset
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.networks import METHODS
+from ffsd_fast.method.networks import METHODS, check_stackable
 from ffsd_fast.step.optimizers import OptimizerSpec
 from ffsd_fast.trainer.recipes import RECIPES, describe
 
@@ -135,6 +135,11 @@ class Config:
         "(CUDA only; the optimisers must be fused or foreach); default: on for "
         "a single CUDA process, off otherwise",
     )
+    stack_networks: bool = _field(
+        False,
+        "train the students and the leader's backbone as one network (grouped convolutions, channels network by "
+        "network): fewer, larger kernels; the same arithmetic, checkpoints and exports. Not DenseNet or GoogLeNet",
+    )
     optimizer_impl: str = _field(
         "fused",
         "SGD and Adam implementation: fused | foreach (PyTorch's) | apex "
@@ -153,6 +158,18 @@ class Config:
         "out (named in the log; cached under --output-dir)",
     )
     sync_bn: bool = _field(False, "synchronise BatchNorm statistics across processes (CUDA, multi-process)")
+    grad_compression: str = _field(
+        "none",
+        "gradients all-reduced between processes as: none (fp32) | bf16 | fp16 (DDP's compression hooks: half the "
+        "bytes, each gradient rounded to 16 bits before averaging; several processes only)",
+        choices=("none", "bf16", "fp16"),
+    )
+    ddp_bucket_mb: int = _field(
+        25,
+        "size of DDP's gradient buckets in MiB: each bucket's all-reduce starts when the backward has filled it "
+        "(several processes only)",
+        at_least=1,
+    )
     output_dir: str = _field("runs", "where run directories are created")
     run_name: str | None = _field(None, "run directory name (default: dataset-model-mM-time)")
     resume: str | None = _field(
@@ -169,7 +186,21 @@ class Config:
 # step is launched (a captured step replays the same kernels). ``--resume`` accepts new values for these (and a larger
 # ``--epochs``) and refuses any other change; the report groups runs by every field not here (and not the seed).
 RESULT_NEUTRAL = frozenset(
-    {"data_root", "output_dir", "run_name", "resume", "log_every", "progress", "workers", "cuda_graph"}
+    {
+        "data_root",
+        "output_dir",
+        "run_name",
+        "resume",
+        "log_every",
+        "progress",
+        "workers",
+        "cuda_graph",
+        # How the gradients are cut into all-reduces: the same averages (up to the order in which a collective adds
+        # the ranks' values, which NCCL may choose by message size).
+        "ddp_bucket_mb",
+        # The networks run as one grouped network: the same arithmetic (the float64 parity suite), the same state.
+        "stack_networks",
+    }
 )
 
 
@@ -344,12 +375,26 @@ def resolve(config: Config) -> Config:
     if c.cuda_graph is None:
         # Capture across processes (NCCL inside the graph) has not been measured here: a choice, not a default.
         c.cuda_graph = gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not c.compile
+    if c.stack_networks:
+        _check_stackable(c)
     if c.sync_bn and c.fusion_kernel == "triton":
         raise UserError(
             "--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
             "batch statistics; use --fusion-kernel torch"
         )
     return c
+
+
+def _check_stackable(c: Config) -> None:
+    check_stackable(c.model)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DDP synchronises the gradients of the networks' own parameters as autograd produces them; the stack's
+        # backward produces its own, which the networks' parameters only see afterwards (share_grads).
+        raise UserError("--stack-networks under torchrun: not supported with data parallelism yet; drop it")
+    for flag, on in (("--sync-bn", c.sync_bn), ("--compile", c.compile)):
+        if on:
+            # SyncBatchNorm layers and compiled modules are not the plain layers the stack is built from.
+            raise UserError(f"--stack-networks with {flag}: not supported together; drop one of them")
 
 
 def data_spec(config: Config) -> DataSpec:

@@ -39,7 +39,9 @@ def sidecar_path(weights: str) -> str:
 def leader_state_dict(state: dict) -> dict[str, torch.Tensor]:
     """The leader backbone's parameters and buffers (a baseline's first student's) out of a full checkpoint."""
     prefix = "leader.backbone." if _network(state) == "leader" else "students.0."
-    weights = {k[len(prefix) :]: v for k, v in state["networks"].items() if k.startswith(prefix)}
+    # Cloned: a run with --stack-networks saves its networks as views into shared tensors, and torch.save would
+    # write those whole (every student's weights) beside the leader's.
+    weights = {k[len(prefix) :]: v.clone() for k, v in state["networks"].items() if k.startswith(prefix)}
     # Build the backbone to prove that the weights are complete and of the right shapes before writing anything.
     backbone = models.create(state["config"]["model"], state["num_classes"])
     backbone.load_state_dict(weights, strict=True)

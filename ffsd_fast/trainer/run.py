@@ -5,9 +5,9 @@ resuming; one starting point on every rank) → for each epoch {train, evaluate,
 itself is ``ffsd_fast.step.train_step``; the only host synchronisations are marked ``# host sync`` and happen every
 ``--log-every`` steps and at epoch ends.
 
-Under ``torchrun`` every process trains on its own shard with ``--batch-size`` images per step and the gradients
-are averaged (``ffsd_fast.step.distributed``); rank 0 alone writes the run directory (log, checkpoints, summary),
-and every rank holds the same evaluation results.
+Under ``torchrun`` every process trains on its own shard with ``--batch-size`` images per step and DDP averages the
+gradients during the backward (``ffsd_fast.step.distributed``); rank 0 alone writes the run directory (log,
+checkpoints, summary), and every rank holds the same evaluation results.
 """
 
 import dataclasses
@@ -29,13 +29,13 @@ from ffsd_fast.errors import UserError
 from ffsd_fast.files import write_atomic
 from ffsd_fast.method.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions, kernel_ops
 from ffsd_fast.method.networks import FFSDNetworks, build_networks, compile_networks
-from ffsd_fast.step.cuda_graph import CapturedStep, check_capturable
+from ffsd_fast.step.cuda_graph import DDP_WARMUP_STEPS, CapturedStep, check_capturable
 from ffsd_fast.step.distributed import (
-    GradientAverager,
     World,
     barrier,
     broadcast_state,
     close_world,
+    data_parallel,
     init_world,
     on_main,
 )
@@ -87,6 +87,14 @@ def training_device(cfg: Config, world: World) -> torch.device:
         check_capturable(device, cfg.optimizer_impl)
     if cfg.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn synchronises BatchNorm over NCCL: it needs --device cuda")
+    if cfg.grad_compression != "none" and not world.distributed:
+        raise UserError(
+            f"--grad-compression {cfg.grad_compression} compresses the gradients that processes exchange: this run "
+            "has one process (drop it, or start several with torchrun)"
+        )
+    if cfg.stack_networks and world.distributed:
+        # DDP hooks the networks' own parameters; stacked, their gradients arrive in the stack's tensors instead.
+        raise UserError("--stack-networks under torchrun (several processes): not supported yet; drop --stack-networks")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution algorithms once
     return device
@@ -169,6 +177,8 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
         nets = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets)
     if cfg.channels_last:
         nets = nets.to(memory_format=torch.channels_last)
+    if cfg.stack_networks:
+        nets.stack_backbones(cfg.model)  # after the last .to(): the networks' tensors become views into the stack
     optimizers = make_optimizers(nets, optimizer_spec(cfg))
     options = LossOptions(
         temperature=cfg.temperature,
@@ -176,11 +186,15 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
         diversity_enabled=cfg.lambda_div > 0,
     )
     lambdas = torch.zeros(3, device=device)
-    grad_sync = GradientAverager(list(nets.parameters()), world) if world.distributed else None
     ops = kernel_ops(cfg.kernels)
-    step = Stepper(nets, optimizers, lambdas, options, ops, amp_dtype, scaler, cfg.channels_last, grad_sync)
+    losses = (
+        data_parallel(nets, options, ops, cfg.ddp_bucket_mb, cfg.grad_compression, for_capture=cfg.cuda_graph)
+        if world.distributed
+        else None
+    )
+    step = Stepper(nets, optimizers, lambdas, options, ops, amp_dtype, scaler, cfg.channels_last, losses)
     if cfg.cuda_graph:
-        step = CapturedStep(step)
+        step = CapturedStep(step, DDP_WARMUP_STEPS) if world.distributed else CapturedStep(step)
     topk = topk_for(cfg.dataset, info.num_classes)
     return Run(
         cfg=cfg,
@@ -348,7 +362,7 @@ def train(cfg: Config, given: Collection[str] = FIELDS) -> dict:
     the fields the command set (default: all of them, so a resume in code refuses any change of result)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
-    world = init_world(cfg.device)
+    world = init_world(cfg.device, cuda_graph=bool(cfg.cuda_graph))
     try:
         run = build(cfg, world, training_device(cfg, world), given)
         restore(run)

@@ -1,9 +1,14 @@
 """Run by tests/integration/test_distributed.py under ``torchrun --nproc_per_node=2`` (gloo, CPU): one rank's part
 of the checks.
 
-Writes ``<out>/rank<r>.pt`` with (1) the averaged gradients of one FFSD loss on this rank's half of a fixed global
-batch, BatchNorm in eval mode, and (2) every parameter after three data-parallel training steps on different data
-per rank.
+Writes ``<out>/rank<r>.pt`` with, the step's losses going through DDP (``distributed.data_parallel``):
+
+- ``grads``: the averaged gradients of one FFSD loss on this rank's half of a fixed global batch, BatchNorm in eval
+  mode; ``bf16_grads``: the same with ``--grad-compression bf16``;
+- ``params``: every parameter after three data-parallel training steps on different data per rank;
+  ``bf16_params``: the same with bf16 compression;
+- ``undone_params``: the same three steps, after ``DDP_WARMUP_STEPS`` steps that ``CapturedStep.undo`` undid (the
+  warm-up of a captured step under DDP, without the capture, which needs CUDA).
 """
 
 import os
@@ -15,9 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import ffsd_kernels.reference as ops  # noqa: E402
-from ffsd_fast.method.losses import LossOptions, ffsd_losses  # noqa: E402
+from ffsd_fast.method.losses import LossOptions  # noqa: E402
 from ffsd_fast.method.networks import build_networks  # noqa: E402
-from ffsd_fast.step.distributed import GradientAverager, close_world, init_world  # noqa: E402
+from ffsd_fast.step.cuda_graph import DDP_WARMUP_STEPS, CapturedStep  # noqa: E402
+from ffsd_fast.step.distributed import close_world, data_parallel, init_world  # noqa: E402
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
 from ffsd_fast.step.train_step import Stepper  # noqa: E402
 
@@ -45,30 +51,47 @@ def eval_mode_batchnorm(nets: torch.nn.Module) -> torch.nn.Module:
     return nets
 
 
+def averaged_grads(rank: int, world_size: int, compression: str) -> dict[str, torch.Tensor]:
+    nets = eval_mode_batchnorm(networks())
+    losses = data_parallel(nets, LossOptions(), ops, compression=compression)
+    x, y = global_batch()
+    half = len(x) // world_size
+    mine = slice(rank * half, (rank + 1) * half)
+    losses(x[mine], y[mine], torch.tensor(LAMBDAS)).total.backward()
+    return {name: p.grad.clone() for name, p in nets.named_parameters() if p.grad is not None}
+
+
+def trained_params(rank: int, compression: str = "none", undone_steps: int = 0) -> dict[str, torch.Tensor]:
+    """Every parameter after three steps on this rank's data; first ``undone_steps`` steps on other data, undone."""
+    nets = networks().train()
+    optimizers = make_optimizers(nets)
+    set_learning_rates(optimizers, 0.05, 1e-3)
+    losses = data_parallel(nets, LossOptions(), ops, compression=compression)
+    stepper = Stepper(nets, optimizers, torch.tensor(LAMBDAS), LossOptions(), ops, losses=losses)
+    if undone_steps:
+        captured = CapturedStep(stepper, undone_steps)
+        saved = captured.snapshot()
+        for step in range(undone_steps):
+            stepper(*global_batch(seed=500 + 10 * step + rank, size=4))
+        captured.undo(saved)
+    for step in range(3):
+        stepper(*global_batch(seed=100 + 10 * step + rank, size=4))
+    return {name: p.detach().clone() for name, p in nets.named_parameters()}
+
+
 def main() -> None:
     out = sys.argv[1]
     world = init_world("cpu")
     torch.set_num_threads(1)
-    lambdas = torch.tensor(LAMBDAS)
-
-    nets = eval_mode_batchnorm(networks())
-    x, y = global_batch()
-    half = len(x) // world.world_size
-    mine = slice(world.rank * half, (world.rank + 1) * half)
-    ffsd_losses(nets, x[mine], y[mine], lambdas, LossOptions(), ops).total.backward()
-    GradientAverager(list(nets.parameters()), world)()
-    grads = {name: p.grad.clone() for name, p in nets.named_parameters() if p.grad is not None}
-
-    nets = networks().train()
-    optimizers = make_optimizers(nets)
-    set_learning_rates(optimizers, 0.05, 1e-3)
-    stepper = Stepper(
-        nets, optimizers, lambdas, LossOptions(), ops, grad_sync=GradientAverager(list(nets.parameters()), world)
-    )
-    for step in range(3):
-        stepper(*global_batch(seed=100 + 10 * step + world.rank, size=4))
-    params = {name: p.detach().clone() for name, p in nets.named_parameters()}
-    torch.save({"grads": grads, "params": params}, os.path.join(out, f"rank{world.rank}.pt"))
+    rank, size = world.rank, world.world_size
+    result = {
+        "grads": averaged_grads(rank, size, "none"),
+        "bf16_grads": averaged_grads(rank, size, "bf16"),
+        "params": trained_params(rank),
+        "bf16_params": trained_params(rank, "bf16"),
+        "undone_params": trained_params(rank, undone_steps=DDP_WARMUP_STEPS),
+    }
+    torch.save(result, os.path.join(out, f"rank{world.rank}.pt"))
     close_world(world)
 
 

@@ -1,4 +1,5 @@
-"""Data parallelism on the CPU (gloo): the trainer under torchrun, and gradient averaging against one process."""
+"""Data parallelism on the CPU (gloo): the trainer under torchrun, and DDP's gradient averaging against one
+process (exact, and with bf16 compression), the warm-up undo of a captured step under DDP, and a resume."""
 
 import json
 import os
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from ffsd_fast.data.loaders import dali_available
-from tests.helpers import ROOT, write_folder
+from ffsd_fast.trainer import checkpoint
+from tests.helpers import FAST, ROOT, write_folder
 from tests.helpers.distributed_worker import LAMBDAS, eval_mode_batchnorm, global_batch, networks
 
 
@@ -26,18 +28,29 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     )
 
 
-@pytest.mark.slow
-def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(tmp_path):
-    result = torchrun(str(ROOT / "tests" / "helpers" / "distributed_worker.py"), str(tmp_path))
+@pytest.fixture(scope="module")
+def worker_ranks(tmp_path_factory) -> list[dict]:
+    """What ``tests/helpers/distributed_worker.py`` wrote on each of two ranks (one torchrun for every check)."""
+    out = tmp_path_factory.mktemp("worker")
+    result = torchrun(str(ROOT / "tests" / "helpers" / "distributed_worker.py"), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
+
+def single_process_grads() -> dict[str, torch.Tensor]:
+    """The gradients of the worker's loss on the whole global batch, in one process."""
     import ffsd_kernels.reference as ops
     from ffsd_fast.method.losses import LossOptions, ffsd_losses
 
     nets = eval_mode_batchnorm(networks())
     ffsd_losses(nets, *global_batch(), torch.tensor(LAMBDAS), LossOptions(), ops).total.backward()
-    expected = {name: p.grad for name, p in nets.named_parameters() if p.grad is not None}
+    return {name: p.grad for name, p in nets.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(worker_ranks):
+    ranks = worker_ranks
+    expected = single_process_grads()
     assert set(ranks[0]["grads"]) == set(expected)
     worst = 0.0
     for name, grad in expected.items():
@@ -52,6 +65,35 @@ def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(t
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name
     assert not torch.equal(ranks[0]["params"]["students.0.fc.weight"], networks().students[0].fc.weight)
+
+
+@pytest.mark.slow
+def test_bf16_compression_averages_to_the_single_process_gradient_within_its_rounding(worker_ranks):
+    # Each rank's half of the gradient rounded to bf16, then their sum: two roundings of at most 2⁻⁹ of the values
+    # rounded (and the halves may be larger than their sum). Tolerance: 1e-2 of each tensor's largest entry, for
+    # every tensor (worst seen 6.1e-3).
+    expected = single_process_grads()
+    assert set(worker_ranks[0]["bf16_grads"]) == set(expected)
+    worst = 0.0
+    for name, grad in expected.items():
+        scale = grad.abs().max().item()
+        for rank in worker_ranks:
+            if scale > 1e-8:
+                worst = max(worst, (rank["bf16_grads"][name] - grad).abs().max().item() / scale)
+            else:
+                assert rank["bf16_grads"][name].abs().max().item() < 1e-8, name
+    assert 0 < worst < 1e-2, worst  # above 0: the gradients did go through bf16
+    for name, value in worker_ranks[0]["bf16_params"].items():
+        assert torch.equal(value, worker_ranks[1]["bf16_params"][name]), name  # every rank decompresses the same sum
+
+
+@pytest.mark.slow
+def test_warmup_undone_under_ddp_leaves_training_exactly_as_without_it(worker_ranks):
+    # A captured step under DDP first runs DDP_WARMUP_STEPS eager steps and undoes them: the undo is exact, whatever
+    # the warm-up left in DDP (its rebuilt buckets, its recorded static graph) and in the optimisers.
+    for rank in worker_ranks:
+        for name, value in rank["undone_params"].items():
+            assert torch.equal(value, rank["params"][name]), name
 
 
 @pytest.mark.slow
@@ -111,3 +153,27 @@ def test_a_bad_data_root_stops_every_rank_with_one_line(tmp_path):
     assert result.stderr.count("ffsd-train: error: imagenet: data root") == 2, result.stderr[-2000:]
     # torchrun prints its own summary of the failed children; no traceback comes from our code.
     assert "ffsd_fast/" not in result.stderr.replace("ffsd_fast/train.py", "")
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumed_gives_the_weights_of_running_straight_through(tmp_path):
+    # bf16 compression on, so that the trainer's --grad-compression path runs end to end too (it is deterministic:
+    # a resume stays exact). Explicit milestones: both runs drop the lr at the same epochs.
+    args = ["ffsd_fast/train.py", *FAST, "--batch-size", "128", "--lr-milestones", "1", "3", "--device", "cpu"]
+    args += ["--grad-compression", "bf16", "--output-dir", str(tmp_path)]
+    for run, epochs in (("straight", "2"), ("stopped", "1")):
+        result = torchrun(*args, "--run-name", run, "--epochs", epochs)
+        assert result.returncode == 0, result.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    result = torchrun(*args, "--run-name", "stopped", "--epochs", "2", "--resume", str(stopped))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = checkpoint.load(str(tmp_path / "straight"))
+    b = checkpoint.load(str(stopped))
+    assert b["epoch"] == 2 and b["config"]["grad_compression"] == "bf16"
+    for name, value in a["networks"].items():
+        assert torch.equal(value, b["networks"][name]), name
+    for sa, sb in zip(a["optimizers"], b["optimizers"], strict=True):
+        for pid, state in sa["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, sb["state"][pid][key]), (pid, key)
+    assert [h["leader_top1"] for h in a["history"]] == [h["leader_top1"] for h in b["history"]]

@@ -34,6 +34,7 @@ def _max_relative_error(fast, reference):
     return worst
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked"])
 @pytest.mark.parametrize("num_students", [2, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
     "model,image_size,clean_student_sd",
@@ -45,11 +46,14 @@ def _max_relative_error(fast, reference):
         pytest.param("resnet18", 32, False, marks=pytest.mark.slow),
     ],
 )
-def test_parity_fast_step_equals_sequential_reference(model, image_size, clean_student_sd, num_students):
+def test_parity_fast_step_equals_sequential_reference(model, image_size, clean_student_sd, num_students, stacked):
+    """``stacked``: the backbones run as one network (``--stack-networks``), the same arithmetic."""
     torch.set_default_dtype(torch.float64)
     try:
         nets = build_networks(model, num_classes=10, num_students=num_students, image_size=image_size)
         reference = copy.deepcopy(nets)
+        if stacked:
+            nets.stack_backbones(model)
         nets.train()
         reference.train()
         lambda_div, lambda_sd, lambda_f = LAMBDAS
@@ -74,7 +78,7 @@ def test_parity_fast_step_equals_sequential_reference(model, image_size, clean_s
             )
             if step in (0, 2):
                 errors.append(_max_relative_error(nets, reference))
-        print(f"parity {model} m={num_students} clean_sd={clean_student_sd}: worst relative error {max(errors):.2e}")
+        print(f"parity {model} m={num_students} clean_sd={clean_student_sd} {stacked=}: worst error {max(errors):.2e}")
         assert max(errors) < 1e-10
     finally:
         torch.set_default_dtype(torch.float32)
@@ -109,14 +113,18 @@ def test_parity_detects_a_wrong_term():
         ),
     ],
 )
-def test_triton_kernels_step_equals_torch_step(device, request):
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked"])
+def test_triton_kernels_step_equals_torch_step(device, stacked, request):
     """``--kernels triton`` (fused losses and fusion blocks) against ``--kernels torch``: every loss term, every
-    gradient and every BatchNorm statistic, in float32."""
+    gradient and every BatchNorm statistic, in float32. ``stacked``: the Triton side also runs the networks stacked
+    (``--stack-networks``), with the grouped distance op."""
     if device == "cuda":
         request.getfixturevalue("strict_fp32_cuda")
     nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16, fused_blocks=True)
     nets = nets.to(device).train()
     twin = copy.deepcopy(nets)
+    if stacked:
+        nets.stack_backbones("resnet20")
     for block in (twin.fusion.block, twin.leader.head):
         block.fused = False
     x, y = torch.randn(6, 3, 16, 16, device=device), torch.randint(0, 10, (6,), device=device)
@@ -126,6 +134,8 @@ def test_triton_kernels_step_equals_torch_step(device, request):
         # Same BN state and dropout-free networks: the two forward passes see identical weights and inputs.
         terms[name] = ffsd_losses(networks, x, y, lambdas, LossOptions(), ops)
         terms[name].total.backward()
+        for stack in networks.stacks:
+            stack.share_grads()
     for key, value in terms["torch"].values.items():
         got = terms["triton"].values[key]
         assert got.dtype == value.dtype == torch.float32, key

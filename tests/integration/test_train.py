@@ -135,6 +135,31 @@ def test_resume_gives_the_same_weights_as_running_straight_through(tmp_path):
 
 
 @pytest.mark.slow
+def test_stacked_networks_train_like_separate_ones_and_resume_either_way(tmp_path):
+    """``--stack-networks`` is an execution detail: the same checkpoint, a run resumable without it (and the other
+    way), a leader export of the leader's weights alone. (That it computes the same step is the float64 parity
+    suite's to show, tests/integration/test_step_parity.py: in fp32 two runs part by rounding, which this
+    recipe's large λ_sd amplifies within a few steps, stacked or not.)"""
+    args = [*FAST, "--batch-size", "128", "--lr-milestones", "1", "3"]
+    separate = run_ok(args, tmp_path, "separate")
+    stacked = run_ok([*args, "--stack-networks"], tmp_path, "stacked")
+    a, b = checkpoint.load(str(separate))["networks"], checkpoint.load(str(stacked))["networks"]
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert b[name].shape == value.shape and b[name].dtype == value.dtype, name
+        if not value.is_floating_point():
+            assert torch.equal(b[name], value), name  # num_batches_tracked: one per BatchNorm forward, stacked too
+    assert main([*args, "--epochs", "2", "--resume", str(stacked)]) == 0  # continued without stacking
+    assert main([*args, "--epochs", "3", "--resume", str(stacked), "--stack-networks"]) == 0
+    assert checkpoint.load(str(stacked))["epoch"] == 3
+    out_separate, out_stacked = tmp_path / "separate.pt", tmp_path / "stacked.pt"
+    assert export_main([str(separate), "--out", str(out_separate)]) == 0
+    assert export_main([str(stacked), "--out", str(out_stacked)]) == 0
+    # The stacked run's tensors share storage; the export must hold the leader's weights, not everyone's.
+    assert abs(out_stacked.stat().st_size - out_separate.stat().st_size) < 4096
+
+
+@pytest.mark.slow
 def test_export_loads_into_stock_torchvision_resnet(tmp_path):
     run = run_ok([*FAST, "--model", "resnet18", "--batch-size", "128"], tmp_path)
     out = tmp_path / "leader.pt"

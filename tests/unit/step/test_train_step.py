@@ -166,6 +166,29 @@ def test_fp16_step_scales_the_loss_without_a_host_synchronisation(setup, monkeyp
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_captured_stacked_step_with_triton_kernels_trains_like_the_eager_step(strict_fp32_cuda):
+    """``--stack-networks --kernels triton --cuda-graph``: the grouped distance op copies its table of addresses to
+    the device inside the capture (a pinned-memory copy); replays must train as the eager step does."""
+    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16, fused_blocks=True)
+    nets = nets.cuda().train()
+    twin = copy.deepcopy(nets)
+    for networks in (nets, twin):
+        networks.stack_backbones("resnet20")
+    lambdas = torch.tensor([1e-5, 1000.0, 10.0], device="cuda")
+    eager = Stepper(nets, make_optimizers(nets), lambdas, LossOptions(), ffsd_kernels)
+    captured = CapturedStep(Stepper(twin, make_optimizers(twin), lambdas, LossOptions(), ffsd_kernels))
+    for stepper in (eager, captured):
+        set_learning_rates(stepper.optimizers, 0.05, 1e-3)
+    for batch in (8, 8, 8, 5, 8):
+        x, y = torch.randn(batch, 3, 16, 16, device="cuda"), torch.randint(0, 10, (batch,), device="cuda")
+        a, b = eager(x, y), captured(x, y)
+        torch.testing.assert_close(b.total, a.total, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(nets.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_captured_step_trains_exactly_like_the_eager_step(strict_fp32_cuda):
     """Three full batches and a partial one: replayed graph (with its warm-up undone) against eager steps."""
     nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16).cuda().train()

@@ -1,0 +1,143 @@
+"""Stacked networks (``--stack-networks``): one grouped network computes exactly what the separate ones do, and the
+separate ones keep their state dicts, optimisers and checkpoints."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from ffsd_fast import models
+from ffsd_fast.errors import UserError
+from ffsd_fast.method.networks import build_networks
+from ffsd_fast.models.stacking import StackedNetworks, StackingError
+from ffsd_fast.step.optimizers import make_optimizers
+from tests.helpers.kernel_launches import AtenKernels
+
+STACKABLE = [(name, 64 if models.family(name) == "imagenet" else 16) for name in models.names()]
+STACKABLE = [(name, size) for name, size in STACKABLE if models.stack_blocker(name) is None]
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "", scale: float = 0.0) -> None:
+    """Within ``tol`` of the largest entry, or of ``scale`` where larger (a sum in another order differs by
+    rounding, far below it; a gradient that is 0 but for rounding, a conv bias before a BatchNorm, is compared at
+    the scale of the network's others)."""
+    error = (got - expected).abs().max().item()
+    assert error <= tol * max(expected.abs().max().item(), scale, 1e-30), f"{what}: {error:.3e}"
+
+
+@pytest.mark.parametrize("name,size", STACKABLE)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_stack_computes_what_the_networks_compute(name, size, channels_last):
+    """Logits, taps, every gradient and every BatchNorm statistic, in float64, for 3 networks of each stackable
+    architecture of the zoo."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    networks = [models.create(name, 5).double().to(memory_format=fmt).train() for _ in range(3)]
+    separate = copy.deepcopy(networks)
+    stack = StackedNetworks(networks)
+    x = torch.randn(4, 3, size, size, dtype=torch.float64).contiguous(memory_format=fmt)
+
+    logits, taps = stack(x)
+    expected = [net(x) for net in separate]
+    stacked_taps = [stack.split(t) for t in taps]
+    loss = sum((z * z).sum() for z in stack.split(logits)) + sum((t * t).sum() for t in taps)
+    loss.backward()
+    stack.share_grads()
+    sum((z * z).sum() + sum((t * t).sum() for t in f) for z, f in expected).backward()
+
+    for g, (z, f) in enumerate(expected):
+        assert_close(stack.split(logits)[g], z, 1e-12, "logits")
+        for k, tap in enumerate(f):
+            assert_close(stacked_taps[k][g], tap, 1e-12, f"tap {k}")
+    for net, ref in zip(networks, separate, strict=True):
+        scale = max(q.grad.abs().max().item() for q in ref.parameters())
+        for (key, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+            assert p.grad.stride() == p.stride(), key  # what the fused optimisers expect
+            assert_close(p.grad, q.grad, 1e-12, key, scale)
+        for (key, b), c in zip(net.named_buffers(), ref.buffers(), strict=True):
+            assert_close(b.double(), c.double(), 1e-12, key)  # running statistics and counters alike
+
+
+def test_under_autocast_the_weights_are_cast_once_and_the_gradients_reach_the_networks():
+    """bf16 autocast: one cast of the weights' buffer forward, one ``cat`` and one cast backward (not one each per
+    weight); the networks' gradients are those of the separate networks under autocast, to bf16 rounding."""
+    torch.manual_seed(0)
+    networks = [models.create("resnet20", 5).train() for _ in range(3)]
+    separate = copy.deepcopy(networks)
+    stack = StackedNetworks(networks)
+    x = torch.randn(8, 3, 16, 16)
+    with AtenKernels() as aten, torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, taps = stack(x)
+    casts = [op for op in aten.ops if op == "_to_copy"]
+    assert len(casts) == 2  # the weights' buffer and the input batch
+    loss = sum(z.square().mean() for z in stack.split(logits))  # in bf16: no cast of its own
+    with AtenKernels() as aten:
+        loss.backward()
+    assert aten.ops.count("_to_copy") == 1 and aten.ops.count("cat") == 1
+    stack.share_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = sum(net(x)[0].square().mean() for net in separate)
+    expected.backward()
+    for net, ref in zip(networks, separate, strict=True):
+        scale = max(q.grad.abs().max().item() for q in ref.parameters())
+        for (key, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+            assert p.grad.dtype == torch.float32 and p.grad.stride() == p.stride(), key
+            assert_close(p.grad, q.grad, 5e-2, key, scale)
+
+
+def test_networks_keep_their_parameters_state_dicts_and_optimiser():
+    nets = build_networks("resnet20", num_classes=5, num_students=2, image_size=16)
+    before = {k: v.clone() for k, v in nets.state_dict().items()}
+    params = list(nets.parameters())
+    optimizers = make_optimizers(nets)
+    nets.stack_backbones("resnet20")
+    assert list(nets.parameters()) == params  # the same objects: the optimisers and their state stay valid
+    assert optimizers[0].param_groups[0]["params"][0] is params[0]
+    after = nets.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    # The networks' tensors and the stack's are one: a write to either is seen by the other.
+    with torch.no_grad():
+        nets.students[1].conv1.weight.fill_(0.5)
+    stacked_conv1 = nets.stack.body.conv1.weight
+    channels = nets.students[1].conv1.weight.shape[0]
+    assert torch.all(stacked_conv1[channels : 2 * channels] == 0.5)
+    assert not torch.all(stacked_conv1[:channels] == 0.5)
+
+
+def test_a_checkpoint_loads_into_a_stacked_run_and_back():
+    torch.manual_seed(0)
+    trained = build_networks("resnet20", num_classes=5, num_students=2, image_size=16)
+    trained.stack_backbones("resnet20")
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    torch.manual_seed(1)
+    fresh = build_networks("resnet20", num_classes=5, num_students=2, image_size=16)
+    fresh.stack_backbones("resnet20")
+    fresh.load_state_dict(saved)
+    # The stack reads the loaded weights (load_state_dict writes into the shared tensors in place).
+    x = torch.randn(2, 3, 16, 16)
+    fresh.stack.eval()
+    trained.students[0].eval()
+    logits, _ = fresh.stack(x)
+    torch.testing.assert_close(logits[0], trained.students[0](x)[0])
+    unstacked = build_networks("resnet20", num_classes=5, num_students=2, image_size=16)
+    unstacked.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("name", ["densenet40", "googlenet"])
+def test_architectures_that_concatenate_channels_are_refused_in_one_line(name):
+    nets = build_networks(name, num_classes=5, num_students=2, image_size=32)
+    with pytest.raises(UserError, match=f"--stack-networks: {name} cannot be stacked: .*torch.cat over channels"):
+        nets.stack_backbones(name)
+
+
+def test_networks_of_different_architectures_are_refused():
+    with pytest.raises(StackingError, match="different classes"):
+        StackedNetworks([models.create("resnet20", 5), models.create("wrn16_2", 5)])
+    with pytest.raises(StackingError, match="differ in their layers"):
+        StackedNetworks([models.create("resnet20", 5), models.create("resnet32", 5)])
