@@ -17,8 +17,19 @@ workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px
   which is the trainer's CPU default); ``fast-cudnn-blocks``: the same with the fusion blocks on ``torch.cat`` and
   cuDNN instead of the Triton fusion-block kernels (the fused losses kept), which measured fastest on an H100 and
   is the trainer's CUDA default;
+* ``stacked``, ``stacked-cudnn-blocks``: ``fast`` and ``fast-cudnn-blocks`` with the ``m + 1`` backbones run as one
+  stacked network (``--stack-networks``: grouped convolutions, channels network by network);
 * ``backbones-only``: the same ``m + 1`` backbones trained with plain CE (``--method independent``) with the fast
-  flags: the floor for FFSD's overhead.
+  flags: the floor for FFSD's overhead;
+* the ablation, ``BASE-no-LEVER``: ``fast`` or ``stacked`` with one lever removed, so that what each buys inside the
+  captured step is measured, not assumed (``ABLATIONS``): ``-no-amp`` (fp32), ``-no-channels-last`` (NCHW),
+  ``-no-graph`` (the step run eagerly), ``-no-triton`` (no custom kernel: PyTorch losses, ``torch.cat`` and cuDNN
+  fusion blocks), and one custom kernel at a time put back on its PyTorch reference, the other kernels kept:
+  ``-no-kl-kernel`` (``kernels/kl_div.py``: the mutual and CE + KL losses), ``-no-attention-kernel``
+  (``kernels/attention.py``: attention maps and normalised distances), ``-no-diversity-kernel``
+  (``kernels/diversity.py``) and, for ``stacked``, ``-no-distance-kernel`` (``kernels/distance_group.py``, the
+  grouped distances only the stack uses). The fusion-block kernel's ablation is ``fast-cudnn-blocks`` and
+  stacking's is ``fast`` against ``stacked``. On a CPU ``fast`` has no levers, so its ablations equal it.
 
 Images/s is the median over windows of ``--window`` steps (CUDA-event timed on a GPU, wall clock on a CPU). One
 JSON line per (workload, variant) is appended to ``--output``: device, run_id, workload, variant, images_per_s,
@@ -35,6 +46,7 @@ import resource
 import statistics
 import sys
 import time
+import types
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -65,8 +77,28 @@ VARIANTS = (
     "triton-kernels",
     "fast",
     "fast-cudnn-blocks",
+    "stacked",
+    "stacked-cudnn-blocks",
     "backbones-only",
 )
+# One lever of ``fast`` or ``stacked`` removed: the flags it overrides. ``torch_ops``: op files (``kernels/<file>.py``)
+# whose functions run their PyTorch references while the other kernels stay on.
+ABLATIONS = {
+    "amp": {"amp": False},
+    "channels-last": {"channels_last": False},
+    "graph": {"cuda_graph": False},
+    "triton": {"triton": False, "fused_blocks": False},
+    "kl-kernel": {"torch_ops": ("kl_div",)},
+    "attention-kernel": {"torch_ops": ("attention",)},
+    "diversity-kernel": {"torch_ops": ("diversity",)},
+    "distance-kernel": {"torch_ops": ("distance_group",)},
+}
+# The levers each base has: the grouped distance kernel runs only in the stack; the other kernels in both.
+ABLATED = {
+    "fast": ("amp", "channels-last", "graph", "triton", "kl-kernel", "attention-kernel", "diversity-kernel"),
+    "stacked": ("amp", "channels-last", "graph", "triton", "distance-kernel"),
+}
+VARIANTS += tuple(f"{base}-no-{lever}" for base, removed in ABLATED.items() for lever in removed)
 DATASETS = {"cifar100": (32, 100), "imagenet": (224, 1000)}
 LAMBDAS = (1e-5, 1000.0, 10.0)
 
@@ -96,6 +128,10 @@ def levers(variant: str, device: torch.device) -> dict:
     """The flags a variant turns on, over fp32 NCHW PyTorch losses."""
     gpu = device.type == "cuda"
     fast = {"amp": gpu, "channels_last": gpu, "triton": gpu, "cuda_graph": gpu}
+    base, _, removed = variant.partition("-no-")
+    if removed:  # an ablation: its base's flags with one lever overridden (off on a CPU, where fast has none)
+        flags = {**levers(base, device), **ABLATIONS[removed]}
+        return flags if gpu else {k: v for k, v in flags.items() if k != "torch_ops"}
     return {
         "one-backward": {},
         "amp": {"amp": True},
@@ -105,8 +141,24 @@ def levers(variant: str, device: torch.device) -> dict:
         "triton-kernels": {"triton": True},
         "fast": fast,
         "fast-cudnn-blocks": {**fast, "fused_blocks": False},
+        "stacked": {**fast, "stack": True},
+        "stacked-cudnn-blocks": {**fast, "fused_blocks": False, "stack": True},
         "backbones-only": fast,
     }[variant]
+
+
+def ops_without(op_files: tuple[str, ...]) -> types.SimpleNamespace:
+    """``ffsd_kernels`` with the public functions defined in ``kernels/<file>.py`` for each of ``op_files`` put back on
+    their PyTorch references (``ffsd_kernels.reference``), every other op kept: one custom kernel removed."""
+    modules = {f"ffsd_kernels.{name}" for name in op_files}
+    swapped = {
+        name: getattr(ffsd_kernels.reference, name)
+        for name in ffsd_kernels.reference.__all__
+        if getattr(ffsd_kernels, name).__module__ in modules
+    }
+    if not swapped:  # a renamed op file would otherwise make the ablation silently equal to fast
+        raise ValueError(f"no ffsd_kernels op is defined in {', '.join(sorted(modules))}")
+    return types.SimpleNamespace(**{**vars(ffsd_kernels), **swapped})
 
 
 def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -133,11 +185,15 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
     ).to(device)
     if flags.get("channels_last"):
         nets = nets.to(memory_format=torch.channels_last)
+    if flags.get("stack"):
+        nets.stack_backbones(workload["model"])
     if flags.get("compile"):
         compile_networks(nets)
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.1, 1e-3)
     ops = ffsd_kernels if flags.get("triton") else ffsd_kernels.reference
+    if flags.get("triton") and flags.get("torch_ops"):
+        ops = ops_without(flags["torch_ops"])
     amp = torch.bfloat16 if flags.get("amp") else None
     stepper = Stepper(
         nets.train(),
@@ -194,10 +250,10 @@ def device_name(device: torch.device) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'workload':<28}{'variant':<16}{'images/s':>11}{'step ms':>10}{'peak MB':>10}{'vs reference':>14}")
+    print(f"\n{'workload':<28}{'variant':<26}{'images/s':>11}{'step ms':>10}{'peak MB':>10}{'vs reference':>14}")
     for r in rows:
         if "error" in r:
-            print(f"{r['workload']:<28}{r['variant']:<16} failed: {r['error'][:80]}")
+            print(f"{r['workload']:<28}{r['variant']:<26} failed: {r['error'][:80]}")
             continue
         base = next(
             (x for x in rows if x["workload"] == r["workload"] and x["variant"] == "reference" and "error" not in x),
@@ -205,7 +261,7 @@ def print_table(rows: list[dict]) -> None:
         )
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
         print(
-            f"{r['workload']:<28}{r['variant']:<16}{r['images_per_s']:>11.1f}{r['step_ms']:>10.2f}"
+            f"{r['workload']:<28}{r['variant']:<26}{r['images_per_s']:>11.1f}{r['step_ms']:>10.2f}"
             f"{r['peak_mem_mb']:>10.0f}{ratio:>14}"
         )
 

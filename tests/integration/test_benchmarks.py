@@ -197,3 +197,143 @@ def test_step_kernels_counts_every_phase(tmp_path, capsys):
     assert rows["fast"]["casts"]  # bf16 autocast
     assert rows["one-backward"]["counts"]["optimisers"]["update"] < rows["reference"]["counts"]["optimisers"]["update"]
     assert "optimisers" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_step_times_every_variant_on_one_and_two_processes(tmp_path, capsys):
+    script = _load_script("ddp_step")
+    out = tmp_path / "ddp.jsonl"
+    args = ["--workload", "cifar100-resnet20-m2-b2-s16", "--procs", "1,2", "--steps", "1", "--window", "1"]
+    script.main([*args, "--warmup", "1", "--output", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["world_size"], r["variant"]) for r in rows] == [(n, v) for n in (1, 2) for v in script.VARIANTS]
+    for row in rows:
+        assert {
+            "device",
+            "run_id",
+            "torch",
+            "triton",
+            "commit",
+            "date",
+            "backend",
+            "world_size",
+            "workload",
+            "variant",
+            "step_ms",
+            "best_ms",
+            "images_per_s",
+            "vs_none",
+        } <= row.keys()
+        assert row["backend"] == "gloo" and row["step_ms"] > 0 and row["workload"] == "cifar100-resnet20-m2-b2-s16"
+    assert len({r["run_id"] for r in rows}) == 1
+    assert "vs none" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(["--workload", "cifar100-resnet20-2-32"])
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_stage_on_a_cpu(tmp_path, capsys):
+    """The dry run of ``make gpu-check``: every stage on tiny sizes, the CUDA-only ones skipped with the reason, a
+    row per stage before the summary table, and the commit of the tree on every row the stages wrote."""
+    script = _load_script("gpu_check")
+    assert script.main(["--tiny", "--device", "cpu", "--results", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == [name for name, *_ in script.STAGES]
+    cuda_only = {name for name, _, needs_cuda, _ in script.STAGES if needs_cuda}
+    for row in rows:
+        assert {
+            "device",
+            "torch",
+            "triton",
+            "code_commit",
+            "gpu_check_run",
+            "status",
+            "seconds",
+            "budget_s",
+        } <= row.keys()
+        expected = ("skipped", "needs CUDA") if row["stage"] in cuda_only else ("ok", row["reason"])
+        assert (row["status"], row["reason"]) == expected, row
+    commit, run = rows[0]["code_commit"], rows[0]["gpu_check_run"]
+    assert commit != "unknown"
+    written = {
+        "gpu_trainer.jsonl": 3,  # cifar, stacked, imagenet
+        "train_throughput.jsonl": 7,  # six CIFAR variants, one ImageNet
+        f"kernels-cpu-{commit[:12]}-gpu-check.jsonl": 8,  # two ops, two modes, two variants
+        "step_kernels.jsonl": 1,
+    }
+    for name, count in written.items():
+        found = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        assert len(found) == count, name
+        assert all(r["code_commit"] == commit and r["gpu_check_run"] == run for r in found), name
+    trainer = [json.loads(line) for line in (tmp_path / "gpu_trainer.jsonl").read_text().splitlines()]
+    assert all(c["ok"] for r in trainer for c in r["checks"].values())
+    assert set(trainer[0]["checks"]) == {"train", "resume", "export", "eval"}
+    sweep = (tmp_path / f"kernels-cpu-{commit[:12]}-gpu-check.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["graph_ms"] is None for line in sweep)  # CUDA graphs: CUDA only
+    assert all((tmp_path / r["log"]).is_file() for r in rows if r["status"] != "skipped")
+    out = capsys.readouterr().out
+    assert "stage" in out.splitlines()[-len(rows) - 2] and "profile" in out.splitlines()[-2]  # the table comes last
+
+
+def test_gpu_check_stops_a_stage_that_overruns_and_goes_on(tmp_path):
+    """A stage past its budget is interrupted and recorded; one that finds no time left is skipped, saying so."""
+    script = _load_script("gpu_check")
+    args = ["--tiny", "--device", "cpu", "--results", str(tmp_path), "--stages", "throughput-cifar,step-kernels"]
+    assert script.main([*args, "--stage-budget", "throughput-cifar=1", "--budget", "2"]) == 1
+    rows = {r["stage"]: r for r in map(json.loads, (tmp_path / "gpu_check.jsonl").read_text().splitlines())}
+    assert rows["throughput-cifar"]["status"] == "timeout" and rows["throughput-cifar"]["seconds"] < 1 + 6
+    assert (rows["step-kernels"]["status"], rows["step-kernels"]["reason"]) == ("skipped", "no time left in --budget")
+    assert (rows["cuda-tests"]["status"], rows["cuda-tests"]["reason"]) == ("skipped", "not selected (--stages)")
+
+
+def test_gpu_check_reads_pytest_summaries_and_the_commit_to_trust(tmp_path, monkeypatch):
+    script = _load_script("gpu_check")
+    log = "....F\nFAILED tests/a.py::test_b[cuda] - AssertionError\n1 failed, 509 passed, 529 deselected in 119.83s\n"
+    assert script.parse_pytest(log) == {
+        "counts": {"failed": 1, "passed": 509, "deselected": 529},
+        "failing": ["tests/a.py::test_b[cuda]"],
+    }
+    monkeypatch.setattr(script, "STAMP", tmp_path / ".code_commit")
+    monkeypatch.setenv("FFSD_COMMIT", "abc123+dirty")
+    assert script.code_commit() == ("abc123+dirty", "FFSD_COMMIT")
+    monkeypatch.delenv("FFSD_COMMIT")
+    stamp = script.write_stamp()
+    assert script.code_commit() == (stamp["code_commit"], "stamp")
+    # A stamp of another tree (a file changed since) is not believed: git is asked instead.
+    (tmp_path / ".code_commit").write_text(json.dumps({**stamp, "fingerprint": "0" * 64}))
+    assert script.code_commit()[1] == "git"
+
+
+def test_gpu_check_charges_each_kernel_to_the_phase_that_launched_it(tmp_path):
+    """The profile's reading of a Chrome trace: a kernel belongs to the phase mark around the host call that
+    launched it (matched by correlation id, on that thread); a launch outside every mark is unattributed."""
+    script = _load_script("gpu_check")
+
+    def event(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+
+    events = [
+        event("user_annotation", "phase:backbones.forward", 0, 10),
+        event("cuda_runtime", "cudaLaunchKernel", 2, 1, correlation=7),
+        event("user_annotation", "phase:losses.backward", 20, 10, tid=2),  # the autograd thread
+        event("cuda_driver", "cuLaunchKernelEx", 21, 1, tid=2, correlation=8),
+        event("cuda_runtime", "cudaMemsetAsync", 40, 1, correlation=9),
+        event("kernel", "conv", 5, 3, tid=7, correlation=7),
+        event("kernel", "_kl_kernel", 25, 2, tid=7, correlation=8),
+        event("gpu_memset", "Memset", 41, 1, tid=7, correlation=9),
+        event("kernel", "graph_kernel", 50, 4, tid=7, correlation=99),  # its launch is not in the trace
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    found = script.gpu_activities(trace)
+    assert [(a["name"], a["phase"]) for a in found] == [
+        ("conv", "backbones.forward"),
+        ("_kl_kernel", "losses.backward"),
+        ("Memset", None),
+        ("graph_kernel", None),
+    ]
+    assert script.by_phase(found) == {
+        "backbones.forward": {"kernels": 1, "gpu_ms": 0.003},
+        "losses.backward": {"kernels": 1, "gpu_ms": 0.002},
+        "unattributed": {"kernels": 1, "gpu_ms": 0.004},
+    }
