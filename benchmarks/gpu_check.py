@@ -11,7 +11,8 @@ A stage may use the time earlier ones left unused, never the time reserved for t
 run keeps within ``--budget``. Stages:
 
 1. ``cuda-changed`` (30 s): the CUDA tests changed since the last GPU session (the captured step against the
-   eager one, and the same stacked on the Triton kernels; the Triton step against the PyTorch one), alone, so that they report even if the rest runs out;
+   eager one, and the same stacked on the Triton kernels; the Triton step against the PyTorch one), alone, so that
+   they report even if the rest runs out;
    ``cuda-tests`` (60 s): every other ``pytest -m cuda`` test, on 8 pytest-xdist workers where xdist imports.
 2. ``trainer-cifar`` (40 s) and ``trainer-stacked`` (25 s, ``--stack-networks``): ``ffsd-train`` with the device's
    defaults (on CUDA: Triton losses, bf16, channels-last, the captured step) on a CIFAR-100 tree in the official
