@@ -22,7 +22,16 @@ def code_version() -> dict:
         ).stdout.strip()
         dirty = (
             subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
+                # Rows appended to benchmarks/results/ by a run do not make the code that runs next "dirty".
+                [
+                    "git",
+                    "status",
+                    "--porcelain",
+                    "--untracked-files=no",
+                    "--",
+                    ":(top)",
+                    ":(top,exclude)benchmarks/results",
+                ],
                 cwd=root,
                 capture_output=True,
                 text=True,
