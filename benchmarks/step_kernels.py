@@ -99,6 +99,7 @@ from ffsd_fast.method.networks import FFSDNetworks  # noqa: E402
 from ffsd_fast.step.train_step import Stepper  # noqa: E402
 from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
 from ffsd_kernels._dispatch import INTERPRETER  # noqa: E402
+from tests.helpers.kernel_launches import no_kernel_reason  # noqa: E402  (the rule the kernel tests count by)
 
 PHASES = ("backbones", "decoders", "fusion", "losses", "optimisers")
 DIRECTIONS = ("forward", "backward", "update")
@@ -110,9 +111,6 @@ NOT_COUNTED = {
 VARIANTS = tuple(v for v in throughput.VARIANTS if v not in NOT_COUNTED)
 DEFAULT_VARIANTS = ("reference", "one-backward", "fast")
 
-# Ops that launch nothing although their schema does not say so.
-ALLOCATIONS = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
-SCHEMA_HIDDEN = {"_unsafe_view": "view", "_local_scalar_dense": "host copy", "lift_fresh": "host copy"}
 # Kernels a network runs and a loss never does: the attribution check (the last three: the fused fusion blocks).
 NETWORK_OPS = {
     "convolution",
@@ -156,25 +154,6 @@ CUDA_AUTOCAST_FP32 = {
     "softplus",
     "tan",
 }
-
-
-def no_kernel_reason(func: torch._ops.OpOverload) -> str | None:
-    """Why ``func`` launches no GPU kernel ("view", "allocation", "host copy"), or None when it launches one."""
-    schema = func._schema
-    namespace, name = schema.name.split("::")
-    if namespace == "profiler":  # record_function's markers (zero_grad, step)
-        return "profiler marker"
-    if name in ALLOCATIONS:
-        return "allocation"
-    if name in SCHEMA_HIDDEN:
-        return SCHEMA_HIDDEN[name]
-    if torch.Tag.inplace_view in func.tags:  # t_, unsqueeze_, as_strided_: metadata written, no data
-        return "view"
-    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-    aliases = all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-    if schema.returns and aliases and not writes:
-        return "view"
-    return None
 
 
 class Attribution:
@@ -285,8 +264,9 @@ def triton_launches(counter: KernelCounter, execute: bool) -> Iterator[Counter[t
     """Every Triton launch inside the block, by (phase, direction, kernel); with ``execute=False`` the kernels do
     not run (their outputs stay uninitialised).
 
-    A small copy of ``tests/helpers/kernel_launches.recorded_launches`` (the benchmarks do not import tests):
-    ``run`` of Triton's kernel classes sees each launch."""
+    Like ``tests/helpers/kernel_launches.recorded_launches``, ``run`` of Triton's kernel classes sees each launch,
+    but only its phase and kernel are kept: holding a launch's arguments would change the step (AccumulateGrad
+    copies a gradient that something else holds instead of taking it)."""
     launches: Counter[tuple[str, str, str]] = Counter()
 
     def recorder(original):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import ffsd_kernels
 import ffsd_kernels.reference
 from ffsd_fast.method.networks import FFSDNetworks, SelfDistillationDecoder
+from ffsd_fast.models.stacking import StackedNetworks
 
 
 def kernel_ops(name: str) -> ModuleType:
@@ -75,13 +76,9 @@ class _Distances:
         return {name: [distances[p] if isinstance(p, int) else p for p in ps] for name, ps in parts.items()}
 
 
-def _split_maps(
-    ops: ModuleType, stacked: list[torch.Tensor], count: int, maps_given: bool = False
-) -> list[list[torch.Tensor]]:
-    """Network by network, the attention maps of stacked maps ``[B, count·C, H, W]`` (one launch each; or, with
-    ``maps_given``, of the grouped maps themselves, ``[B, count, H, W]``): ``[network][tap]``, views."""
-    grouped = stacked if maps_given else [ops.attention_map(t, groups=count) for t in stacked]
-    return [list(maps) for maps in zip(*(a.split(1, dim=1) for a in grouped), strict=True)]
+def _by_network(stack: StackedNetworks, stacked: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``[network][k]`` views of stacked tensors ``[k]`` (taps, decoder outputs, their grouped attention maps)."""
+    return [list(per_network) for per_network in zip(*(stack.split(t) for t in stacked), strict=True)]
 
 
 def _eval_pass(decoder: SelfDistillationDecoder, x: torch.Tensor) -> list[torch.Tensor]:
@@ -130,19 +127,17 @@ def ffsd_losses(
         # Forward in the reference's order: leader, students, fusion module.
         leader_logits, leader_taps, trans_fused = nets.leader(images)
         student_logits, student_taps = zip(*(student(images) for student in nets.students), strict=True)
-        last_maps = [taps[-1].detach() for taps in student_taps]
-        fusion_input = last_maps
     else:
         # Every backbone in one forward (students, then the leader): each network's logits and taps are views.
         logits, taps = nets.stack(images)
-        per_network = list(zip(*(nets.stack.split(t) for t in taps), strict=True))
+        per_network = _by_network(nets.stack, taps)
         student_logits, student_taps = nets.stack.split(logits)[:num_students], per_network[:num_students]
-        leader_logits, leader_taps = logits[num_students], list(per_network[num_students])
+        leader_logits, leader_taps = logits[num_students], per_network[num_students]
         trans_fused = nets.leader.head(leader_taps[-1])
-        last_maps = [taps[-1].detach() for taps in student_taps]
-        # The students' last maps side by side are a channel slice of the stack's last tap: no concatenation.
-        fusion_input = taps[-1][:, : num_students * leader_taps[-1].shape[1]].detach()
         stacked_last = taps[-1]
+    last_maps = [network_taps[-1].detach() for network_taps in student_taps]
+    # Stacked, the students' last maps side by side are a channel slice of the stack's last tap: no concatenation.
+    fusion_input = last_maps if nets.stack is None else stacked_last[:, : num_students * last_maps[0].shape[1]].detach()
     fusion_logits, fused = nets.fusion(fusion_input)
     eval_targets = None
     if nets.decoder_stack is not None:
@@ -150,7 +145,9 @@ def ffsd_losses(
         # map, the leader's from the fused map (student targets unused when the diversity terms are off).
         shifted = [ops.diversity_shift(last_maps[i - 1]) for i in range(1, num_students)]
         stacked = _eval_pass(nets.decoder_stack, torch.cat([*shifted, fused.detach()], dim=1))
-        eval_targets = _split_maps(ops, stacked, nets.decoder_stack.count)
+        eval_targets = _by_network(
+            nets.decoder_stack, [ops.attention_map(t, groups=nets.decoder_stack.count) for t in stacked]
+        )
 
     # Each attention map is computed once and reused, with its gradient where a term needs one.
     if nets.stack is None:
@@ -158,7 +155,7 @@ def ffsd_losses(
         leader_attention = [ops.attention_map(f) for f in leader_taps]
     else:  # every network's map of a tap in one launch
         grouped_attention = [ops.attention_map(t, groups=nets.stack.count) for t in taps]
-        per_network = _split_maps(ops, grouped_attention, nets.stack.count, maps_given=True)
+        per_network = _by_network(nets.stack, grouped_attention)
         student_attention, leader_attention = per_network[:num_students], per_network[num_students]
 
     if nets.stack is None:
@@ -224,8 +221,10 @@ def ffsd_losses(
     if nets.decoder_stack is not None:
         # One stacked training pass: the inputs (students 1 … m−1, then the leader) are a slice of the last tap.
         stacked = nets.decoder_stack(stacked_last[:, leader_taps[-1].shape[1] :].detach())
-        decoder_outputs = list(zip(*(nets.decoder_stack.split(t) for t in stacked), strict=True))
-        decoder_maps = _split_maps(ops, stacked, nets.decoder_stack.count)
+        decoder_outputs = _by_network(nets.decoder_stack, stacked)
+        decoder_maps = _by_network(
+            nets.decoder_stack, [ops.attention_map(t, groups=nets.decoder_stack.count) for t in stacked]
+        )
     for j, (name, decoder, student) in enumerate(decoder_pairs):
         taps = leader_taps if student is None else student_taps[student]
         attention = leader_attention if student is None else student_attention[student]

@@ -62,56 +62,69 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-class StackedConv2d(nn.Module):
+class _StackedWeights(nn.Module):
+    """A stacked layer with a weight (and bias) that autocast casts: ``StackedNetworks.forward`` puts this forward's
+    low-precision views of them in ``cast``, which ``weights`` prefers."""
+
+    def __init__(self, sources: list[nn.Module], dim: int | None) -> None:
+        super().__init__()
+        self.count = len(sources)
+        self.weight = _stack_parameter([s.weight for s in sources], dim)
+        self.bias = _stack_parameter([s.bias for s in sources], dim) if sources[0].bias is not None else None
+        self.cast: dict[str, torch.Tensor] = {}
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.cast.get("weight", self.weight), self.cast.get("bias", self.bias)
+
+
+class _StackedConvolution(_StackedWeights):
+    """What a stacked convolution and transposed convolution share: their configuration, weights joined along dim 0
+    (output channels for one, input channels for the other: the groups' blocks either way)."""
+
+    kind = "convolution"
+
+    def __init__(self, sources: list[nn.Conv2d] | list[nn.ConvTranspose2d]) -> None:
+        first = sources[0]
+        if first.padding_mode != "zeros":
+            raise StackingError(f"a {self.kind} with padding_mode={first.padding_mode!r} cannot be stacked")
+        super().__init__(sources, 0)
+        self.in_channels, self.groups = first.in_channels, first.groups
+        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
+
+    def check_stacked(self, x: torch.Tensor) -> None:
+        if x.shape[1] != self.count * self.in_channels:
+            raise StackingError(
+                f"stacked {self.kind} of {self.count} × {self.in_channels} input channels got {x.shape[1]}"
+            )
+
+
+class StackedConv2d(_StackedConvolution):
     """``G`` copies of one ``Conv2d``: dense to ``G·C_out`` on a shared input of ``C_in`` channels, grouped (``G``
     times the groups) on a stacked input of ``G·C_in``."""
 
-    def __init__(self, sources: list[nn.Conv2d]) -> None:
-        super().__init__()
-        first = sources[0]
-        if first.padding_mode != "zeros":
-            raise StackingError(f"a convolution with padding_mode={first.padding_mode!r} cannot be stacked")
-        self.count, self.in_channels, self.groups = len(sources), first.in_channels, first.groups
-        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
-        self.weight = _stack_parameter([s.weight for s in sources], 0)
-        self.bias = _stack_parameter([s.bias for s in sources], 0) if first.bias is not None else None
-        self.cast: dict[str, torch.Tensor] = {}  # this forward's low-precision weights (StackedNetworks.forward)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.cast.get("weight", self.weight), self.cast.get("bias", self.bias)
-        if x.shape[1] == self.count * self.in_channels:
-            groups = self.count * self.groups
-        elif x.shape[1] == self.in_channels and self.groups == 1:
+        weight, bias = self.weights()
+        if x.shape[1] == self.in_channels and self.groups == 1:
             groups = 1  # the shared input: one dense convolution computes every network's output channels
         else:
-            raise StackingError(
-                f"stacked convolution of {self.count} × {self.in_channels} input channels got {x.shape[1]}"
-            )
+            self.check_stacked(x)
+            groups = self.count * self.groups
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
 
-class StackedConvTranspose2d(nn.Module):
+class StackedConvTranspose2d(_StackedConvolution):
     """``G`` copies of one ``ConvTranspose2d`` on a stacked input of ``G·C_in`` channels: one transposed convolution
     with ``G`` times the groups (its weight ``[C_in, C_out / groups, k, k]`` joins along the input channels)."""
 
+    kind = "transposed convolution"
+
     def __init__(self, sources: list[nn.ConvTranspose2d]) -> None:
-        super().__init__()
-        first = sources[0]
-        if first.padding_mode != "zeros":
-            raise StackingError(f"a transposed convolution with padding_mode={first.padding_mode!r} cannot be stacked")
-        self.count, self.in_channels, self.groups = len(sources), first.in_channels, first.groups
-        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
-        self.output_padding = first.output_padding
-        self.weight = _stack_parameter([s.weight for s in sources], 0)
-        self.bias = _stack_parameter([s.bias for s in sources], 0) if first.bias is not None else None
-        self.cast: dict[str, torch.Tensor] = {}  # this forward's low-precision weights (StackedNetworks.forward)
+        super().__init__(sources)
+        self.output_padding = sources[0].output_padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.cast.get("weight", self.weight), self.cast.get("bias", self.bias)
-        if x.shape[1] != self.count * self.in_channels:
-            raise StackingError(
-                f"stacked transposed convolution of {self.count} × {self.in_channels} input channels got {x.shape[1]}"
-            )
+        weight, bias = self.weights()
+        self.check_stacked(x)
         return F.conv_transpose2d(
             x, weight, bias, self.stride, self.padding, self.output_padding, self.count * self.groups, self.dilation
         )
@@ -140,21 +153,17 @@ class StackedBatchNorm2d(nn.Module):
         )
 
 
-class StackedLinear(nn.Module):
+class StackedLinear(_StackedWeights):
     """``G`` copies of one ``Linear`` as one batched matmul: ``[N, G·C] → [G, N, K]`` (network ``g``'s logits are
     ``out[g]``, a contiguous view)."""
 
     def __init__(self, sources: list[nn.Linear]) -> None:
-        super().__init__()
-        self.count, self.in_features = len(sources), sources[0].in_features
-        self.weight = _stack_parameter([s.weight for s in sources], None)  # [G, K, C]
-        self.bias = _stack_parameter([s.bias for s in sources], None) if sources[0].bias is not None else None
-        self.cast: dict[str, torch.Tensor] = {}  # this forward's low-precision weights (StackedNetworks.forward)
+        super().__init__(sources, None)  # weight [G, K, C]
+        self.in_features = sources[0].in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.cast.get("weight", self.weight), self.cast.get("bias", self.bias)
-        batch = x.shape[0]
-        x = x.reshape(batch, self.count, self.in_features).transpose(0, 1)  # [G, N, C], a view
+        weight, bias = self.weights()
+        x = x.reshape(x.shape[0], self.count, self.in_features).transpose(0, 1)  # [G, N, C], a view
         if bias is None:
             return torch.bmm(x, weight.transpose(1, 2))
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
@@ -192,7 +201,6 @@ _STACKED = {
     nn.BatchNorm2d: StackedBatchNorm2d,
     nn.Linear: StackedLinear,
 }
-_CAST = (StackedConv2d, StackedConvTranspose2d, StackedLinear)  # what autocast runs in low precision
 
 
 class StackedNetworks(nn.Module):
@@ -222,8 +230,6 @@ class StackedNetworks(nn.Module):
         counters = []
         for name, module in list(self.body.named_modules()):
             sources = [n.get_submodule(name) for n in networks]
-            if any(type(s) is not type(module) for s in sources):
-                raise StackingError(f"layer {name!r} differs between the networks")
             stacked_class = _STACKED.get(type(module))
             if stacked_class is None:
                 if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(False)):
@@ -250,9 +256,10 @@ class StackedNetworks(nn.Module):
         """Puts every convolution and classifier weight and bias (the ones autocast casts) in one fp32 buffer,
         ``flat``, which the stack's parameters and the networks' (slices of them) then view."""
         self._flat_used = False
-        self._cast_layers = [m for m in self.body.modules() if isinstance(m, _CAST)]
+        self._cast_layers = [m for m in self.body.modules() if isinstance(m, _StackedWeights)]
         members = [(m, key) for m in self._cast_layers for key in ("weight", "bias") if getattr(m, key) is not None]
         self._cast_members = members
+        self._in_flat = {id(getattr(m, key)) for m, key in members}
         if not members:
             self.flat = None
             return
@@ -298,9 +305,8 @@ class StackedNetworks(nn.Module):
 
         Call it after each backward through the stack, before the optimisers step."""
         flat_grad = self.flat.grad if self._flat_used else None
-        in_flat = {id(getattr(m, key)) for m, key in self._cast_members} if flat_grad is not None else set()
         for stacked, sources, dim in self._shared:
-            if id(stacked) in in_flat:  # the gradient reached the weights through the cast buffer
+            if flat_grad is not None and id(stacked) in self._in_flat:  # the gradient came through the cast buffer
                 for source in sources:
                     source.grad = flat_grad.as_strided(source.shape, source.stride(), source.storage_offset())
                 continue
@@ -314,7 +320,7 @@ class StackedNetworks(nn.Module):
 
 def _layout(network: nn.Module) -> tuple:
     """Every module's name and class, every parameter's and buffer's name and shape."""
-    modules = tuple((name, type(m).__name__) for name, m in network.named_modules())
+    modules = tuple((name, type(m)) for name, m in network.named_modules())
     tensors = tuple((name, tuple(t.shape)) for name, t in [*network.named_parameters(), *network.named_buffers()])
     return modules, tensors
 

@@ -63,11 +63,29 @@ def recorded_launches(monkeypatch: pytest.MonkeyPatch, execute: bool = True) -> 
         yield launches
 
 
-# Aten ops that launch no GPU kernel: tensor metadata and allocations without a fill (the full rule, by schema, is
-# ``benchmarks/step_kernels.no_kernel_reason``; these are the ones the kernels' launchers run).
-NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "view", "detach", "t", "unsqueeze", "squeeze",
-             "select", "slice", "as_strided", "expand", "alias", "_unsafe_view", "unbind", "split", "chunk", "permute",
-             "transpose", "reshape", "_reshape_alias"}  # fmt: skip
+# Ops that launch nothing although their schema does not say so.
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
+SCHEMA_HIDDEN = {"_unsafe_view": "view", "_local_scalar_dense": "host copy", "lift_fresh": "host copy"}
+
+
+def no_kernel_reason(func: torch._ops.OpOverload) -> str | None:
+    """Why ``func`` launches no GPU kernel ("view", "allocation", "host copy", "profiler marker"), or None when it
+    launches one: the rule of the kernel tests here and of ``benchmarks/step_kernels.py``."""
+    schema = func._schema
+    namespace, name = schema.name.split("::")
+    if namespace == "profiler":  # record_function's markers (zero_grad, step)
+        return "profiler marker"
+    if name in ALLOCATIONS:
+        return "allocation"
+    if name in SCHEMA_HIDDEN:
+        return SCHEMA_HIDDEN[name]
+    if torch.Tag.inplace_view in func.tags:  # t_, unsqueeze_, as_strided_: metadata written, no data
+        return "view"
+    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    aliases = all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+    if schema.returns and aliases and not writes:
+        return "view"
+    return None
 
 
 class AtenKernels(TorchDispatchMode):
@@ -78,10 +96,29 @@ class AtenKernels(TorchDispatchMode):
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        if name not in NO_KERNEL:
-            self.ops.append(name)
+        if no_kernel_reason(func) is None:
+            self.ops.append(func._schema.name.split("::")[-1])
         return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class Kernels:
+    """What ran inside a ``kernels_launched`` block: Triton kernels by name, and the aten ops that launch one."""
+
+    triton: list[str]
+    aten: list[str]
+
+
+@contextmanager
+def kernels_launched(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernels]:
+    """Every Triton launch (recorded, not run: the interpreter's own torch ops are not the op's, and a launch reads
+    no tensor data) and every launching aten op inside the block. Take gradients with ``torch.autograd.grad`` in
+    it: the recorder holds each launch's arguments, so AccumulateGrad would copy a gradient instead of adopting it."""
+    seen = Kernels([], [])
+    with recorded_launches(monkeypatch, execute=False) as launches, AtenKernels() as aten:
+        yield seen
+    seen.triton[:] = [launch.name for launch in launches]
+    seen.aten[:] = aten.ops
 
 
 def forbid_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:

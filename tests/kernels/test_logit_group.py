@@ -37,7 +37,7 @@ from tests.helpers import (
     leaf64,
     value_error,
 )
-from tests.helpers.kernel_launches import AtenKernels, recorded_launches
+from tests.helpers.kernel_launches import kernels_launched
 
 lg_module = importlib.import_module("ffsd_kernels.logit_group")
 
@@ -291,18 +291,14 @@ def test_one_backward_launch_two_forward_launches(layout, device, monkeypatch):
     z, leaves, _ = make_logits(4, 5, 7, torch.float32, device, layout)
     f = torch.randn(5, 7, device=device, requires_grad=True)
     labels = torch.randint(0, 7, (5,), device=device)
-    # Recorded, not run: the interpreter's own torch ops are not the op's (a launch reads no tensor data).
-    with recorded_launches(monkeypatch, execute=False) as launches, AtenKernels() as aten:
+    with kernels_launched(monkeypatch) as forward:
         out = online_distillation_losses(z, f, labels, 2.0)
-    assert [launch.name for launch in launches] == ["_online_rows_kernel", "_online_finish_kernel"]
-    assert aten.ops == []
+    assert forward.triton == ["_online_rows_kernel", "_online_finish_kernel"] and forward.aten == []
     grad = upstream(3, device)
-    # autograd.grad, not backward: the recorder keeps each launch's arguments (the gradients among them) alive, so
-    # AccumulateGrad would copy them into .grad rather than adopt them (test_gradients_are_not_copied).
-    with recorded_launches(monkeypatch, execute=False) as launches, AtenKernels() as aten:
+    # autograd.grad, not backward (kernels_launched says why; test_gradients_are_not_copied covers backward).
+    with kernels_launched(monkeypatch) as backward:
         dz, df = torch.autograd.grad(out, [leaves[0], f], grad)
-    assert [launch.name for launch in launches] == ["_online_backward_kernel"]
-    assert aten.ops == []
+    assert backward.triton == ["_online_backward_kernel"] and backward.aten == []
     assert dz.shape == leaves[0].shape and df.shape == f.shape
 
 
