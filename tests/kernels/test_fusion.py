@@ -15,7 +15,7 @@ from ffsd_kernels import _dispatch
 from ffsd_kernels import fusion as fb
 from ffsd_kernels._dispatch import INTERPRETER
 from ffsd_kernels.fusion import FusionBlock
-from tests.helpers.kernel_launches import forbid_host_syncs, recorded_launches
+from tests.helpers.kernel_launches import forbid_host_syncs, kernels_launched, recorded_launches
 
 DEVICE = "cpu" if INTERPRETER else "cuda"
 pytestmark = [
@@ -189,6 +189,9 @@ def test_state_dict_matches_sequential():
     block.load_state_dict(ref.state_dict())
 
 
+FORWARD = ["_bn_forward_finish_kernel", "_affine_relu_kernel"]  # after each BN's statistics pass
+
+
 def test_triton_path_runs_without_host_syncs(monkeypatch):
     block, ref = pair(3, 2, 4, torch.float64)
     xs = make_inputs((2, 3, 7, 9), 2, torch.float64, ["nchw", "channels_last"])
@@ -203,11 +206,52 @@ def test_triton_path_runs_without_host_syncs(monkeypatch):
         out.backward(torch.ones_like(out))
         monkeypatch.undo()
     names = [launch.name for launch in launches]
-    # forward: the depthwise conv per input, BN1 + ReLU, BN2 + ReLU; backward: in the reverse order.
-    assert names == (["_dw_forward_kernel"] * 2 + ["_affine_relu_kernel"] * 4 + ["_dw_backward_kernel"] * 2)
-    assert [launch.kwargs["BACKWARD"] for launch in launches[2:6]] == [False, False, True, True]
+    # forward: the depthwise conv per input, BN1 + ReLU, BN2's statistics + BN2 + ReLU; backward in reverse order:
+    # BN2's partials, finish, map gradient; BN1's partials, finish; the depthwise backward per input.
+    assert names == (
+        ["_dw_forward_kernel"] * 2 + FORWARD + ["_channel_stats_kernel"] + FORWARD
+        + ["_affine_relu_kernel", "_bn_backward_finish_kernel", "_affine_relu_kernel"]
+        + ["_affine_relu_kernel", "_bn_backward_finish_kernel"] + ["_dw_backward_kernel"] * 2
+    )  # fmt: skip
     for launch in launches:
         assert "num_warps" in launch.kwargs and "BLOCK_C" in launch.kwargs and "F64" in launch.kwargs
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_launches_and_torch_kernels_per_block(monkeypatch, train):
+    # Maps side by side (a channel slice of stacked networks' channels-last taps) are one input: one depthwise launch
+    # each way. Besides the Triton launches, the only torch kernels are the 1×1 conv and the weight partials' sum.
+    block, ref = pair(3, 2, 4, torch.float64)
+    block.train(train)
+    stacked = torch.randn(2, 9, 5, 6, dtype=torch.float64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x = stacked[:, :6].detach().requires_grad_(True)
+    params = list(block.parameters())
+    with kernels_launched(monkeypatch) as forward:
+        out = block(x)
+    assert forward.triton == (
+        ["_dw_forward_kernel"] + FORWARD + (["_channel_stats_kernel"] if train else []) + FORWARD
+    ), forward.triton
+    assert forward.aten == ["convolution"], forward.aten
+    grad = torch.ones_like(out)
+    with kernels_launched(monkeypatch) as backward:
+        torch.autograd.grad(out, [x, *params], grad)
+    # Train mode: BN2's map gradient needs every tile's sums first, a second pass; eval mode: one pass.
+    bn2 = ["_affine_relu_kernel", "_bn_backward_finish_kernel"] + (["_affine_relu_kernel"] if train else [])
+    assert backward.triton == bn2 + ["_affine_relu_kernel", "_bn_backward_finish_kernel", "_dw_backward_kernel"]
+    assert backward.aten == ["convolution_backward", "sum"], backward.aten
+
+
+def test_maps_side_by_side_match_the_sequential():
+    block, ref = pair(3, 2, 4, torch.float64)
+    wide = torch.randn(2, 9, 5, 6, dtype=torch.float64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x = wide[:, 3:].detach().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, want = block(x), ref(x_ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(want)
+    out.backward(g)
+    want.backward(g)
+    compare(block, ref, [x], [x_ref], out, want, TOL[torch.float64])
 
 
 @pytest.mark.slow  # ~3.5 s through the interpreter
@@ -239,46 +283,56 @@ def test_rejects_wrong_inputs():
         block([torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4)])
 
 
-def test_depthwise_function_with_stats_outputs():
-    # The depthwise Function alone, with upstream gradients on all three outputs (y, batch mean, biased variance).
-    weight = torch.randn(6, 1, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    xs = make_inputs((2, 3, 5, 4), 2, torch.float64, ["nchw", "channels_last"])
-    w_ref = weight.detach().clone().requires_grad_(True)
-    x_ref = [x.detach().clone().requires_grad_(True) for x in xs]
-    y, mean, var = fb._DepthwiseConcatFunction.apply(True, weight, *xs)
-    y_ref = torch.nn.functional.conv2d(torch.cat(x_ref, 1), w_ref, padding=1, groups=6)
-    var_ref, mean_ref = torch.var_mean(y_ref, dim=(0, 2, 3), unbiased=False)
-    grads = [torch.randn_like(t) for t in (y_ref, mean_ref, var_ref)]
-    torch.autograd.backward([y, mean, var], grads)
-    torch.autograd.backward([y_ref, mean_ref, var_ref], grads)
-    for name, got, want in [
-        ("y", y, y_ref),
-        ("mean", mean, mean_ref),
-        ("var", var, var_ref),
-        ("grad weight", weight.grad, w_ref.grad),
-        ("grad x0", xs[0].grad, x_ref[0].grad),
-        ("grad x1", xs[1].grad, x_ref[1].grad),
-    ]:
-        check(f"depthwise {name}", got, want, 1e-12)
-
-
-def test_affine_relu_matches_torch_with_ties():
-    y = torch.randn(3, 5, 4, 3, dtype=torch.float64, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    y[:, :, 0, 0] = 0.0  # u = b = 0 there for channel 0: torch's ReLU passes no gradient at 0
-    a = torch.randn(5, dtype=torch.float64, device=DEVICE)
-    b = torch.randn(5, dtype=torch.float64, device=DEVICE)
-    b[0] = 0.0
-    leaves = [t.detach().requires_grad_(True) for t in (y, a, b)]
-    refs = [t.detach().requires_grad_(True) for t in (y, a, b)]
-    got = fb._AffineReLUFunction.apply(*leaves)
-    want = torch.relu(refs[0] * refs[1].view(1, -1, 1, 1) + refs[2].view(1, -1, 1, 1))
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batch_norm_relu_matches_torch_with_ties(train):
+    # u = y·a + b is exactly 0 where y = mean (train: a channel of zeros but one tile; eval: y = 0, β = 0 with running
+    # mean 0), and torch's ReLU passes no gradient there; the affine parameters and the map get their gradients.
+    bn = nn.BatchNorm2d(5).to(DEVICE, torch.float64)
+    randomize(bn)
+    with torch.no_grad():
+        bn.bias[0] = 0.0
+        bn.running_mean[0] = 0.0
+    bn.train(train)
+    bn_ref = nn.BatchNorm2d(5).to(DEVICE, torch.float64)
+    bn_ref.load_state_dict(bn.state_dict())
+    bn_ref.train(train)
+    t = torch.randn(3, 5, 4, 3, dtype=torch.float64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    t[:, 0] = 0.0 if not train else t[:, 0]
+    t[:, 0, 0, 0] = 0.0
+    leaf, leaf_ref = t.detach().requires_grad_(True), t.detach().requires_grad_(True)
+    got = fb._BatchNormReLUFunction.apply(bn, bn.weight, bn.bias, leaf)
+    want = torch.relu(bn_ref(leaf_ref))
     g = torch.randn_like(want)
     got.backward(g)
     want.backward(g)
     assert got.is_contiguous(memory_format=torch.channels_last)
-    check("affine_relu output", got, want, 1e-12)
-    for name, x, r in zip(("y", "a", "b"), leaves, refs, strict=True):
-        check(f"affine_relu grad {name}", x.grad, r.grad, 1e-12)
+    check("bn_relu output", got, want, 1e-12)
+    check("bn_relu grad t", leaf.grad, leaf_ref.grad, 1e-12)
+    for name, p in (("weight", bn.weight), ("bias", bn.bias)):
+        check(f"bn_relu grad {name}", p.grad, getattr(bn_ref, name).grad, 1e-12)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(bn, name), getattr(bn_ref, name), rtol=1e-12, atol=0), name
+
+
+def test_batch_norm_without_affine_or_running_stats():
+    # affine=False (no γ, β) and track_running_stats=False (batch statistics in eval mode too, nothing updated).
+    for kwargs in ({"affine": False}, {"track_running_stats": False}):
+        bn = nn.BatchNorm2d(4, **kwargs).to(DEVICE, torch.float64)
+        bn_ref = nn.BatchNorm2d(4, **kwargs).to(DEVICE, torch.float64)
+        for train in (True, False):
+            bn.train(train)
+            bn_ref.train(train)
+            t = torch.randn(2, 4, 3, 5, dtype=torch.float64, device=DEVICE)
+            leaf, leaf_ref = t.detach().requires_grad_(True), t.detach().requires_grad_(True)
+            got = fb._BatchNormReLUFunction.apply(bn, bn.weight, bn.bias, leaf)
+            want = torch.relu(bn_ref(leaf_ref))
+            g = torch.randn_like(want)
+            got.backward(g)
+            want.backward(g)
+            check("bn_relu output", got, want, 1e-12)
+            check("bn_relu grad t", leaf.grad, leaf_ref.grad, 1e-12)
+            for name, buffer in bn.named_buffers():
+                assert torch.allclose(buffer, dict(bn_ref.named_buffers())[name], rtol=1e-12, atol=0), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
