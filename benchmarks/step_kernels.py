@@ -111,7 +111,7 @@ NOT_COUNTED = {
 VARIANTS = tuple(v for v in throughput.VARIANTS if v not in NOT_COUNTED)
 DEFAULT_VARIANTS = ("reference", "one-backward", "fast")
 
-# Kernels a network runs and a loss never does: the attribution check (the last three: the fused fusion blocks).
+# Kernels a network runs and a loss never does: the attribution check (the Triton ones: the fused fusion blocks).
 NETWORK_OPS = {
     "convolution",
     "convolution_backward",
@@ -119,7 +119,10 @@ NETWORK_OPS = {
     "native_batch_norm_backward",
     "_dw_forward_kernel",
     "_dw_backward_kernel",
+    "_channel_stats_kernel",
+    "_bn_forward_finish_kernel",
     "_affine_relu_kernel",
+    "_bn_backward_finish_kernel",
 }
 # The aten ops (as the dispatcher sees them, below autocast) that CUDA autocast runs in fp32, and so casts a bf16
 # input first; CPU autocast leaves them in bf16. From PyTorch's CUDA autocast fp32 list; sum and norm are left out:

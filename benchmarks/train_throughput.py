@@ -28,7 +28,8 @@ workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px
   ``-no-kl-kernel`` (``kernels/kl_div.py``: the mutual and CE + KL losses), ``-no-attention-kernel``
   (``kernels/attention.py``: attention maps and normalised distances), ``-no-diversity-kernel``
   (``kernels/diversity.py``) and, for ``stacked``, ``-no-distance-kernel`` (``kernels/distance_group.py``, the
-  grouped distances only the stack uses). The fusion-block kernel's ablation is ``fast-cudnn-blocks`` and
+  grouped distances only the stack uses) and ``-no-maps-kernel`` (``kernels/attention_group.py``, its grouped
+  attention maps). The fusion-block kernel's ablation is ``fast-cudnn-blocks`` and
   stacking's is ``fast`` against ``stacked``. On a CPU ``fast`` has no levers, so its ablations equal it.
 
 Images/s is the median over windows of ``--window`` steps (CUDA-event timed on a GPU, wall clock on a CPU). One
@@ -92,11 +93,12 @@ ABLATIONS = {
     "attention-kernel": {"torch_ops": ("attention",)},
     "diversity-kernel": {"torch_ops": ("diversity",)},
     "distance-kernel": {"torch_ops": ("distance_group",)},
+    "maps-kernel": {"torch_ops": ("attention_group",)},
 }
-# The levers each base has: the grouped distance kernel runs only in the stack; the other kernels in both.
+# The levers each base has: the grouped distance and map kernels run only in the stack; the other kernels in both.
 ABLATED = {
     "fast": ("amp", "channels-last", "graph", "triton", "kl-kernel", "attention-kernel", "diversity-kernel"),
-    "stacked": ("amp", "channels-last", "graph", "triton", "distance-kernel"),
+    "stacked": ("amp", "channels-last", "graph", "triton", "distance-kernel", "maps-kernel"),
 }
 VARIANTS += tuple(f"{base}-no-{lever}" for base, removed in ABLATED.items() for lever in removed)
 DATASETS = {"cifar100": (32, 100), "imagenet": (224, 1000)}

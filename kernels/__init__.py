@@ -16,6 +16,7 @@ from ffsd_kernels.attention import (
     normalized_distance,
     normalized_distance_reference,
 )
+from ffsd_kernels.attention_group import AttentionMaps, attention_maps, attention_maps_reference
 from ffsd_kernels.distance_group import NormalizedDistances, normalized_distances, normalized_distances_reference
 from ffsd_kernels.diversity import (
     DiversityLoss,
@@ -53,6 +54,7 @@ from ffsd_kernels.logit_group import (
 
 __all__ = [
     "AttentionDistance",
+    "AttentionMaps",
     "CrossEntropyKLLoss",
     "DistillationKLLoss",
     "DiversityLoss",
@@ -68,6 +70,8 @@ __all__ = [
     "attention_distance_reference",
     "attention_map",
     "attention_map_reference",
+    "attention_maps",
+    "attention_maps_reference",
     "cross_entropy_kl_loss",
     "cross_entropy_kl_loss_reference",
     "diversity_loss",

@@ -7,6 +7,7 @@
 from ffsd_kernels.attention import attention_distance_reference as attention_distance
 from ffsd_kernels.attention import attention_map_reference as attention_map
 from ffsd_kernels.attention import normalized_distance_reference as normalized_distance
+from ffsd_kernels.attention_group import attention_maps_reference as attention_maps
 from ffsd_kernels.distance_group import normalized_distances_reference as normalized_distances
 from ffsd_kernels.diversity import diversity_loss_reference as diversity_loss
 from ffsd_kernels.diversity import diversity_shift_reference as diversity_shift
@@ -22,6 +23,7 @@ from ffsd_kernels.logit_group import online_distillation_losses_reference as onl
 __all__ = [
     "attention_distance",
     "attention_map",
+    "attention_maps",
     "cross_entropy_kl_loss",
     "diversity_loss",
     "diversity_shift",

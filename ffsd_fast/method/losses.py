@@ -139,24 +139,38 @@ def ffsd_losses(
     # Stacked, the students' last maps side by side are a channel slice of the stack's last tap: no concatenation.
     fusion_input = last_maps if nets.stack is None else stacked_last[:, : num_students * last_maps[0].shape[1]].detach()
     fusion_logits, fused = nets.fusion(fusion_input)
-    eval_targets = None
-    if nets.decoder_stack is not None:
-        # Every decoder's eval-mode targets in one stacked pass: students 1 … m−1 from the previous student's shifted
-        # map, the leader's from the fused map (student targets unused when the diversity terms are off).
-        shifted = [ops.diversity_shift(last_maps[i - 1]) for i in range(1, num_students)]
-        stacked = _eval_pass(nets.decoder_stack, torch.cat([*shifted, fused.detach()], dim=1))
-        eval_targets = _by_network(
-            nets.decoder_stack, [ops.attention_map(t, groups=nets.decoder_stack.count) for t in stacked]
-        )
-
-    # Each attention map is computed once and reused, with its gradient where a term needs one.
+    fused = fused.detach()
     if nets.stack is None:
+        # Each attention map is computed once and reused, with its gradient where a term needs one.
         student_attention = [[ops.attention_map(f) for f in taps] for taps in student_taps]
         leader_attention = [ops.attention_map(f) for f in leader_taps]
-    else:  # every network's map of a tap in one launch
-        grouped_attention = [ops.attention_map(t, groups=nets.stack.count) for t in taps]
-        per_network = _by_network(nets.stack, grouped_attention)
-        student_attention, leader_attention = per_network[:num_students], per_network[num_students]
+        fused_map, trans_fused_map = ops.attention_map(fused), ops.attention_map(trans_fused)
+        # A(concat(f_1 … f_m)) is the mean of the students' maps A(f_i): every student has C channels.
+        concat_attention = torch.stack([a[-1].detach() for a in student_attention]).mean(dim=0)
+        eval_targets = decoder_outputs = decoder_maps = None
+    else:
+        # Every decoder's eval-mode targets in one stacked pass: students 1 … m−1 from the previous student's shifted
+        # map, the leader's from the fused map (student targets unused when the diversity terms are off). The
+        # training pass follows it (the eval pass must see the old BN statistics); its inputs (students 1 … m−1, then
+        # the leader) are a slice of the last tap.
+        decoders = nets.decoder_stack
+        shifted = [ops.diversity_shift(last_maps[i - 1]) for i in range(1, num_students)]
+        eval_outputs = _eval_pass(decoders, torch.cat([*shifted, fused], dim=1))
+        train_outputs = decoders(stacked_last[:, leader_taps[-1].shape[1] :].detach())
+        decoder_outputs = _by_network(decoders, train_outputs)
+        # Every attention map of the step in one launch each way, each network's map an output of its own (no split
+        # to differentiate): the taps', the decoders' (eval and training), the fused map's, the head's, and the map of
+        # the students' last taps side by side, which is A(concat(f_1 … f_m)).
+        inputs = [*taps, *eval_outputs, *train_outputs, fused, trans_fused, fusion_input]
+        groups = [nets.stack.count] * len(taps) + [decoders.count] * 2 * len(eval_outputs) + [1, 1, 1]
+        maps = ops.attention_maps(inputs, groups)
+        tap_maps, maps = maps[: len(taps)], maps[len(taps) :]
+        eval_maps, train_maps = maps[: len(eval_outputs)], maps[len(eval_outputs) : 2 * len(eval_outputs)]
+        (fused_map,), (trans_fused_map,), (concat_attention,) = maps[2 * len(eval_outputs) :]
+        student_attention = [[m[i] for m in tap_maps] for i in range(num_students)]
+        leader_attention = [m[num_students] for m in tap_maps]
+        eval_targets = [[m[j] for m in eval_maps] for j in range(decoders.count)]
+        decoder_maps = [[m[j] for m in train_maps] for j in range(decoders.count)]
 
     if nets.stack is None:
         # Deep mutual learning, every student from every other one's detached logits, in one op.
@@ -197,14 +211,8 @@ def ffsd_losses(
     add("fusion.kl", fusion_kl)
     add("leader.ce", leader_ce)
     add("leader.kl", leader_kl)
-    fused = fused.detach()
-    add("leader.fusion", distance(leader_attention[-1], ops.attention_map(fused)), lambda_f)
-    # A(concat(f_1 … f_m)) is the mean of the students' maps A(f_i): every student has C channels.
-    if nets.stack is None:
-        concat_attention = torch.stack([a[-1].detach() for a in student_attention]).mean(dim=0)
-    else:
-        concat_attention = grouped_attention[-1][:, :num_students].detach().mean(dim=1, keepdim=True)
-    add("leader.trans_fusion", distance(ops.attention_map(trans_fused), concat_attention), lambda_f)
+    add("leader.fusion", distance(leader_attention[-1], fused_map), lambda_f)
+    add("leader.trans_fusion", distance(trans_fused_map, concat_attention), lambda_f)
     if eval_targets is None:
         target_maps = [ops.attention_map(g) for g in _eval_pass(nets.leader_decoder, fused)]
     else:
@@ -218,17 +226,10 @@ def ffsd_losses(
     # The decoders' training passes come after their eval passes above, which must see the old BN statistics.
     decoder_pairs = [(f"decoder{i}", nets.decoders[i - 1], i) for i in range(1, num_students)]
     decoder_pairs.append(("decoder_leader", nets.leader_decoder, None))
-    if nets.decoder_stack is not None:
-        # One stacked training pass: the inputs (students 1 … m−1, then the leader) are a slice of the last tap.
-        stacked = nets.decoder_stack(stacked_last[:, leader_taps[-1].shape[1] :].detach())
-        decoder_outputs = _by_network(nets.decoder_stack, stacked)
-        decoder_maps = _by_network(
-            nets.decoder_stack, [ops.attention_map(t, groups=nets.decoder_stack.count) for t in stacked]
-        )
     for j, (name, decoder, student) in enumerate(decoder_pairs):
         taps = leader_taps if student is None else student_taps[student]
         attention = leader_attention if student is None else student_attention[student]
-        if nets.decoder_stack is None:
+        if decoder_outputs is None:
             outputs = decoder(taps[-1].detach())
             output_maps = [ops.attention_map(g) for g in outputs]
         else:

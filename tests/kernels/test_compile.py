@@ -113,6 +113,23 @@ CASES = {
     "normalized_distances[1 pair,64,3000]fp16": lambda: K.normalized_distances(
         [_t((64, 3000), torch.float16)], [_t((64, 3000), torch.float16)]
     ),
+    # FFSD's attention maps of one step with --stack-networks: the taps of three stacked networks (bf16,
+    # channels-last, groups 3), the decoder outputs of two (groups 2) and two single maps, all in one call.
+    "attention_maps[8 tensors,128,...]bf16,channels-last,groups-3/2/1": lambda: sum(
+        m.float().sum()
+        for row in K.attention_maps(
+            [_t((128, 3 * c, r, r), BF16, channels_last=True) for c, r in ((16, 32), (32, 16), (64, 8))]
+            + [_t((128, 2 * c, r, r), BF16, channels_last=True) for c, r in ((16, 32), (32, 16), (64, 8))]
+            + [_t((128, 64, 8, 8), BF16, channels_last=True) for _ in range(2)],
+            [3, 3, 3, 2, 2, 2, 1, 1],
+        )
+        for m in row
+    ),
+    "attention_maps[2 tensors,64,...]fp32+fp16,nchw": lambda: sum(
+        m.float().sum()
+        for row in K.attention_maps([_t((64, 32, 32, 32)), _t((64, 16, 8, 8), torch.float16)], [2, 1])
+        for m in row
+    ),
     "diversity_loss[128,1,8,8]fp32": lambda: K.diversity_loss(_t((128, 1, 8, 8)), _t((128, 1, 8, 8), grad=False)),
     "diversity_loss[16,1,56,56]bf16": lambda: K.diversity_loss(
         _t((16, 1, 56, 56), BF16), _t((16, 1, 56, 56), BF16, False)
