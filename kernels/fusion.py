@@ -55,6 +55,21 @@ FUSION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _tile(C, H, W, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The [BLOCK_C, BLOCK_P] tile (channels × flattened pixels p = h·W + w of one sample) of program (pixel block,
+    sample, channel block), as every kernel on [B, C, H, W] maps here cuts them: ``(sample (int64), h, w, pixel mask,
+    channels (int64), channel mask, tile mask, tile index t = b·P + pid_p of the per-tile partials)``."""
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < H * W
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    full = c_mask[:, None] & p_mask[None, :]
+    return pid_b, p // W, p % W, p_mask, c.to(tl.int64), c_mask, full, pid_b * tl.num_programs(0) + pid_p
+
+
 # Forward. With taps t = 3·i + j (i, j ∈ {0, 1, 2}), di = i − 1, dj = j − 1 and zero padding,
 #   y[b, c, h, w] = Σ_t wt[c, t] · x[b, c, h + di, w + dj].
 # A program computes a [BLOCK_C, BLOCK_P] tile (channels × flattened pixels p = h·W + w) of one sample, accumulating
@@ -87,16 +102,7 @@ def _dw_forward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_c = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < H * W
-    h = p // W
-    w = p % W
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    c64 = c.to(tl.int64)
+    pid_b, h, w, p_mask, c64, c_mask, full, tile = _tile(C, H, W, BLOCK_C, BLOCK_P)
     x_base = x_ptr + pid_b * sx_b + c64[:, None] * sx_c
     if F64:
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float64)
@@ -110,19 +116,17 @@ def _dw_forward_kernel(
         v = tl.load(x_base + off[None, :], mask=c_mask[:, None] & m[None, :], other=0.0)
         wt = tl.load(w_ptr + c64 * 9 + t, mask=c_mask, other=0.0)
         acc += v.to(acc.dtype) * wt.to(acc.dtype)[:, None]
-    full = c_mask[:, None] & p_mask[None, :]
     y_off = pid_b * sy_b + c64[:, None] * sy_c + (h.to(tl.int64) * sy_h + w.to(tl.int64) * sy_w)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=full)
     if STATS:
-        n = tl.minimum(H * W - pid_p * BLOCK_P, BLOCK_P)
+        n = tl.minimum(H * W - tl.program_id(0) * BLOCK_P, BLOCK_P)
         s = tl.sum(acc, axis=1)  # invalid lanes hold 0 (every load is masked by p_mask)
         d = tl.where(full, acc - (s / n)[:, None], 0.0)
         m2 = tl.sum(d * d, axis=1)
-        tile = pid_b * tl.num_programs(0) + pid_p
         tl.store(part_ptr + tile * sp_t + c64 * sp_c, s, mask=c_mask)
         tl.store(part_ptr + tile * sp_t + c64 * sp_c + 1, m2, mask=c_mask)
     if COUNT:  # num_batches_tracked += 1, before the finish kernel (the next launch) reads it
-        first = (pid_p == 0) & (pid_b == 0) & (pid_c == 0)
+        first = (tile == 0) & (tl.program_id(2) == 0)
         tl.store(count_ptr, tl.load(count_ptr) + 1, mask=first)
 
 
@@ -173,17 +177,7 @@ def _dw_backward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_c = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < H * W
-    h = p // W
-    w = p % W
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    c64 = c.to(tl.int64)
-    full = c_mask[:, None] & p_mask[None, :]
+    pid_b, h, w, p_mask, c64, c_mask, full, tile = _tile(C, H, W, BLOCK_C, BLOCK_P)
     x_base = x_ptr + pid_b * sx_b + c64[:, None] * sx_c
     g_base = gy_ptr + pid_b * sg_b + c64[:, None] * sg_c
     y_base = y_ptr + pid_b * sy_b + c64[:, None] * sy_c
@@ -194,7 +188,6 @@ def _dw_backward_kernel(
     if STATS_GRAD:
         k1 = tl.load(k_ptr + c64 * 2, mask=c_mask, other=0.0).to(acc.dtype)[:, None]
         k2 = tl.load(k_ptr + c64 * 2 + 1, mask=c_mask, other=0.0).to(acc.dtype)[:, None]
-    tile = pid_b * tl.num_programs(0) + pid_p
     if NEED_W:
         g_off = h.to(tl.int64) * sg_h + w.to(tl.int64) * sg_w
         g_center = tl.load(g_base + g_off[None, :], mask=full, other=0.0).to(acc.dtype)
@@ -255,27 +248,17 @@ def _channel_stats_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_c = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < H * W
-    h = (p // W).to(tl.int64)
-    w = (p % W).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    c64 = c.to(tl.int64)
-    full = c_mask[:, None] & p_mask[None, :]
+    pid_b, h, w, p_mask, c64, c_mask, full, tile = _tile(C, H, W, BLOCK_C, BLOCK_P)
+    h, w = h.to(tl.int64), w.to(tl.int64)
     y = tl.load(y_ptr + pid_b * sy_b + c64[:, None] * sy_c + (h * sy_h + w * sy_w)[None, :], mask=full, other=0.0)
     y = y.to(tl.float64 if F64 else tl.float32)
-    n = tl.minimum(H * W - pid_p * BLOCK_P, BLOCK_P)
+    n = tl.minimum(H * W - tl.program_id(0) * BLOCK_P, BLOCK_P)
     s = tl.sum(y, axis=1)
     d = tl.where(full, y - (s / n)[:, None], 0.0)
-    tile = pid_b * tl.num_programs(0) + pid_p
     tl.store(part_ptr + tile * (2 * C) + c64 * 2, s, mask=c_mask)
     tl.store(part_ptr + tile * (2 * C) + c64 * 2 + 1, tl.sum(d * d, axis=1), mask=c_mask)
     if COUNT:
-        first = (pid_p == 0) & (pid_b == 0) & (pid_c == 0)
+        first = (tile == 0) & (tl.program_id(2) == 0)
         tl.store(count_ptr, tl.load(count_ptr) + 1, mask=first)
 
 
@@ -402,17 +385,8 @@ def _affine_relu_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_c = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < H * W
-    h = (p // W).to(tl.int64)
-    w = (p % W).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    c64 = c.to(tl.int64)
-    full = c_mask[:, None] & p_mask[None, :]
+    pid_b, h, w, p_mask, c64, c_mask, full, tile = _tile(C, H, W, BLOCK_C, BLOCK_P)
+    h, w = h.to(tl.int64), w.to(tl.int64)
     a = tl.load(stats_ptr + 2 * C + c64, mask=c_mask, other=0.0)[:, None]
     b = tl.load(stats_ptr + 3 * C + c64, mask=c_mask, other=0.0)[:, None]
     y_off = pid_b * sy_b + c64[:, None] * sy_c + (h * sy_h + w * sy_w)[None, :]
@@ -431,7 +405,6 @@ def _affine_relu_kernel(
                 grad = grad + k1 + k2 * y
             tl.store(out_ptr + o_off, grad.to(out_ptr.dtype.element_ty), mask=full)
         if NEED_AB:
-            tile = pid_b * tl.num_programs(0) + pid_p
             tl.store(part_ptr + tile * (2 * C) + c64 * 2, tl.sum(r * y, axis=1), mask=c_mask)
             tl.store(part_ptr + tile * (2 * C) + c64 * 2 + 1, tl.sum(r, axis=1), mask=c_mask)
     else:
