@@ -28,9 +28,10 @@ matmul on tensor cores; autocast casts it as it casts any conv):
   kernel and ``_affine_relu_kernel`` forward; backward the partials pass, the finish kernel and one elementwise
   pass that forms the whole input gradient.
 
-So a block is 3 + m forward launches and 6 + m backward launches besides the 1×1 conv (m = 1 for maps side by
-side), whatever BN's mode: every per-channel vector of BatchNorm (statistics, coefficients, running statistics,
-``num_batches_tracked``, the parameters' gradients) is computed inside a kernel, on the device, without host syncs.
+So a block in train mode is m + 5 launches forward and m + 6 backward besides the 1×1 conv (m = 1 for maps side
+by side; one fewer each way in eval mode): every per-channel vector of BatchNorm (statistics, coefficients, running
+statistics, ``num_batches_tracked``, the parameters' gradients) is computed inside a kernel, on the device, without
+host syncs.
 ``num_batches_tracked`` is incremented by the statistics pass, whose launch precedes the finish kernel that reads it
 (momentum None: the cumulative average).
 
@@ -817,8 +818,8 @@ def fusion_block(
     Returns:
         ``[B, C_out, H, W]`` in the inputs' dtype (the 1×1 conv's under autocast). Gradients reach the inputs, both
         conv weights and both BN affine parameters. The Triton kernels run on CUDA (or on CPU tensors under
-        ``TRITON_INTERPRET=1``), else the reference: 3 + m launches forward and 6 + m backward besides the 1×1
-        conv, no host syncs.
+        ``TRITON_INTERPRET=1``), else the reference: in train mode m + 5 launches forward and m + 6 backward
+        besides the 1×1 conv, no host syncs.
     """
     inputs = _as_list(inputs)
     _check(block, inputs)
