@@ -263,6 +263,22 @@ def _channel_stats_kernel(
         tl.store(count_ptr, tl.load(count_ptr) + 1, mask=first)
 
 
+# The column sums of per-tile partials part[t, c, 0:2] over the T tiles, for BLOCK_C channels, BLOCK_T tiles at a
+# time in a fixed order (deterministic, no atomics): the finish kernels' reduction.
+@triton.jit
+def _partial_sums(part_ptr, C, T, c64, c_mask, F64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    dtype = tl.float64 if F64 else tl.float32
+    first = tl.zeros([BLOCK_C], dtype=dtype)
+    second = tl.zeros([BLOCK_C], dtype=dtype)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask = (t < T)[:, None] & c_mask[None, :]
+        off = t.to(tl.int64)[:, None] * (2 * C) + c64[None, :] * 2
+        first += tl.sum(tl.load(part_ptr + off, mask=mask, other=0.0), axis=0)
+        second += tl.sum(tl.load(part_ptr + off + 1, mask=mask, other=0.0), axis=0)
+    return first, second
+
+
 # BN's per-channel vectors from the per-tile partials part[t, c, 0:2] = (s_t, M2_t) over T tiles of n_t pixels
 # (tile t covers pixels (t mod TILES_P)·TILE … of one sample), in a fixed order (deterministic, no atomics):
 #   mean = Σ s_t / N,   var = (Σ M2_t + Σ n_t (s_t/n_t − mean)²) / N   (Chan et al.; biased, N = Σ n_t),
@@ -303,23 +319,17 @@ def _bn_forward_finish_kernel(
     c64 = c.to(tl.int64)
     dtype = tl.float64 if F64 else tl.float32
     if BATCH:
-        total = tl.zeros([BLOCK_C], dtype=dtype)
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            mask = (t < T)[:, None] & c_mask[None, :]
-            off = t.to(tl.int64)[:, None] * (2 * C) + c64[None, :] * 2
-            total += tl.sum(tl.load(part_ptr + off, mask=mask, other=0.0), axis=0)
+        total, m2 = _partial_sums(part_ptr, C, T, c64, c_mask, F64, BLOCK_T, BLOCK_C)  # Σ s_t, Σ M2_t
         mean = total / N
-        m2 = tl.zeros([BLOCK_C], dtype=dtype)
+        # The second pass adds the spread of the tiles' means: Σ n_t (s_t/n_t − mean)².
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             mask = (t < T)[:, None] & c_mask[None, :]
             off = t.to(tl.int64)[:, None] * (2 * C) + c64[None, :] * 2
             s = tl.load(part_ptr + off, mask=mask, other=0.0)
-            q = tl.load(part_ptr + off + 1, mask=mask, other=0.0)
             n_t = tl.minimum(PIXELS - (t % TILES_P) * TILE, TILE).to(dtype)[:, None]
             d = s / n_t - mean[None, :]
-            m2 += tl.sum(tl.where(mask, q + n_t * d * d, 0.0), axis=0)
+            m2 += tl.sum(tl.where(mask, n_t * d * d, 0.0), axis=0)
         var = m2 / N
     else:
         mean = tl.load(rmean_ptr + c64, mask=c_mask, other=0.0).to(dtype)
@@ -440,14 +450,7 @@ def _bn_backward_finish_kernel(
     c_mask = c < C
     c64 = c.to(tl.int64)
     dtype = tl.float64 if F64 else tl.float32
-    ga = tl.zeros([BLOCK_C], dtype=dtype)
-    gb = tl.zeros([BLOCK_C], dtype=dtype)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        mask = (t < T)[:, None] & c_mask[None, :]
-        off = t.to(tl.int64)[:, None] * (2 * C) + c64[None, :] * 2
-        ga += tl.sum(tl.load(part_ptr + off, mask=mask, other=0.0), axis=0)
-        gb += tl.sum(tl.load(part_ptr + off + 1, mask=mask, other=0.0), axis=0)
+    ga, gb = _partial_sums(part_ptr, C, T, c64, c_mask, F64, BLOCK_T, BLOCK_C)
     mean = tl.load(stats_ptr + c64, mask=c_mask, other=0.0)
     rstd = tl.load(stats_ptr + C + c64, mask=c_mask, other=0.0)
     centred = ga - mean * gb

@@ -283,10 +283,28 @@ def test_rejects_wrong_inputs():
         block([torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4)])
 
 
+def check_bn_relu(bn: nn.BatchNorm2d, bn_ref: nn.BatchNorm2d, t: torch.Tensor) -> torch.Tensor:
+    """``_BatchNormReLUFunction`` with ``bn`` against ``relu(bn_ref(t))``: the output, the map's gradient, the affine
+    parameters' gradients (where there are parameters) and the buffers afterwards, at 1e-12; returns the output."""
+    leaf, leaf_ref = t.detach().requires_grad_(True), t.detach().requires_grad_(True)
+    got = fb._BatchNormReLUFunction.apply(bn, bn.weight, bn.bias, leaf)
+    want = torch.relu(bn_ref(leaf_ref))
+    g = torch.randn_like(want)
+    got.backward(g)
+    want.backward(g)
+    check("bn_relu output", got, want, 1e-12)
+    check("bn_relu grad t", leaf.grad, leaf_ref.grad, 1e-12)
+    for name, p in bn.named_parameters():
+        check(f"bn_relu grad {name}", p.grad, dict(bn_ref.named_parameters())[name].grad, 1e-12)
+    for name, buffer in bn.named_buffers():
+        assert torch.allclose(buffer, dict(bn_ref.named_buffers())[name], rtol=1e-12, atol=0), name
+    return got
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_batch_norm_relu_matches_torch_with_ties(train):
-    # u = y·a + b is exactly 0 where y = mean (train: a channel of zeros but one tile; eval: y = 0, β = 0 with running
-    # mean 0), and torch's ReLU passes no gradient there; the affine parameters and the map get their gradients.
+    # Channel 0 is all zeros and β₀ = 0: u = y·a + b is exactly 0 there (train: mean 0; eval: running mean 0), and
+    # torch's ReLU passes no gradient at 0.
     bn = nn.BatchNorm2d(5).to(DEVICE, torch.float64)
     randomize(bn)
     with torch.no_grad():
@@ -297,21 +315,8 @@ def test_batch_norm_relu_matches_torch_with_ties(train):
     bn_ref.load_state_dict(bn.state_dict())
     bn_ref.train(train)
     t = torch.randn(3, 5, 4, 3, dtype=torch.float64, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    t[:, 0] = 0.0 if not train else t[:, 0]
-    t[:, 0, 0, 0] = 0.0
-    leaf, leaf_ref = t.detach().requires_grad_(True), t.detach().requires_grad_(True)
-    got = fb._BatchNormReLUFunction.apply(bn, bn.weight, bn.bias, leaf)
-    want = torch.relu(bn_ref(leaf_ref))
-    g = torch.randn_like(want)
-    got.backward(g)
-    want.backward(g)
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    check("bn_relu output", got, want, 1e-12)
-    check("bn_relu grad t", leaf.grad, leaf_ref.grad, 1e-12)
-    for name, p in (("weight", bn.weight), ("bias", bn.bias)):
-        check(f"bn_relu grad {name}", p.grad, getattr(bn_ref, name).grad, 1e-12)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.allclose(getattr(bn, name), getattr(bn_ref, name), rtol=1e-12, atol=0), name
+    t[:, 0] = 0.0
+    assert check_bn_relu(bn, bn_ref, t).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_batch_norm_without_affine_or_running_stats():
@@ -322,17 +327,7 @@ def test_batch_norm_without_affine_or_running_stats():
         for train in (True, False):
             bn.train(train)
             bn_ref.train(train)
-            t = torch.randn(2, 4, 3, 5, dtype=torch.float64, device=DEVICE)
-            leaf, leaf_ref = t.detach().requires_grad_(True), t.detach().requires_grad_(True)
-            got = fb._BatchNormReLUFunction.apply(bn, bn.weight, bn.bias, leaf)
-            want = torch.relu(bn_ref(leaf_ref))
-            g = torch.randn_like(want)
-            got.backward(g)
-            want.backward(g)
-            check("bn_relu output", got, want, 1e-12)
-            check("bn_relu grad t", leaf.grad, leaf_ref.grad, 1e-12)
-            for name, buffer in bn.named_buffers():
-                assert torch.allclose(buffer, dict(bn_ref.named_buffers())[name], rtol=1e-12, atol=0), name
+            check_bn_relu(bn, bn_ref, torch.randn(2, 4, 3, 5, dtype=torch.float64, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
