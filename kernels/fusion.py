@@ -529,8 +529,8 @@ class _Tiles:
     """How a statistics pass cut a ``[B, C, H, W]`` map: ``part`` ``[B·tiles_p, C, 2]`` holds per-tile sums of
     ``tile`` pixels each (the last tile of a sample may hold fewer)."""
 
-    def __init__(self, part: torch.Tensor, tiles_p: int, tile: int, pixels: int) -> None:
-        self.part, self.tiles_p, self.tile, self.pixels = part, tiles_p, tile, pixels
+    def __init__(self, part: torch.Tensor, tiles_p: int, tile: int) -> None:
+        self.part, self.tiles_p, self.tile = part, tiles_p, tile
 
 
 def _counts(bn: nn.BatchNorm2d) -> bool:
@@ -569,7 +569,7 @@ def _depthwise_forward(
             STATS=stats, COUNT=count is not None and j == 0, F64=acc == torch.float64,
             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
         )  # fmt: skip
-    return y, (_Tiles(part, tiles_p, block_p, height * width) if stats else None)
+    return y, (_Tiles(part, tiles_p, block_p) if stats else None)
 
 
 def _depthwise_backward(
@@ -626,7 +626,7 @@ def _channel_stats(y: torch.Tensor, count: torch.Tensor | None) -> _Tiles:
         COUNT=count is not None, F64=part.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=num_warps,
     )  # fmt: skip
-    return _Tiles(part, tiles_p, block_p, height * width)
+    return _Tiles(part, tiles_p, block_p)
 
 
 def _bn_forward_finish(bn: nn.BatchNorm2d, tiles: _Tiles | None, y: torch.Tensor) -> torch.Tensor:
@@ -647,7 +647,7 @@ def _bn_forward_finish(bn: nn.BatchNorm2d, tiles: _Tiles | None, y: torch.Tensor
         bn.running_mean if running else stats, bn.running_var if running else stats,
         bn.num_batches_tracked if update else stats, stats,
         channels, tiles_count, 1 if tiles is None else tiles.tiles_p, 1 if tiles is None else tiles.tile,
-        1 if tiles is None else tiles.pixels, n, *_fp32_pair(bn.eps), *_fp32_pair(bn.momentum or 0.0),
+        y.shape[2] * y.shape[3], n, *_fp32_pair(bn.eps), *_fp32_pair(bn.momentum or 0.0),
         BATCH=tiles is not None, UPDATE=update, CUMULATIVE=update and bn.momentum is None, AFFINE=affine,
         F64=acc == torch.float64, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
     )  # fmt: skip
