@@ -30,6 +30,7 @@ torch, triton, commit, date, run_id. A table is printed last.
 """
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -47,19 +48,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-import ffsd_kernels.reference  # noqa: E402
-from ffsd_fast.method.losses import LossOptions, step_losses  # noqa: E402
-from ffsd_fast.method.networks import FFSDNetworks, build_networks  # noqa: E402
-from ffsd_fast.step.distributed import (  # noqa: E402
-    NO_FORWARD_BUFFER_SYNC,
-    DataParallelLosses,
-    StepLosses,
-    data_parallel,
-)
+from ffsd_fast.method import registry  # noqa: E402
+from ffsd_fast.method.base import Method  # noqa: E402
+from ffsd_fast.step.distributed import NO_FORWARD_BUFFER_SYNC, data_parallel  # noqa: E402
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
-from ffsd_fast.step.train_step import Stepper  # noqa: E402
+from ffsd_fast.step.train_step import TrainStep  # noqa: E402
 from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
 
 VARIANTS = ("none", "averager", "ddp", "ddp-per-network", "ddp-bf16", "ddp-buffer-sync")
@@ -122,12 +118,11 @@ def parse_workload(name: str) -> dict:
     }
 
 
-def per_network(nets: FFSDNetworks, options: LossOptions, ops, device: torch.device, bucket_mb: int) -> Callable:
-    """The losses over a view of ``nets`` in which every network is its own DDP (same settings as the trainer's)."""
+def per_network(nets: Method, device: torch.device, bucket_mb: int) -> nn.Module:
+    """A shallow copy of ``nets`` in which every network (the leader's backbone and head each) is its own DDP, with
+    the trainer's settings; its forward is the step's losses over them."""
 
-    def wrap(module):
-        if module is None:
-            return None
+    def wrap(module: nn.Module) -> DistributedDataParallel:
         return DistributedDataParallel(
             module,
             device_ids=[device] if device.type == "cuda" else None,
@@ -137,49 +132,54 @@ def per_network(nets: FFSDNetworks, options: LossOptions, ops, device: torch.dev
             **NO_FORWARD_BUFFER_SYNC,
         )
 
-    view = FFSDNetworks(
-        [wrap(s) for s in nets.students],
-        [wrap(d) for d in nets.decoders],
-        wrap(nets.leader_decoder),
-        wrap(nets.fusion),
-        wrap(nets.leader),
-        nets.method,
+    def view_of(module: nn.Module, **children: nn.Module) -> nn.Module:
+        view = copy.copy(module)
+        view._modules = {**module._modules, **children}
+        view.__dict__.pop("_form", None)  # the view's networks run through its own form
+        return view
+
+    leader = view_of(nets.leader, backbone=wrap(nets.leader.backbone), head=wrap(nets.leader.head))
+    return view_of(
+        nets,
+        students=nn.ModuleList(wrap(s) for s in nets.students),
+        decoders=nn.ModuleList(wrap(d) for d in nets.decoders),
+        leader_decoder=wrap(nets.leader_decoder),
+        fusion=wrap(nets.fusion),
+        leader=leader,
     )
-    return lambda images, labels, lambdas: step_losses(view, images, labels, lambdas, options, ops)
 
 
 def make_step(variant: str, workload: dict, device: torch.device, world_size: int, bucket_mb: int) -> Callable:
     torch.manual_seed(0)
-    nets = build_networks(workload["model"], workload["classes"], workload["m"], workload["size"]).to(device).train()
+    nets = registry.create("ffsd", workload["model"], workload["classes"], workload["m"], workload["size"])
+    nets = nets.to(device).train()
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.05, 1e-3)
-    options, ops = LossOptions(), ffsd_kernels.reference
     lambdas = torch.tensor(LAMBDAS, device=device)
-    losses, averager = None, None
+    module, averager = None, None
     if variant == "averager":
         averager = GradientAverager(list(nets.parameters()), world_size)
     elif variant in ("ddp", "ddp-bf16"):
-        losses = data_parallel(nets, options, ops, bucket_mb, "bf16" if variant == "ddp-bf16" else "none")
+        module = data_parallel(nets, bucket_mb, "bf16" if variant == "ddp-bf16" else "none")
     elif variant == "ddp-buffer-sync":  # data_parallel's DDP, but for DDP's default buffer broadcast
-        ddp = DistributedDataParallel(
-            StepLosses(nets, options, ops),
+        module = DistributedDataParallel(
+            nets,
             device_ids=[device] if device.type == "cuda" else None,
             bucket_cap_mb=bucket_mb,
             static_graph=True,
             gradient_as_bucket_view=True,
         )
-        losses = DataParallelLosses(ddp)
     elif variant == "ddp-per-network":
-        losses = per_network(nets, options, ops, device, bucket_mb)
-    stepper = Stepper(nets, optimizers, lambdas, options, ops, losses=losses)
+        module = per_network(nets, device, bucket_mb)
+    stepper = TrainStep(nets, optimizers, lambdas, module=module)
     if averager is None:
         return stepper
 
     def averaged(images: torch.Tensor, labels: torch.Tensor) -> None:
-        # The step as train_step ran it with the averager: backward, then the averager, then the optimisers.
+        # The step with the hand-made averager: backward, then the averager, then the optimisers.
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        step_losses(nets, images, labels, lambdas, options, ops).total.backward()
+        nets(images, labels, lambdas).total.backward()
         averager()
         for optimizer in optimizers:
             optimizer.step()

@@ -10,9 +10,9 @@ that overruns is interrupted (SIGINT, then SIGKILL 5 s later), recorded as ``tim
 A stage may use the time earlier ones left unused, never the time reserved for the stages after it, and the whole
 run keeps within ``--budget``. Stages:
 
-1. ``cuda-changed`` (30 s): the CUDA tests changed since the last GPU session (the captured step against the
-   eager one, and the same stacked on the Triton kernels; the Triton step against the PyTorch one), alone, so that
-   they report even if the rest runs out;
+1. ``cuda-step`` (30 s): the CUDA tests of the training step (the captured step against the eager one, stacked
+   on the Triton kernels too; the Triton step against the PyTorch one), alone, so that the step reports even if
+   the rest runs out;
    ``cuda-tests`` (60 s): every other ``pytest -m cuda`` test, on 8 pytest-xdist workers where xdist imports.
 2. ``trainer-cifar`` (40 s) and ``trainer-stacked`` (25 s, ``--stack-networks``): ``ffsd-train`` with the device's
    defaults (on CUDA: Triton losses, bf16, channels-last, the captured step) on a CIFAR-100 tree in the official
@@ -73,12 +73,8 @@ STAMP = ROOT / ".code_commit"
 WHEELS = ROOT / ".gpu-wheels"
 DALI_SITE = Path(tempfile.gettempdir()) / "ffsd-gpu-check-dali"
 GRACE_S = 5.0
-# The captured stacked step is new too: the grouped distance op copies its table to the device inside the capture.
-CHANGED_TESTS = (
-    "test_captured_step_trains_exactly_like_the_eager_step or test_triton_kernels_step_equals_torch_step"
-    " or test_captured_stacked_step_with_triton_kernels_trains_like_the_eager_step"
-)
-CHANGED_FILES = ("tests/unit/step/test_train_step.py", "tests/integration/test_step_parity.py")
+# The training step's CUDA tests, run first: a step that is wrong on the GPU makes every later stage's numbers moot.
+STEP_TESTS = ("tests/unit/step/test_train_step.py", "tests/integration/test_step_parity.py")
 THROUGHPUT_VARIANTS = ("reference", "fast", "fast-cudnn-blocks", "stacked", "stacked-cudnn-blocks", "backbones-only")
 PROFILED = ("fast", "stacked", "fast-cudnn-blocks")
 TINY_BUDGET_S = 180.0  # per stage on a CPU, where a shared machine can be slow; the sizes keep each to seconds
@@ -275,8 +271,8 @@ def pytest_stage(ctx: Context, stage: str, timeout: float, argv: list[str]) -> d
     return {"status": status, "reason": counts, "detail": detail}
 
 
-def stage_cuda_changed(ctx: Context, timeout: float) -> dict:
-    return pytest_stage(ctx, "cuda-changed", timeout, [*CHANGED_FILES, "-m", "cuda", "-k", CHANGED_TESTS])
+def stage_cuda_step(ctx: Context, timeout: float) -> dict:
+    return pytest_stage(ctx, "cuda-step", timeout, [*STEP_TESTS, "-m", "cuda"])
 
 
 def stage_cuda_tests(ctx: Context, timeout: float) -> dict:
@@ -284,7 +280,8 @@ def stage_cuda_tests(ctx: Context, timeout: float) -> dict:
 
     # Workers compile the Triton kernels in parallel (most of the 2 minutes one process took on an H100).
     workers = ["-n", "8", "--dist", "loadgroup"] if importlib.util.find_spec("xdist") else []
-    return pytest_stage(ctx, "cuda-tests", timeout, ["tests", "-m", "cuda", "-k", f"not ({CHANGED_TESTS})", *workers])
+    ignored = [f"--ignore={path}" for path in STEP_TESTS]
+    return pytest_stage(ctx, "cuda-tests", timeout, ["tests", "-m", "cuda", *ignored, *workers])
 
 
 def trainer_stage(ctx: Context, stage: str, timeout: float) -> dict:
@@ -465,7 +462,7 @@ def stage_profile(ctx: Context, timeout: float) -> dict:
 
 # (name, budget on an H100/H200 in seconds, CUDA only, the stage): in priority order.
 STAGES: list[tuple[str, float, bool, Callable[[Context, float], dict]]] = [
-    ("cuda-changed", 30, True, stage_cuda_changed),
+    ("cuda-step", 30, True, stage_cuda_step),
     ("cuda-tests", 60, True, stage_cuda_tests),
     ("trainer-cifar", 40, False, stage_trainer_cifar),
     ("trainer-stacked", 25, False, stage_trainer_stacked),
@@ -720,7 +717,7 @@ def eager_activities(stepper, images, labels, path: Path) -> list[dict]:
 
     JITFunction.run = marked_launch
     try:
-        with step_kernels.attributed(stepper.nets, attribution), PhaseMarks():
+        with step_kernels.attributed(stepper.method, attribution), PhaseMarks():
             return traced(lambda: stepper(images, labels), 1, path)
     finally:
         JITFunction.run = launch
@@ -740,8 +737,8 @@ def profile_variant(workload: dict, variant: str, logs: Path, prefix: str) -> di
     steps = 3
     replay = traced(lambda: captured(images, labels), steps, logs / f"{prefix}-captured.json")
     kernels = [a for a in replay if a["kind"] == "kernel"]
-    captured.stepper(images, labels)  # an eager warm-up: the first eager call of a captured stepper
-    eager = eager_activities(captured.stepper, images, labels, logs / f"{prefix}-eager.json")
+    captured.step(images, labels)  # an eager warm-up: the first eager call of a captured step
+    eager = eager_activities(captured.step, images, labels, logs / f"{prefix}-eager.json")
     eager_kernels = [a for a in eager if a["kind"] == "kernel"]
     per_step = len(kernels) // steps
     # A replay runs the captured kernels in launch order: where they are the eager step's, name by name, the eager

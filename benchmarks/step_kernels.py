@@ -5,7 +5,7 @@
 
 Why: on a GPU the step runs as one CUDA graph, and the small CIFAR networks are bound by how many kernels it
 launches, not by their arithmetic. This counts them without a GPU, for the workloads and variants of
-``train_throughput.py`` (``parse_workload``; ``make_step``: the real ``Stepper``, or the authors' sequential step).
+``train_throughput.py`` (``parse_workload``; ``make_step``: the real ``TrainStep``, or the authors' sequential step).
 
 What counts as a kernel:
 
@@ -95,8 +95,8 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from ffsd_fast.method.networks import FFSDNetworks  # noqa: E402
-from ffsd_fast.step.train_step import Stepper  # noqa: E402
+from ffsd_fast.method.base import Method  # noqa: E402
+from ffsd_fast.step.train_step import TrainStep  # noqa: E402
 from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
 from ffsd_kernels._dispatch import INTERPRETER  # noqa: E402
 from tests.helpers.kernel_launches import no_kernel_reason  # noqa: E402  (the rule the kernel tests count by)
@@ -346,19 +346,21 @@ def host_tensors(optimizers: list[torch.optim.Optimizer]) -> set[int]:
     return host
 
 
-def phase_modules(nets: FFSDNetworks) -> dict[str, list[nn.Module]]:
-    leader = nets.leader
+def phase_modules(method: Method) -> dict[str, list[nn.Module]]:
+    """The modules each phase's forward runs in: the backbones (every group of networks but the decoders, and
+    their stacks), the decoders (and their stack), and FFSD's fusion module and trans-fusion head."""
+    groups, stacks = method.stack_groups(), getattr(method.form, "stacks", {})
+    leader = getattr(method, "leader", None)
     return {
-        "backbones": [*nets.students, *([leader.backbone] if leader is not None else [])]
-        + ([nets.stack] if nets.stack is not None else []),
-        "decoders": [*nets.decoders, *([nets.leader_decoder] if nets.leader_decoder is not None else [])]
-        + ([nets.decoder_stack] if nets.decoder_stack is not None else []),
-        "fusion": [*([nets.fusion] if nets.fusion is not None else []), *([leader.head] if leader is not None else [])],
+        "backbones": [m for name, group in groups.items() if name != "decoders" for m in group]
+        + [stack for name, stack in stacks.items() if name != "decoders"],
+        "decoders": [*groups.get("decoders", []), *([stacks["decoders"]] if "decoders" in stacks else [])],
+        "fusion": [m for m in (getattr(method, "fusion", None), getattr(leader, "head", None)) if m is not None],
     }
 
 
 @contextmanager
-def attributed(nets: FFSDNetworks, attribution: Attribution) -> Iterator[None]:
+def attributed(nets: Method, attribution: Attribution) -> Iterator[None]:
     """Hooks that tell ``attribution`` which phase and direction run, for as long as the block lasts."""
 
     def enter(phase: str):
@@ -437,8 +439,8 @@ def count_step(workload: dict, variant: str, run_triton: bool = False) -> dict:
     """The kernels of the second step of ``variant`` on a batch of ``workload``'s shape (``run_triton``: the Triton
     kernels run in the interpreter, rather than only being launched)."""
     step = cpu_step(workload, variant)
-    if isinstance(step, Stepper):
-        nets, optimizers = step.nets, step.optimizers
+    if isinstance(step, TrainStep):
+        nets, optimizers = step.method, step.optimizers
     else:  # the reference's closure
         captured = inspect.getclosurevars(step).nonlocals
         nets, optimizers = captured["nets"], tree_leaves(captured["optimizers"])
@@ -452,7 +454,7 @@ def count_step(workload: dict, variant: str, run_triton: bool = False) -> dict:
         step(images, labels)  # the first step: optimiser state, lazy initialisation
         launches.clear()
         counter.host = host_tensors(optimizers)
-        counter.autocast = isinstance(step, Stepper) and step.amp_dtype is not None
+        counter.autocast = isinstance(step, TrainStep) and step.amp_dtype is not None
         with attributed(nets, attribution), cpu_only_checks(counter), counter:
             step(images, labels)
     counter.unread_casts()

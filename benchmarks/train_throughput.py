@@ -60,11 +60,10 @@ import triton  # noqa: E402
 
 import ffsd_kernels  # noqa: E402
 import ffsd_kernels.reference  # noqa: E402
-from ffsd_fast.method.losses import LossOptions  # noqa: E402
-from ffsd_fast.method.networks import build_networks, compile_networks  # noqa: E402
+from ffsd_fast.method import registry  # noqa: E402
 from ffsd_fast.step.cuda_graph import CapturedStep  # noqa: E402
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
-from ffsd_fast.step.train_step import Stepper  # noqa: E402
+from ffsd_fast.step.train_step import TrainStep  # noqa: E402
 from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
 from tests.helpers.sequential_reference import make_reference_optimizers, reference_step  # noqa: E402
 
@@ -167,7 +166,8 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
     """A function of one batch that runs one training step of the variant (and nothing else)."""
     torch.manual_seed(0)
     if variant == "reference":
-        nets = build_networks(workload["model"], workload["classes"], workload["m"], workload["size"]).to(device)
+        nets = registry.create("ffsd", workload["model"], workload["classes"], workload["m"], workload["size"])
+        nets = nets.to(device)
         optimizers = make_reference_optimizers(nets, lr=0.1, decoder_lr=1e-3)
 
         def reference(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -177,35 +177,30 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
         return reference
     flags = levers(variant, device)
     method, students = ("independent", workload["m"] + 1) if variant == "backbones-only" else ("ffsd", workload["m"])
-    nets = build_networks(
+    kernels = "triton" if flags.get("triton") else "torch"
+    if flags.get("triton") and flags.get("torch_ops"):
+        kernels = ops_without(flags["torch_ops"])
+    fused = flags.get("fused_blocks", flags.get("triton", False))
+    nets = registry.create(
+        method,
         workload["model"],
         workload["classes"],
         students,
         workload["size"],
-        fused_blocks=flags.get("fused_blocks", flags.get("triton", False)),
-        method=method,
+        fusion_kernel="triton" if fused else "torch",
+        kernels=kernels,
     ).to(device)
     if flags.get("channels_last"):
         nets = nets.to(memory_format=torch.channels_last)
     if flags.get("stack"):
-        nets.stack_backbones(workload["model"])
+        nets.stack()
     if flags.get("compile"):
-        compile_networks(nets)
+        nets.compile_networks()
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.1, 1e-3)
-    ops = ffsd_kernels if flags.get("triton") else ffsd_kernels.reference
-    if flags.get("triton") and flags.get("torch_ops"):
-        ops = ops_without(flags["torch_ops"])
     amp = torch.bfloat16 if flags.get("amp") else None
-    stepper = Stepper(
-        nets.train(),
-        optimizers,
-        torch.tensor(LAMBDAS, device=device),
-        LossOptions(),
-        ops,
-        amp,
-        channels_last=flags.get("channels_last", False),
-    )
+    lambdas = torch.tensor(LAMBDAS if method == "ffsd" else (), device=device)
+    stepper = TrainStep(nets.train(), optimizers, lambdas, amp, channels_last=flags.get("channels_last", False))
     return CapturedStep(stepper) if flags.get("cuda_graph") else stepper
 
 

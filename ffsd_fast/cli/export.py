@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"ffsd-export: error: {error}", file=sys.stderr)
         return 2
-    print(f"leader backbone written to {path}, its description to {sidecar_path(path)}")
+    print(f"deployed network written to {path}, its description to {sidecar_path(path)}")
     return 0
 
 

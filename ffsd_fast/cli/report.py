@@ -7,9 +7,9 @@ processes (``world_size``: the global batch is ``batch_size`` × ``world_size``)
 one run and not another (a newer or older version of the code) splits the group too; its value shows as ``?``.
 Each row gives n (the runs) and their seeds, and mean ± std over them of the number the paper reports, each
 network's *best* top-1 over epochs (the leader's for FFSD, the students' mean for the baselines), and of the
-final-epoch one, next to the published leader top-1 (``ffsd-spec.md``) and the difference from the middle of its
-range. The *settings* column names only the fields on which the rows of one (dataset, model, method, m) differ, so
-a lone row shows ``–``.
+final-epoch one, next to the paper's top-1 (the method's ``published``, FFSD's leader) and the difference from the
+middle of its range. The *settings* column names only the fields on which the rows of one (dataset, model, method,
+m) differ, so a lone row shows ``–``.
 
 Two runs with the same seed in a row are not independent samples (a rerun, or the same run under two output
 folders): they stay in the mean, since the report cannot tell which one to drop, but the seeds cell says
@@ -27,20 +27,8 @@ import sys
 from pathlib import Path
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.trainer.config import RESULT_NEUTRAL
-
-# Published leader top-1 (%), the paper's three runs as a range; ffsd-spec.md, "Published leader top-1".
-PUBLISHED: dict[tuple[str, str], tuple[float, float]] = {
-    ("cifar100", "resnet20"): (72.58, 72.88),
-    ("cifar100", "resnet32"): (74.82, 74.92),
-    ("cifar100", "resnet56"): (75.66, 75.91),
-    ("cifar100", "wrn16_2"): (75.69, 75.87),
-    ("cifar100", "wrn40_2"): (79.11, 79.19),
-    ("cifar100", "densenet40"): (77.17, 77.70),
-    ("cifar100", "googlenet"): (81.34, 81.93),
-    ("imagenet", "resnet18"): (70.87, 70.87),
-    ("imagenet", "resnet34"): (74.69, 74.69),
-}
+from ffsd_fast.method import registry
+from ffsd_fast.trainer.config import FIELDS, RESULT_NEUTRAL
 
 
 def load_summaries(runs_dir: Path) -> list[dict]:
@@ -57,11 +45,29 @@ def load_summaries(runs_dir: Path) -> list[dict]:
     return summaries
 
 
+def method_name(summary: dict) -> str:
+    # A summary written before --method existed is of a run of the default method.
+    return summary.get("method", FIELDS["method"].default)
+
+
+def _reported(summary: dict) -> str:
+    """What the run's method reports: its deployed network, or ``students`` (their mean); ``students`` for a method
+    this process does not know."""
+    name = method_name(summary)
+    return registry.get(name).reported if name in registry.names() else "students"
+
+
+def published(dataset: str, model: str, method: str) -> tuple[float, float] | None:
+    """The paper's top-1 range of the method's reported network, where its declaration gives one."""
+    return registry.get(method).published.get((dataset, model)) if method in registry.names() else None
+
+
 def headline(summary: dict, best: bool) -> float:
-    """The run's reported top-1: the leader's (FFSD) or the students' mean (baselines), best over epochs or final."""
+    """The run's reported top-1 (FFSD: the leader's; the baselines: the students' mean), best over epochs or final."""
     prefix = "best_" if best else ""
-    if summary.get("method", "ffsd") == "ffsd":
-        return summary[f"{prefix}leader_top1"]
+    reported = _reported(summary)
+    if reported != "students":
+        return summary[f"{prefix}{reported}_top1"]
     students = summary[f"{prefix}students_top1"]
     return sum(students) / len(students)
 
@@ -120,19 +126,18 @@ def _seeds_cell(seeds: list[int | None], repeated: list[int]) -> str:
     return f"{cell} (repeated)" if repeated else cell
 
 
-def rows(summaries: list[dict]) -> list[dict]:
+def _groups(summaries: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs by (dataset, model, method, m, whether the configuration is known, its settings)."""
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
         fields, known = settings(s)
-        key = (
-            s["dataset"],
-            s["model"],
-            s.get("method", "ffsd"),
-            s["num_students"],
-            known,
-            tuple(sorted(fields.items())),
-        )
+        key = (s["dataset"], s["model"], method_name(s), s["num_students"], known, tuple(sorted(fields.items())))
         groups.setdefault(key, []).append(s)
+    return groups
+
+
+def rows(summaries: list[dict]) -> list[dict]:
+    groups = _groups(summaries)
     # The groups of one (dataset, model, method, m), to find the fields their settings column shows.
     members: dict[tuple, list[tuple[dict, bool]]] = {}
     for dataset, model, method, m, known, items in groups:
@@ -158,8 +163,8 @@ def rows(summaries: list[dict]) -> list[dict]:
         repeated = sorted({seed for seed in seeds if seed is not None and seeds.count(seed) > 1})
         best, best_std = _mean_std([headline(s, best=True) for s in runs])
         final, final_std = _mean_std([headline(s, best=False) for s in runs])
-        published = PUBLISHED.get((dataset, model)) if method == "ffsd" else None
-        middle = sum(published) / 2 if published else None
+        paper = published(dataset, model, method)
+        middle = sum(paper) / 2 if paper else None
         table.append(
             {
                 "dataset": dataset,
@@ -176,7 +181,7 @@ def rows(summaries: list[dict]) -> list[dict]:
                 "best_std": best_std,
                 "final": final,
                 "final_std": final_std,
-                "published": published,
+                "published": paper,
                 "difference": best - middle if middle is not None else None,
             }
         )

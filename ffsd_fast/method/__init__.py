@@ -1,2 +1,10 @@
-"""The method layer: FFSD's networks (students, fusion module, leader, self-distillation decoders), its loss terms,
-and the loader of the authors' weights."""
+"""The method layer: each online-distillation method one module (its networks, loss terms, parameter groups,
+evaluated and deployed networks), the forms its networks run in, the registry, and the loader of the authors'
+weights. A method registers itself on import: the lines below import the built-in ones, in the order every list of
+methods shows them (FFSD, then its baselines)."""
+
+# isort: off
+from ffsd_fast.method import ffsd  # noqa: F401
+from ffsd_fast.method import dml, independent  # noqa: F401
+
+# isort: on

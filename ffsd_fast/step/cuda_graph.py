@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.losses import LossTerms
-from ffsd_fast.step.train_step import Stepper
+from ffsd_fast.method.base import LossTerms
+from ffsd_fast.step.train_step import TrainStep
 
 # Eager steps before the capture: 3 for one process (cuDNN's and Triton's choices), PyTorch's documented minimum of 11
 # under DDP.
@@ -39,7 +39,7 @@ def check_capturable(device: torch.device, optimizer_impl: str) -> None:
 
 
 class CapturedStep:
-    """Runs ``stepper`` like ``stepper(images, labels)``, replaying a captured graph for batches of the captured
+    """Runs ``step`` like ``step(images, labels)``, replaying a captured graph for batches of the captured
     shape.
 
     Capture happens on the first batch, after ``warmup`` eager steps on a side stream (they let cuDNN pick its
@@ -51,36 +51,23 @@ class CapturedStep:
     those tensors' addresses.
     """
 
-    def __init__(self, stepper: Stepper, warmup: int = WARMUP_STEPS) -> None:
-        self.stepper = stepper
+    def __init__(self, step: TrainStep, warmup: int = WARMUP_STEPS) -> None:
+        self.step = step
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shape: tuple[torch.Size, torch.Size] | None = None
 
-    # The trainer reads these from whichever step object it holds.
-    @property
-    def nets(self):
-        return self.stepper.nets
-
-    @property
-    def optimizers(self):
-        return self.stepper.optimizers
-
-    @property
-    def lambdas(self):
-        return self.stepper.lambdas
-
     def _state(self) -> list[torch.Tensor]:
-        nets, tensors = self.stepper.nets, []
-        tensors += [*nets.parameters(), *nets.buffers()]
-        for optimizer in self.stepper.optimizers:
+        method = self.step.method
+        tensors = [*method.parameters(), *method.buffers()]
+        for optimizer in self.step.optimizers:
             for state in optimizer.state.values():
                 tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
         return tensors
 
     def snapshot(self) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
         """Copies of everything a training step changes, for ``undo``."""
-        return {id(t): t.detach().clone() for t in self._state()}, self._scaler_state()
+        return {id(t): t.detach().clone() for t in self._state()}, self.step.scaler.state_dict()
 
     def undo(self, saved: tuple[dict[int, torch.Tensor], dict[str, Any]]) -> None:
         """Every step since ``saved = snapshot()`` undone, in place."""
@@ -91,13 +78,9 @@ class CapturedStep:
                     tensor.copy_(before[id(tensor)])
                 else:
                     tensor.zero_()
-        if self.stepper.scaler is not None:
-            # In place too (load_state_dict fills the scale and growth tracker that the graph reads), and right
-            # whether the warm-up made them or not: the scale may have halved or grown during it.
-            self.stepper.scaler.load_state_dict(scaler_state)
-
-    def _scaler_state(self) -> dict[str, Any]:
-        return self.stepper.scaler.state_dict() if self.stepper.scaler is not None else {}
+        # In place too (load_state_dict fills the scale and growth tracker that the graph reads), and right whether
+        # the warm-up made them or not: the scale may have halved or grown during it. A disabled scaler has none.
+        self.step.scaler.load_state_dict(scaler_state)
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         saved = self.snapshot()
@@ -106,11 +89,11 @@ class CapturedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.stepper(self.static_images, self.static_labels)
+                self.step(self.static_images, self.static_labels)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_terms = self.stepper(self.static_images, self.static_labels)
+            self.static_terms = self.step(self.static_images, self.static_labels)
         self.shape = (images.shape, labels.shape)
         self.undo(saved)
 
@@ -120,7 +103,7 @@ class CapturedStep:
             self.graph.replay()
             return self.static_terms
         if (images.shape, labels.shape) != self.shape:
-            return self.stepper(images, labels)
+            return self.step(images, labels)
         self.static_images.copy_(images)
         self.static_labels.copy_(labels)
         self.graph.replay()

@@ -1,14 +1,14 @@
 """Data-parallel training under ``torchrun``: one process per GPU (or several CPU processes over gloo).
 
 Every trained network's gradients are averaged by ``torch.nn.parallel.DistributedDataParallel``: one DDP around
-``StepLosses``, a module that holds every network and whose forward computes the step's losses (timm's task-module
+the method, a module that holds every network and whose forward computes the step's losses (timm's task-module
 pattern), so the all-reduce of each ~``--ddp-bucket-mb`` bucket starts as soon as the backward has filled it and runs
 under the rest of the backward. One DDP around the whole step rather than one per network: the same arithmetic and,
 on the CPU, the same speed within the noise (``benchmarks/ddp_step.py``, ``benchmarks/results/ddp_step.jsonl``), but
 one set of buckets, and nothing that reaches into a network past its DDP wrapper (the stacked step calls
-``nets.leader.head`` directly) or that changes when the set of networks changes.
+``leader.head`` directly) or that changes when the set of networks changes.
 
-BatchNorm buffers stay as they were under the hand-made averager: each rank updates its own running statistics, and
+BatchNorm buffers: each rank updates its own running statistics, and
 rank 0's are broadcast before every evaluation and checkpoint (``broadcast_state(..., buffers_only=True)``), so that
 every rank evaluates, and the checkpoint holds, the same networks. DDP's broadcast of rank 0's buffers before every
 forward is off (``broadcast_buffers=False``): training normalises with batch statistics, and the one place where it
@@ -16,7 +16,7 @@ reads running ones (the decoders' eval-mode pass that makes the self-distillatio
 average over its own batches of the same distribution; a broadcast there would put one more collective on every
 step's critical path (before the forward, where nothing overlaps it, and inside a captured graph) and change the
 arithmetic of runs made so far. A resume stays exact: the checkpoint holds the statistics that every rank had just
-received. ``--sync-bn`` makes the batch statistics global on CUDA (``SyncBatchNorm``), as before.
+received. ``--sync-bn`` makes the batch statistics global on CUDA (``SyncBatchNorm``).
 """
 
 import contextlib
@@ -24,7 +24,6 @@ import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,8 +32,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.losses import LossOptions, LossTerms, step_losses
-from ffsd_fast.method.networks import FFSDNetworks
+from ffsd_fast.method.base import Method
 
 # --grad-compression: DDP's built-in hooks, which cast each bucket to half precision for the all-reduce (half the
 # bytes on the wire) and back to fp32 after it.
@@ -152,48 +150,15 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
-class StepLosses(torch.nn.Module):
-    """The step's forward as one module, the one that DDP wraps: every trained network is a submodule (so DDP
-    averages every gradient), and ``forward`` computes the step's loss terms (``method.losses.step_losses``)."""
-
-    def __init__(self, nets: FFSDNetworks, options: LossOptions, ops: ModuleType) -> None:
-        super().__init__()
-        self.nets, self.options, self.ops = nets, options, ops
-
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        terms = step_losses(self.nets, images, labels, lambdas, self.options, self.ops)
-        # A tuple, not the LossTerms: DDP finds the output's tensors with pytree (the first backward of a static graph
-        # must pass through them, or that step's gradients are never reduced), and a LossTerms is opaque to pytree.
-        return terms.values, terms.weighted, terms.total
-
-
-class DataParallelLosses:
-    """``losses(images, labels, lambdas)``: the step's ``LossTerms``, computed through DDP, whose backward averages
-    every gradient over the ranks."""
-
-    def __init__(self, ddp: DistributedDataParallel) -> None:
-        self.ddp = ddp
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor) -> LossTerms:
-        return LossTerms(*self.ddp(images, labels, lambdas))
-
-
 def data_parallel(
-    nets: FFSDNetworks,
-    options: LossOptions,
-    ops: ModuleType,
-    bucket_mb: float = 25,
-    compression: str = "none",
-    for_capture: bool = False,
-) -> DataParallelLosses:
-    """The step's losses under one DDP over every network (process group already made, every rank calling this
-    with the same networks). ``compression``: one of ``GRAD_COMPRESSION``. ``for_capture``: the step will be
-    captured in a CUDA graph."""
+    method: Method, bucket_mb: float = 25, compression: str = "none", for_capture: bool = False
+) -> DistributedDataParallel:
+    """One DDP around the method (process group already made, every rank calling this with the same networks): its
+    forward is the step's loss terms, its backward averages every gradient over the ranks. ``compression``: one of
+    ``GRAD_COMPRESSION``. ``for_capture``: the step will be captured in a CUDA graph."""
     if compression not in GRAD_COMPRESSION:
         raise UserError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSION)}; got {compression!r}")
-    device = next(nets.parameters()).device
+    device = next(method.parameters()).device
     # PyTorch's recipe for capturing DDP's backward: DDP built on a side stream (its constructor's work, and the
     # AccumulateGrad nodes that it keeps, then belong to no stream that the capture must follow).
     side = torch.cuda.Stream(device) if for_capture else None
@@ -201,7 +166,7 @@ def data_parallel(
         side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         ddp = DistributedDataParallel(
-            StepLosses(nets, options, ops),
+            method,
             device_ids=[device] if device.type == "cuda" else None,
             **NO_FORWARD_BUFFER_SYNC,
             bucket_cap_mb=bucket_mb,
@@ -216,4 +181,4 @@ def data_parallel(
             ddp.register_comm_hook(None, COMPRESSION_HOOKS[compression])
     if side is not None:
         torch.cuda.current_stream(device).wait_stream(side)
-    return DataParallelLosses(ddp)
+    return ddp

@@ -1,17 +1,12 @@
-"""The step's optimisers: one multi-tensor SGD for students, leader and fusion module, one Adam for the decoders, and
-the schedule's learning rates written into them in place."""
+"""The step's optimisers: one multi-tensor SGD and one Adam over the parameter groups a method declares, and the
+schedule's learning rates written into them in place."""
 
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.networks import FFSDNetworks
-
-
-def _params(*modules: nn.Module) -> list[nn.Parameter]:
-    return [p for module in modules for p in module.parameters()]
+from ffsd_fast.method.base import Method
 
 
 def _apex_optimizers():
@@ -38,8 +33,9 @@ class OptimizerSpec:
     impl: str = "fused"  # fused | foreach | apex
 
 
-def make_optimizers(nets: FFSDNetworks, spec: OptimizerSpec = OptimizerSpec()) -> list[torch.optim.Optimizer]:
-    """SGD (Nesterov) for students, leader and fusion module; Adam (L2, not AdamW) for the SD decoders.
+def make_optimizers(method: Method, spec: OptimizerSpec = OptimizerSpec()) -> list[torch.optim.Optimizer]:
+    """One SGD (Nesterov) over the method's ``sgd`` parameter groups, then one Adam (L2, not AdamW) over its
+    ``adam`` groups when it has any (FFSD's decoders).
 
     The reference has one optimiser per network; since every update is element-wise, parameter groups of one
     multi-tensor optimiser per kind are the same arithmetic in fewer launches. ``impl``: PyTorch's ``fused`` (the
@@ -47,39 +43,35 @@ def make_optimizers(nets: FFSDNetworks, spec: OptimizerSpec = OptimizerSpec()) -
     (CUDA-graph replay requires it; foreach on a CPU takes floats), or NVIDIA apex's ``FusedSGD``/``FusedAdam``
     (Python-float learning rates).
     """
-    lr, momentum, impl = spec.lr, spec.momentum, spec.impl
-    device = next(nets.parameters()).device
+    device = next(method.parameters()).device
     # The fused CUDA kernels read a tensor lr as float32; the CPU ones read it as a double, and float64 there keeps
     # the float64 parity runs exact (0.1 in float32 is off by 1.5e-8).
     lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
-
     # foreach Adam takes a tensor lr only when capturable, which needs a GPU: on a CPU foreach gets Python floats.
-    tensor_lr = impl == "fused" or (impl == "foreach" and device.type == "cuda")
+    tensor_lr = spec.impl == "fused" or (spec.impl == "foreach" and device.type == "cuda")
 
-    def lr_value(value: float) -> torch.Tensor | float:
-        return torch.tensor(value, dtype=lr_dtype, device=device) if tensor_lr else value
+    def groups(kind: str, lr: float) -> list[dict]:
+        # One lr tensor per group, so that loading a state dict keeps them independent.
+        value = (lambda: torch.tensor(lr, dtype=lr_dtype, device=device)) if tensor_lr else (lambda: lr)
+        return [
+            {"params": g.params, "weight_decay": getattr(spec, g.weight_decay), "lr": value()}
+            for g in method.parameter_groups()
+            if g.optimizer == kind
+        ]
 
-    groups = [{"params": _params(*nets.students, *filter(None, [nets.leader])), "weight_decay": spec.weight_decay}]
-    if nets.fusion is not None:
-        groups.append({"params": _params(nets.fusion), "weight_decay": spec.fusion_weight_decay})
-    decoders = _params(*nets.decoders, *filter(None, [nets.leader_decoder]))
-    if impl == "apex":
+    if spec.impl == "apex":
         (sgd_class, adam_class), sgd_kind, adam_kind = _apex_optimizers(), {}, {"adam_w_mode": False}
     else:
         sgd_class, adam_class = torch.optim.SGD, torch.optim.Adam
-        sgd_kind = {"fused": True} if impl == "fused" else {"foreach": True}
+        sgd_kind = {"fused": True} if spec.impl == "fused" else {"foreach": True}
         # On CUDA, Adam keeps its step counts on the device (capturable): graph capture refuses Adam without it,
         # fused included (measured on an H100), and foreach Adam takes a tensor lr only then.
         adam_kind = {**sgd_kind, "capturable": True} if device.type == "cuda" else sgd_kind
-    sgd = sgd_class(groups, lr=lr_value(lr), momentum=momentum, nesterov=True, **sgd_kind)
-    for group in sgd.param_groups[1:]:
-        group["lr"] = lr_value(lr)  # one tensor per group, so that loading a state dict keeps them independent
-    if not decoders:  # the baselines: students only
+    sgd_groups, adam_groups = groups("sgd", spec.lr), groups("adam", spec.decoder_lr)
+    sgd = sgd_class(sgd_groups, lr=sgd_groups[0]["lr"], momentum=spec.momentum, nesterov=True, **sgd_kind)
+    if not adam_groups:
         return [sgd]
-    return [
-        sgd,
-        adam_class(decoders, lr=lr_value(spec.decoder_lr), weight_decay=spec.decoder_weight_decay, **adam_kind),
-    ]
+    return [sgd, adam_class(adam_groups, lr=adam_groups[0]["lr"], **adam_kind)]
 
 
 def set_learning_rates(optimizers: list[torch.optim.Optimizer], sgd_lr: float, decoder_lr: float) -> None:

@@ -11,6 +11,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import yaml
@@ -18,26 +19,31 @@ import yaml
 from ffsd_fast import models
 from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, check_dataset
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.networks import METHODS, check_stackable
+from ffsd_fast.method import registry
+from ffsd_fast.method.base import Method, check_stackable
 from ffsd_fast.step.optimizers import OptimizerSpec
 from ffsd_fast.trainer.recipes import RECIPES, describe
 
 
-def _field(default, help: str, **checks):
+def _field(default, help: str | Callable[[], str], **checks):
     """A config field: its default, its help, and the checks ``check_fields`` applies (``choices``; ``at_least``,
-    ``above``, ``below`` for numbers and for each item of a list)."""
+    ``above``, ``below`` for numbers and for each item of a list). ``help`` and ``choices`` may be functions, read
+    when asked (the methods are whatever the registry holds by then)."""
     return field(default=default, metadata={"help": help, **checks})
+
+
+def _now(value):
+    return value() if callable(value) else value
+
+
+def _methods_help() -> str:
+    return "the online-distillation method: " + "; ".join(f"{n} ({registry.get(n).summary})" for n in registry.names())
 
 
 @dataclass
 class Config:
     # What to train.
-    method: str = _field(
-        "ffsd",
-        "ffsd | dml (deep mutual learning among the students) | independent (each student "
-        "alone, plain CE): the baselines train the students only",
-        choices=METHODS,
-    )
+    method: str = _field("ffsd", _methods_help, choices=registry.names)
     model: str = _field("resnet20", "backbone of every network: " + ", ".join(models.names()))
     dataset: str = _field(
         DEFAULT_DATASET, "digits (embedded, no download) | cifar10 | cifar100 | imagenet", choices=DATASETS
@@ -229,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imagenet", action="store_true", help="short for --dataset imagenet")
     for f in FIELDS.values():
         kind = _base_type(f.type)
-        kwargs = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        kwargs = {"help": _now(f.metadata["help"]), "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
+            kwargs["choices"] = _now(f.metadata["choices"])
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:
@@ -282,7 +288,7 @@ def check_field(name: str, value, where: str = ""):
     elif kind is str:
         if not isinstance(value, str):
             raise UserError(f"{flag}{where} must be a string, got {_describe(value)}")
-        choices = f.metadata.get("choices")
+        choices = _now(f.metadata.get("choices"))
         if choices and value not in choices:
             raise UserError(f"{flag}{where} must be one of {', '.join(choices)}; got {value!r}")
     elif typing.get_origin(kind) is list:  # list[int]: the only list field
@@ -340,12 +346,10 @@ def resolve(config: Config) -> Config:
     c = Config(**check_fields(to_dict(config)))  # a Config built in code is checked as flags are
     check_dataset(c.dataset)
     models.family(c.model)  # raises UserError listing the known models
-    if c.method not in METHODS:
-        raise UserError(f"unknown method '{c.method}'; known methods: {', '.join(METHODS)}")
-    if c.num_students < (1 if c.method == "independent" else 2):
-        raise UserError(
-            f"--num-students must be at least 2 (the mutual and diversity terms need two), got {c.num_students}"
-        )
+    registry.check_students(c.method, c.num_students)
+    for name, value in registry.get(c.method).recipe.get(c.dataset, {}).items():
+        if getattr(c, name) is None:  # the method's recipe, beside the dataset's
+            setattr(c, name, value)
     recipe = RECIPES[c.dataset]
     if c.image_size is None:
         c.image_size = recipe.image_size[models.family(c.model)]
@@ -386,15 +390,16 @@ def resolve(config: Config) -> Config:
 
 
 def _check_stackable(c: Config) -> None:
-    check_stackable(c.model)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # DDP synchronises the gradients of the networks' own parameters as autograd produces them; the stack's
-        # backward produces its own, which the networks' parameters only see afterwards (share_grads).
-        raise UserError("--stack-networks under torchrun: not supported with data parallelism yet; drop it")
+    check_stackable(registry.get(c.method), c.model)
     for flag, on in (("--sync-bn", c.sync_bn), ("--compile", c.compile)):
         if on:
             # SyncBatchNorm layers and compiled modules are not the plain layers the stack is built from.
             raise UserError(f"--stack-networks with {flag}: not supported together; drop one of them")
+
+
+def method_of(config: dict) -> type[Method]:
+    """The method class of a saved run's configuration (one saved before ``--method`` existed trained the default)."""
+    return registry.get(config.get("method", FIELDS["method"].default))
 
 
 def data_spec(config: Config) -> DataSpec:

@@ -1,5 +1,5 @@
-"""Evaluation of every network of a run on a loader: students, fusion module and leader (FFSD), the students'
-average and ensembles; and of a saved run or an exported leader on its dataset's test split (``ffsd-eval``)."""
+"""Evaluation of every network of a run on a loader (the ones its method evaluates, and the peers' average and
+ensembles); and of a saved run or an exported network on its dataset's test split (``ffsd-eval``)."""
 
 import torch
 
@@ -7,7 +7,8 @@ from ffsd_fast import models
 from ffsd_fast.data.common import DataSpec
 from ffsd_fast.data.loaders import build_loaders
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.networks import FFSDNetworks, build_networks
+from ffsd_fast.method import registry
+from ffsd_fast.method.base import Method
 from ffsd_fast.step.distributed import SINGLE_PROCESS, World, all_reduce_sum
 from ffsd_fast.trainer import checkpoint, export
 
@@ -18,52 +19,39 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(
-    nets: FFSDNetworks, loader, topk: tuple[int, ...] = (1,), world: World = SINGLE_PROCESS
-) -> dict[str, float]:
-    """Accuracies in percent, keyed ``student{i}_top{k}``, ``fusion_top{k}``, ``leader_top{k}``,
-    ``average_top{k}`` (mean of the students'), ``ensemble_top{k}`` (mean logits of the students) and
-    ``oracle_ensemble_top{k}`` (a sample counts when any student gets it: what the reference calls its ensemble);
-    the baselines have no fusion or leader entries.
+def evaluate(method: Method, loader, topk: tuple[int, ...] = (1,), world: World = SINGLE_PROCESS) -> dict[str, float]:
+    """Accuracies in percent, keyed ``{network}_top{k}`` for every network the method evaluates (``student{i}``,
+    FFSD's ``fusion`` and ``leader``), then ``ensemble_top{k}`` (the peers' mean logits), ``oracle_ensemble_top{k}``
+    (a sample counts when any peer gets it: what the reference calls its ensemble) and ``average_top{k}`` (the mean
+    of the peers' accuracies).
 
     Counts stay on the device and are read back once, at the end, summed over the ranks of ``world`` (each
     evaluates its own disjoint shard). Samples labelled ``PAD_LABEL`` (< 0) only fill a batch: never counted.
     """
-    was_training = nets.training
-    nets.eval()
-    m = nets.num_students
+    was_training = method.training
+    method.eval()
     counts: dict[str, torch.Tensor] = {}
     total = 0
     for images, labels in loader:
-        student_logits, last_maps = [], []
-        for student in nets.students:
-            logits, taps = student(images)
-            student_logits.append(logits)
-            last_maps.append(taps[-1])
-        if nets.leader is not None:
-            fusion_logits, _ = nets.fusion(last_maps)
-            leader_logits, _ = nets.leader.backbone(images)
+        logits = method.eval_logits(images)
+        peers = [logits[name] for name in method.peers]
         for k in topk:
-            hits = [_correct(z, labels, k) for z in student_logits]
-            batch = {f"student{i}_top{k}": hits[i] for i in range(m)}
-            if nets.leader is not None:
-                batch[f"fusion_top{k}"] = _correct(fusion_logits, labels, k)
-                batch[f"leader_top{k}"] = _correct(leader_logits, labels, k)
-            batch[f"ensemble_top{k}"] = _correct(torch.stack(student_logits).mean(0), labels, k)
-            batch[f"oracle_ensemble_top{k}"] = torch.stack(hits).any(dim=0)
+            batch = {f"{name}_top{k}": _correct(z, labels, k) for name, z in logits.items()}
+            batch[f"ensemble_top{k}"] = _correct(torch.stack(peers).mean(0), labels, k)
+            batch[f"oracle_ensemble_top{k}"] = torch.stack([batch[f"{p}_top{k}"] for p in method.peers]).any(dim=0)
             for name, hit in batch.items():
                 counts[name] = counts.get(name, 0) + hit.sum()
         total = total + (labels >= 0).sum()
-    nets.train(was_training)
+    method.train(was_training)
     names = list(counts)
-    device = next(nets.parameters()).device
+    device = next(method.parameters()).device
     summed = all_reduce_sum(
         torch.stack([*(counts[n] for n in names), torch.as_tensor(total, device=device)]).double(), world
     )
     values = summed[:-1].mul(100.0 / summed[-1].clamp(min=1)).tolist()  # host sync
     result = dict(zip(names, values, strict=True))
     for k in topk:
-        result[f"average_top{k}"] = sum(result[f"student{i}_top{k}"] for i in range(m)) / m
+        result[f"average_top{k}"] = sum(result[f"{p}_top{k}"] for p in method.peers) / len(method.peers)
     return result
 
 
@@ -141,16 +129,12 @@ def evaluate_checkpoint(
     _, test_loader, info = build_loaders(spec, device)
     topk = topk_for(dataset, info.num_classes)
     if checkpoint.is_training_checkpoint(state):
-        nets = build_networks(
-            model,
-            state["num_classes"],
-            cfg["num_students"],
-            image_size,
-            probe_forward=False,
-            method=cfg.get("method", "ffsd"),
+        settings = {**cfg, "quirk_probe_forward": False}
+        method = registry.create(
+            cfg["method"], model, state["num_classes"], cfg["num_students"], image_size, **settings
         ).to(device)
-        nets.load_state_dict(state["networks"])
-        return evaluate(nets, test_loader, topk)
+        method.load_state_dict(state["networks"])
+        return evaluate(method, test_loader, topk)
     num_classes = _num_classes(state)
     if num_classes != info.num_classes:
         raise UserError(f"the network has {num_classes} classes, {dataset} has {info.num_classes}")

@@ -24,6 +24,7 @@ from ffsd_fast.data.loaders import build_loaders
 from ffsd_fast.errors import UserError
 from ffsd_fast.files import write_atomic
 from ffsd_fast.trainer import checkpoint
+from ffsd_fast.trainer.config import method_of
 from ffsd_fast.trainer.runlog import code_version
 
 SIDECAR_FORMAT = 1
@@ -36,9 +37,10 @@ def sidecar_path(weights: str) -> str:
     return weights + ".json"
 
 
-def leader_state_dict(state: dict) -> dict[str, torch.Tensor]:
-    """The leader backbone's parameters and buffers (a baseline's first student's) out of a full checkpoint."""
-    prefix = "leader.backbone." if _network(state) == "leader" else "students.0."
+def deployed_state_dict(state: dict) -> dict[str, torch.Tensor]:
+    """The deployed network's parameters and buffers (FFSD's leader backbone, a baseline's first student) out of a
+    full checkpoint."""
+    prefix = method_of(state["config"]).deployed_prefix
     # Cloned: a run with --stack-networks saves its networks as views into shared tensors, and torch.save would
     # write those whole (every student's weights) beside the leader's.
     weights = {k[len(prefix) :]: v.clone() for k, v in state["networks"].items() if k.startswith(prefix)}
@@ -46,10 +48,6 @@ def leader_state_dict(state: dict) -> dict[str, torch.Tensor]:
     backbone = models.create(state["config"]["model"], state["num_classes"])
     backbone.load_state_dict(weights, strict=True)
     return weights
-
-
-def _network(state: dict) -> str:
-    return "leader" if state["config"].get("method", "ffsd") == "ffsd" else "student0"
 
 
 def normalization(dataset: str, image_size: int) -> tuple[list[float], list[float]]:
@@ -90,8 +88,8 @@ def sidecar(state: dict, checkpoint_path: str, weights_name: str, weights_bytes:
         "mean": mean,
         "std": std,
         "dataset": cfg["dataset"],
-        "method": cfg.get("method", "ffsd"),
-        "network": _network(state),
+        "method": method_of(cfg).name,
+        "network": method_of(cfg).deployed,
         "epoch": state["epoch"],
         **_version(checkpoint_path),
         "checkpoint": os.path.abspath(checkpoint_path),
@@ -121,10 +119,11 @@ def read_sidecar(weights: str) -> dict | None:
 
 
 def export(run: str, out: str) -> str:
-    """Writes the leader's weights to ``out`` and their sidecar beside them (each atomically); returns ``out``."""
+    """Writes the deployed network's weights to ``out`` and their sidecar beside them (each atomically); returns
+    ``out``."""
     source = checkpoint.resolve_path(run)
     state = checkpoint.load(source)
-    weights = leader_state_dict(state)
+    weights = deployed_state_dict(state)
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise UserError(f"output folder does not exist: {directory}")

@@ -1,20 +1,19 @@
 """One epoch of training steps, and what the loop around them needs: the schedule's learning rates and λ's for each
 step, and the running means of the loss terms, read back from the device only every ``--log-every`` steps."""
 
+import os
 import time
 
 import torch
 from tqdm import tqdm
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossTerms
-from ffsd_fast.step.cuda_graph import CapturedStep
+from ffsd_fast.method.base import LossTerms
 from ffsd_fast.step.distributed import World, all_reduce_sum
 from ffsd_fast.step.optimizers import set_learning_rates
 from ffsd_fast.step.schedules import imagenet_sgd_lr, multistep_lr, warmed_up_lambda
-from ffsd_fast.step.train_step import Stepper
 from ffsd_fast.trainer.config import Config
-from ffsd_fast.trainer.runlog import NullLog, RunLog
+from ffsd_fast.trainer.state import Run
 
 IMAGENET_DECODER_MILESTONES = [30, 60, 80]
 
@@ -33,10 +32,9 @@ def learning_rates(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> 
     return multistep_lr(cfg.lr, epoch, cfg.lr_milestones), multistep_lr(cfg.decoder_lr, epoch, cfg.lr_milestones)
 
 
-def lambdas_for(cfg: Config, epoch: int) -> list[float]:
-    values = [0.0] * 3
-    values[LAMBDA_DIV], values[LAMBDA_SD], values[LAMBDA_F] = cfg.lambda_div, cfg.lambda_sd, cfg.lambda_f
-    return [warmed_up_lambda(v, epoch, cfg.lambda_warmup_epochs) for v in values]
+def lambdas_for(cfg: Config, names: tuple[str, ...], epoch: int) -> dict[str, float]:
+    """The method's λ's (configuration fields ``names``) for a 1-based epoch, each warmed up."""
+    return {name: warmed_up_lambda(getattr(cfg, name), epoch, cfg.lambda_warmup_epochs) for name in names}
 
 
 class LossMeter:
@@ -67,18 +65,19 @@ class LossMeter:
         return dict(zip(self.names, values[:-1], strict=True)), values[-1] > 0
 
 
-def train_epoch(
-    cfg: Config,
-    epoch: int,
-    step_fn: Stepper | CapturedStep,
-    loader,
-    run_log: RunLog | NullLog,
-    last_good: str,
-    world: World,
-) -> tuple[float, int]:
-    """One epoch of steps; losses are read back every ``--log-every`` steps. Returns (seconds, images)."""
+def train_epoch(run: Run, epoch: int) -> tuple[dict[str, float], float, int]:
+    """The epoch's λ's written to the device, then its steps; losses are read back every ``--log-every`` steps.
+    Returns (λ's, seconds, images)."""
+    cfg, world, loader = run.cfg, run.world, run.train_loader
+    lambdas = lambdas_for(cfg, run.method.lambdas, epoch)
+    run.lambdas.copy_(torch.tensor(list(lambdas.values()), dtype=run.lambdas.dtype))
+    last_good = (
+        f"the last good checkpoint is {run.checkpoint_path} (epoch {epoch - 1})"
+        if os.path.exists(run.checkpoint_path)
+        else "no checkpoint was written yet"
+    )
     loader.set_epoch(epoch)
-    step_fn.nets.train()
+    run.method.train()
     meter, images_seen, steps = LossMeter(), 0, len(loader)
     started = time.perf_counter()
     bar = tqdm(
@@ -90,8 +89,8 @@ def train_epoch(
         dynamic_ncols=True,
     )
     for step, (images, labels) in enumerate(bar):
-        set_learning_rates(step_fn.optimizers, *learning_rates(cfg, epoch, step, steps))
-        meter.add(step_fn(images, labels))
+        set_learning_rates(run.optimizers, *learning_rates(cfg, epoch, step, steps))
+        meter.add(run.step(images, labels))
         images_seen += labels.shape[0] * world.world_size
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             means, non_finite = meter.read(world)
@@ -99,9 +98,9 @@ def train_epoch(
                 raise NonFiniteLoss(
                     f"non-finite loss in epoch {epoch} by step {step + 1}: stopped; {last_good}; try a lower --lr"
                 )
-            run_log.log({"kind": "train", "epoch": epoch, "step": step + 1, **means}, (epoch - 1) * steps + step + 1)
-            bar.set_postfix(loss=f"{means['total']:.3f}", ce=f"{means.get('leader.ce', means['student0.ce']):.3f}")
+            run.log.log({"kind": "train", "epoch": epoch, "step": step + 1, **means}, (epoch - 1) * steps + step + 1)
+            bar.set_postfix(loss=f"{means['total']:.3f}", ce=f"{means[f'{run.method.deployed}.ce']:.3f}")
     bar.close()
-    if step_fn.lambdas.device.type == "cuda":
+    if run.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - started, images_seen
+    return lambdas, time.perf_counter() - started, images_seen

@@ -16,19 +16,16 @@ import json
 import os
 import sys
 from collections.abc import Collection
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from ffsd_fast import models
-from ffsd_fast.data.common import DatasetInfo, Loader
 from ffsd_fast.data.image_folder import ImageFolderIndex, find_images, index_images, leave_out
 from ffsd_fast.data.loaders import build_loaders
 from ffsd_fast.errors import UserError
 from ffsd_fast.files import write_atomic
-from ffsd_fast.method.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions, kernel_ops
-from ffsd_fast.method.networks import FFSDNetworks, build_networks, compile_networks
+from ffsd_fast.method import registry
 from ffsd_fast.step.cuda_graph import DDP_WARMUP_STEPS, CapturedStep, check_capturable
 from ffsd_fast.step.distributed import (
     World,
@@ -41,43 +38,16 @@ from ffsd_fast.step.distributed import (
 )
 from ffsd_fast.step.optimizers import make_optimizers
 from ffsd_fast.step.precision import mixed_precision
-from ffsd_fast.step.train_step import Stepper
+from ffsd_fast.step.train_step import TrainStep
 from ffsd_fast.trainer import checkpoint
 from ffsd_fast.trainer.config import FIELDS, Config, data_spec, optimizer_spec, to_dict
 from ffsd_fast.trainer.evaluate import evaluate, topk_for
-from ffsd_fast.trainer.loop import lambdas_for, learning_rates, train_epoch
+from ffsd_fast.trainer.loop import learning_rates, train_epoch
 from ffsd_fast.trainer.resume import AUTO, changes, check_resumable, find_auto
 from ffsd_fast.trainer.run_dir import new_run_dir, prepare_output_dir, remove_partial_files
-from ffsd_fast.trainer.runlog import NullLog, RunLog, code_version, environment
-from ffsd_fast.trainer.summary import print_table, summarize
-
-
-@dataclass
-class Run:
-    """A run being trained: what ``build`` makes and every later phase works on."""
-
-    cfg: Config
-    world: World
-    device: torch.device
-    run_dir: str
-    info: DatasetInfo
-    train_loader: Loader
-    test_loader: Loader
-    nets: FFSDNetworks
-    optimizers: list[torch.optim.Optimizer]
-    scaler: torch.amp.GradScaler | None
-    lambdas: torch.Tensor  # [3] on the device, written in place each epoch (LAMBDA_DIV, LAMBDA_SD, LAMBDA_F)
-    step: Stepper | CapturedStep
-    topk: tuple[int, ...]
-    saved: dict | None = None  # the checkpoint this run resumes, until ``restore`` has taken it in
-    saved_config: dict | None = None  # the configuration the resumed checkpoint was saved with
-    log: RunLog | NullLog = field(default_factory=NullLog)
-    history: list[dict] = field(default_factory=list)
-    start_epoch: int = 1
-
-    @property
-    def checkpoint_path(self) -> str:
-        return os.path.join(self.run_dir, checkpoint.CHECKPOINT_NAME)
+from ffsd_fast.trainer.runlog import RunLog, code_version, environment
+from ffsd_fast.trainer.state import Run
+from ffsd_fast.trainer.summary import curves, epoch_line, print_table, summarize
 
 
 def training_device(cfg: Config, world: World) -> torch.device:
@@ -164,35 +134,15 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
         run_dir = on_main(world, lambda: new_run_dir(cfg))
 
     torch.manual_seed(cfg.seed)
-    nets: FFSDNetworks = build_networks(
-        cfg.model,
-        info.num_classes,
-        cfg.num_students,
-        cfg.image_size,
-        probe_forward=cfg.quirk_probe_forward,
-        fused_blocks=cfg.fusion_kernel == "triton",
-        method=cfg.method,
-    ).to(device)
-    if cfg.sync_bn and world.distributed:
-        nets = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets)
-    if cfg.channels_last:
-        nets = nets.to(memory_format=torch.channels_last)
-    if cfg.stack_networks:
-        nets.stack_backbones(cfg.model)  # after the last .to(): the networks' tensors become views into the stack
-    optimizers = make_optimizers(nets, optimizer_spec(cfg))
-    options = LossOptions(
-        temperature=cfg.temperature,
-        student_sd_uses_lambda_div=cfg.quirk_student_sd_lambda_div,
-        diversity_enabled=cfg.lambda_div > 0,
-    )
-    lambdas = torch.zeros(3, device=device)
-    ops = kernel_ops(cfg.kernels)
-    losses = (
-        data_parallel(nets, options, ops, cfg.ddp_bucket_mb, cfg.grad_compression, for_capture=cfg.cuda_graph)
+    method = build_method(cfg, info.num_classes, device, world)
+    optimizers = make_optimizers(method, optimizer_spec(cfg))
+    lambdas = torch.zeros(len(method.lambdas), device=device)
+    ddp = (
+        data_parallel(method, cfg.ddp_bucket_mb, cfg.grad_compression, for_capture=cfg.cuda_graph)
         if world.distributed
         else None
     )
-    step = Stepper(nets, optimizers, lambdas, options, ops, amp_dtype, scaler, cfg.channels_last, losses)
+    step = TrainStep(method, optimizers, lambdas, amp_dtype, scaler, cfg.channels_last, module=ddp)
     if cfg.cuda_graph:
         step = CapturedStep(step, DDP_WARMUP_STEPS) if world.distributed else CapturedStep(step)
     topk = topk_for(cfg.dataset, info.num_classes)
@@ -204,7 +154,7 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
         info=info,
         train_loader=train_loader,
         test_loader=test_loader,
-        nets=nets,
+        method=method,
         optimizers=optimizers,
         scaler=scaler,
         lambdas=lambdas,
@@ -215,15 +165,30 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
     )
 
 
+def build_method(cfg: Config, num_classes: int, device: torch.device, world: World):  # noqa: ANN201
+    """The run's method, its networks drawn from the seed, on the device in the run's layout; stacked last (the
+    networks' tensors then become views into the stacks', which a later ``.to()`` would undo)."""
+    method = registry.create(cfg.method, cfg.model, num_classes, cfg.num_students, cfg.image_size, **to_dict(cfg)).to(
+        device
+    )
+    if cfg.sync_bn and world.distributed:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if cfg.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if cfg.stack_networks:
+        method.stack()
+    return method
+
+
 def restore(run: Run) -> None:
     """The resumed checkpoint's weights, optimiser states, history and RNGs, when there is one; then rank 0's weights
     on every rank (one starting point, whatever each built or loaded), compiled once they are final."""
     if run.saved is not None:
-        run.history, run.start_epoch = checkpoint.restore(run.saved, run.nets, run.optimizers, run.scaler)
+        run.history, run.start_epoch = checkpoint.restore(run.saved, run.method, run.optimizers, run.scaler)
         run.saved = None  # its tensors (on the training device) are copied in: not held for the whole run
-    broadcast_state(run.nets, run.world)
+    broadcast_state(run.method, run.world)
     if run.cfg.compile:
-        compile_networks(run.nets)
+        run.method.compile_networks()
 
 
 def open_log(run: Run) -> None:
@@ -261,26 +226,13 @@ def open_log(run: Run) -> None:
         print(f"run directory: {run.run_dir}{processes}", flush=True)
 
 
-def train_one_epoch(run: Run, epoch: int) -> tuple[list[float], float, int]:
-    """The epoch's λ's written to the device, then its steps; returns (λ's, seconds, images)."""
-    epoch_lambdas = lambdas_for(run.cfg, epoch)
-    run.lambdas.copy_(torch.tensor(epoch_lambdas))
-    last_good = (
-        f"the last good checkpoint is {run.checkpoint_path} (epoch {epoch - 1})"
-        if os.path.exists(run.checkpoint_path)
-        else "no checkpoint was written yet"
-    )
-    seconds, images = train_epoch(run.cfg, epoch, run.step, run.train_loader, run.log, last_good, run.world)
-    return epoch_lambdas, seconds, images
-
-
-def evaluate_epoch(run: Run, epoch: int, epoch_lambdas: list[float], seconds: float, images: int) -> dict:
+def evaluate_epoch(run: Run, epoch: int, epoch_lambdas: dict[str, float], seconds: float, images: int) -> dict:
     """Every network on the test split; the epoch's record joins the history and the log."""
     cfg = run.cfg
     # Rank 0's BatchNorm statistics everywhere, as DDP's buffer broadcast would: every rank evaluates and the
     # checkpoint holds the same networks.
-    broadcast_state(run.nets, run.world, buffers_only=True)
-    accuracies = evaluate(run.nets, run.test_loader, run.topk, run.world)
+    broadcast_state(run.method, run.world, buffers_only=True)
+    accuracies = evaluate(run.method, run.test_loader, run.topk, run.world)
     steps = len(run.train_loader)
     sgd_lr, decoder_lr = learning_rates(cfg, epoch, steps - 1, steps)
     record = {
@@ -289,27 +241,17 @@ def evaluate_epoch(run: Run, epoch: int, epoch_lambdas: list[float], seconds: fl
         **accuracies,
         "lr": sgd_lr,
         "decoder_lr": decoder_lr,
-        "lambda_div": epoch_lambdas[LAMBDA_DIV],
-        "lambda_sd": epoch_lambdas[LAMBDA_SD],
-        "lambda_f": epoch_lambdas[LAMBDA_F],
+        **epoch_lambdas,
         "train_seconds": seconds,
         "train_images": images,
         "images_per_s": images / seconds,
     }
     run.history.append(record)
     run.log.log(record, epoch * steps)  # TensorBoard's step: the global step, as the training records'
-    run.log.plot_accuracy(run.history, cfg.num_students)
+    run.log.plot_accuracy(run.history, curves(run.method), run.method.deployed)
     if run.world.is_main:
-        students = " ".join(f"{accuracies[f'student{i}_top1']:.2f}" for i in range(cfg.num_students))
-        leader = (
-            f"leader {accuracies['leader_top1']:.2f}  fusion {accuracies['fusion_top1']:.2f}  "
-            if "leader_top1" in accuracies
-            else ""
-        )
-        tqdm.write(
-            f"epoch {epoch}/{cfg.epochs}  {leader}students {students}  ensemble "
-            f"{accuracies['ensemble_top1']:.2f}  ({seconds:.1f}s, {images / seconds:.0f} img/s)"
-        )
+        speed = f"({seconds:.1f}s, {images / seconds:.0f} img/s)"
+        tqdm.write(f"epoch {epoch}/{cfg.epochs}  {epoch_line(accuracies, run.method)}  {speed}")
     return record
 
 
@@ -317,7 +259,7 @@ def save(run: Run, epoch: int) -> None:
     """The checkpoint after ``epoch`` (rank 0); no rank runs ahead of the checkpoint a restart would resume from."""
     if run.world.is_main:
         state = checkpoint.state(
-            to_dict(run.cfg), run.info.num_classes, epoch, run.nets, run.optimizers, run.scaler, run.history
+            to_dict(run.cfg), run.info.num_classes, epoch, run.method, run.optimizers, run.scaler, run.history
         )
         checkpoint.save_atomic(state, run.checkpoint_path)
     barrier(run.world)
@@ -329,7 +271,7 @@ def finish(run: Run) -> dict:
     train_seconds = sum(h["train_seconds"] for h in history)
     images_seen = sum(h["train_images"] for h in history)
     summary = {
-        **summarize(history, cfg.num_students, run.topk),
+        **summarize(history, run.method, run.topk),
         "method": cfg.method,
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -348,7 +290,7 @@ def finish(run: Run) -> dict:
         write_atomic(
             os.path.join(run.run_dir, "summary.json"), lambda fh: fh.write(json.dumps(summary, indent=2).encode())
         )
-        print_table(summary, cfg.num_students)
+        print_table(summary, run.method)
         print(
             f"\nrun directory: {os.path.abspath(run.run_dir)}  (summary.json, metrics.jsonl, accuracy.png, "
             "checkpoint.pt)",
@@ -369,7 +311,7 @@ def train(cfg: Config, given: Collection[str] = FIELDS) -> dict:
         open_log(run)
         try:
             for epoch in range(run.start_epoch, run.cfg.epochs + 1):
-                epoch_lambdas, seconds, images = train_one_epoch(run, epoch)
+                epoch_lambdas, seconds, images = train_epoch(run, epoch)
                 evaluate_epoch(run, epoch, epoch_lambdas, seconds, images)
                 save(run, epoch)
         finally:

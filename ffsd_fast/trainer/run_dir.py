@@ -7,7 +7,7 @@ import time
 from ffsd_fast.errors import UserError
 from ffsd_fast.files import PARTIAL_PATTERN
 from ffsd_fast.trainer.checkpoint import CHECKPOINT_NAME
-from ffsd_fast.trainer.config import Config
+from ffsd_fast.trainer.config import FIELDS, Config
 
 
 def prepare_output_dir(output_dir: str) -> None:
@@ -24,7 +24,7 @@ def prepare_output_dir(output_dir: str) -> None:
 
 def new_run_dir(cfg: Config) -> str:
     """``--output-dir/--run-name`` (which must not hold a run already), else ``dataset-model-mM-time`` made unique."""
-    method = "" if cfg.method == "ffsd" else f"-{cfg.method}"
+    method = "" if cfg.method == FIELDS["method"].default else f"-{cfg.method}"
     name = cfg.run_name or (f"{cfg.dataset}-{cfg.model}-m{cfg.num_students}{method}-{time.strftime('%Y%m%d-%H%M%S')}")
     path = os.path.join(cfg.output_dir, name)
     # A named folder without a checkpoint is an attempt that never finished an epoch: started over (its log is

@@ -136,7 +136,8 @@ class RunLog:
                     self.writer.add_scalar(f"{record['kind']}/{name}", value, step)
             self.writer.flush()
 
-    def plot_accuracy(self, history: list[dict], num_students: int) -> None:
+    def plot_accuracy(self, history: list[dict], curves: dict[str, str], deployed: str) -> None:
+        """``accuracy.png``: a line per ``curves`` entry (label → history key), the ``deployed`` network's bold."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -144,12 +145,8 @@ class RunLog:
 
         epochs = [h["epoch"] for h in history]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        curves = {f"student {i + 1}": f"student{i}_top1" for i in range(num_students)}
-        curves.update({"fusion": "fusion_top1", "ensemble (mean logits)": "ensemble_top1", "leader": "leader_top1"})
         for label, key in curves.items():
-            if key not in history[-1]:  # the baselines have no fusion module or leader
-                continue
-            style = {"linewidth": 2.5} if key == "leader_top1" else {"linewidth": 1, "alpha": 0.8}
+            style = {"linewidth": 2.5} if key == f"{deployed}_top1" else {"linewidth": 1, "alpha": 0.8}
             ax.plot(epochs, [h[key] for h in history], marker=".", label=label, **style)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 (%)")
@@ -173,7 +170,7 @@ class NullLog:
     def log(self, record: dict, step: int) -> None:
         pass
 
-    def plot_accuracy(self, history: list[dict], num_students: int) -> None:
+    def plot_accuracy(self, history: list[dict], curves: dict[str, str], deployed: str) -> None:
         pass
 
     def close(self) -> None:

@@ -19,13 +19,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 sys.path.insert(0, ROOT)
 
-import ffsd_kernels.reference as ops  # noqa: E402
-from ffsd_fast.method.losses import LossOptions  # noqa: E402
-from ffsd_fast.method.networks import build_networks  # noqa: E402
 from ffsd_fast.step.cuda_graph import DDP_WARMUP_STEPS, CapturedStep  # noqa: E402
 from ffsd_fast.step.distributed import close_world, data_parallel, init_world  # noqa: E402
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
-from ffsd_fast.step.train_step import Stepper  # noqa: E402
+from ffsd_fast.step.train_step import TrainStep  # noqa: E402
+from tests.helpers.methods import build  # noqa: E402
 
 LAMBDAS = (1e-5, 1000.0, 10.0)
 
@@ -37,7 +35,7 @@ def global_batch(seed: int = 1, size: int = 8) -> tuple[torch.Tensor, torch.Tens
 
 def networks():
     torch.manual_seed(0)
-    return build_networks("resnet20", num_classes=10, num_students=2, image_size=16)
+    return build("resnet20", num_classes=10, num_students=2, image_size=16)
 
 
 def eval_mode_batchnorm(nets: torch.nn.Module) -> torch.nn.Module:
@@ -53,7 +51,7 @@ def eval_mode_batchnorm(nets: torch.nn.Module) -> torch.nn.Module:
 
 def averaged_grads(rank: int, world_size: int, compression: str) -> dict[str, torch.Tensor]:
     nets = eval_mode_batchnorm(networks())
-    losses = data_parallel(nets, LossOptions(), ops, compression=compression)
+    losses = data_parallel(nets, compression=compression)
     x, y = global_batch()
     half = len(x) // world_size
     mine = slice(rank * half, (rank + 1) * half)
@@ -66,8 +64,8 @@ def trained_params(rank: int, compression: str = "none", undone_steps: int = 0) 
     nets = networks().train()
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.05, 1e-3)
-    losses = data_parallel(nets, LossOptions(), ops, compression=compression)
-    stepper = Stepper(nets, optimizers, torch.tensor(LAMBDAS), LossOptions(), ops, losses=losses)
+    ddp = data_parallel(nets, compression=compression)
+    stepper = TrainStep(nets, optimizers, torch.tensor(LAMBDAS), module=ddp)
     if undone_steps:
         captured = CapturedStep(stepper, undone_steps)
         saved = captured.snapshot()

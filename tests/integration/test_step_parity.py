@@ -7,11 +7,9 @@ import torch
 
 import ffsd_kernels
 import ffsd_kernels.reference
-from ffsd_fast.method.losses import LossOptions, ffsd_losses
-from ffsd_fast.method.networks import build_networks
 from ffsd_fast.step.optimizers import make_optimizers
-from ffsd_fast.step.train_step import train_step
 from ffsd_kernels._dispatch import INTERPRETER
+from tests.helpers.methods import build, train_step
 from tests.helpers.sequential_reference import make_reference_optimizers, reference_step
 
 # Large enough λ's that every term moves the weights visibly (the defaults make some terms ~1e-5 of the loss).
@@ -50,22 +48,22 @@ def test_parity_fast_step_equals_sequential_reference(model, image_size, clean_s
     """``stacked``: the backbones run as one network (``--stack-networks``), the same arithmetic."""
     torch.set_default_dtype(torch.float64)
     try:
-        nets = build_networks(model, num_classes=10, num_students=num_students, image_size=image_size)
+        nets = build(model, 10, num_students, image_size, kernels=ffsd_kernels)
+        nets.settings["quirk_student_sd_lambda_div"] = not clean_student_sd
         reference = copy.deepcopy(nets)
         if stacked:
-            nets.stack_backbones(model)
+            nets.stack()
         nets.train()
         reference.train()
         lambda_div, lambda_sd, lambda_f = LAMBDAS
         fast_opts = make_optimizers(nets)
         ref_opts = make_reference_optimizers(reference, lr=0.1, decoder_lr=1e-3)
-        options = LossOptions(student_sd_uses_lambda_div=not clean_student_sd)
         lambdas = torch.tensor(LAMBDAS)
         errors = []
         for step in range(3):
             x = torch.randn(6, 3, image_size, image_size)
             y = torch.randint(0, 10, (6,))
-            train_step(nets, fast_opts, x, y, lambdas, options, ffsd_kernels)
+            train_step(nets, fast_opts, x, y, lambdas)
             reference_step(
                 reference,
                 ref_opts,
@@ -88,13 +86,13 @@ def test_parity_detects_a_wrong_term():
     """The comparison is sharp enough to see a single term weighted differently."""
     torch.set_default_dtype(torch.float64)
     try:
-        nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16)
+        nets = build("resnet20", num_classes=10, num_students=2, image_size=16, kernels=ffsd_kernels)
         reference = copy.deepcopy(nets)
         fast_opts = make_optimizers(nets)
         ref_opts = make_reference_optimizers(reference, lr=0.1, decoder_lr=1e-3)
         x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
         wrong = torch.tensor([LAMBDAS[0], LAMBDAS[1], LAMBDAS[2] * 1.01])
-        train_step(nets, fast_opts, x, y, wrong, LossOptions(), ffsd_kernels)
+        train_step(nets, fast_opts, x, y, wrong)
         reference_step(reference, ref_opts, x, y, *LAMBDAS)
         assert _max_relative_error(nets, reference) > 1e-6
     finally:
@@ -120,22 +118,22 @@ def test_triton_kernels_step_equals_torch_step(device, stacked, request):
     (``--stack-networks``), with the grouped distance op."""
     if device == "cuda":
         request.getfixturevalue("strict_fp32_cuda")
-    nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16, fused_blocks=True)
+    nets = build("resnet20", 10, 3, 16, fused_blocks=True, kernels=ffsd_kernels)
     nets = nets.to(device).train()
     twin = copy.deepcopy(nets)
     if stacked:
-        nets.stack_backbones("resnet20")
+        nets.stack()
     for block in (twin.fusion.block, twin.leader.head):
         block.fused = False
+    twin.settings["kernels"] = "torch"
     x, y = torch.randn(6, 3, 16, 16, device=device), torch.randint(0, 10, (6,), device=device)
     lambdas = torch.tensor(LAMBDAS, device=device)
     terms = {}
-    for name, networks, ops in (("triton", nets, ffsd_kernels), ("torch", twin, ffsd_kernels.reference)):
+    for name, networks in (("triton", nets), ("torch", twin)):
         # Same BN state and dropout-free networks: the two forward passes see identical weights and inputs.
-        terms[name] = ffsd_losses(networks, x, y, lambdas, LossOptions(), ops)
+        terms[name] = networks(x, y, lambdas)
         terms[name].total.backward()
-        for stack in networks.stacks:
-            stack.share_grads()
+        networks.form.share_grads()
     for key, value in terms["torch"].values.items():
         got = terms["triton"].values[key]
         assert got.dtype == value.dtype == torch.float32, key

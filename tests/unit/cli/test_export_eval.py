@@ -17,12 +17,12 @@ from ffsd_fast.cli.eval import main as eval_main
 from ffsd_fast.cli.export import main as export_main
 from ffsd_fast.data.common import DataSpec
 from ffsd_fast.data.loaders import build_loaders
-from ffsd_fast.method.networks import build_networks
 from ffsd_fast.trainer import checkpoint
 from ffsd_fast.trainer import evaluate as evaluate_module
 from ffsd_fast.trainer.config import Config, resolve, to_dict
 from ffsd_fast.trainer.runlog import code_version
 from tests.helpers import write_cifar, write_folder
+from tests.helpers.methods import build
 
 COMMIT = {"commit": "0123abc", "dirty": False}
 
@@ -31,7 +31,7 @@ def make_run(tmp_path, name="run", version=COMMIT, num_classes=10, **fields):
     """A run directory holding the checkpoint of freshly built networks after epoch 3 (and ``version.json``)."""
     cfg = resolve(Config(**{"model": "resnet20", "device": "cpu", **fields}))
     torch.manual_seed(0)
-    nets = build_networks(cfg.model, num_classes, cfg.num_students, cfg.image_size, False, method=cfg.method)
+    nets = build(cfg.model, num_classes, cfg.num_students, cfg.image_size, False, method=cfg.method)
     run = tmp_path / name
     run.mkdir()
     checkpoint.save_atomic(

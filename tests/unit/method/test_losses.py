@@ -2,7 +2,7 @@
 
 import ffsd_kernels
 import ffsd_kernels.reference
-from ffsd_fast.method.losses import kernel_ops
+from ffsd_fast.method.base import kernel_ops
 
 
 def test_kernels_flag_picks_the_loss_library():

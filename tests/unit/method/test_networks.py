@@ -7,7 +7,8 @@ import torch
 
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.networks import SelfDistillationDecoder, build_networks
+from ffsd_fast.method.ffsd import SelfDistillationDecoder
+from tests.helpers.methods import build
 
 
 @pytest.mark.parametrize("model,size", [("resnet20", 32), ("resnet32", 16), ("resnet18", 64), ("resnet50", 64)])
@@ -26,7 +27,7 @@ def test_decoder_parameter_names_are_the_references():
 
 @pytest.mark.parametrize("m", [2, 3])
 def test_fusion_module_and_leader_head_shapes(m):
-    nets = build_networks("resnet20", num_classes=7, num_students=m, image_size=16)
+    nets = build("resnet20", num_classes=7, num_students=m, image_size=16)
     maps = [torch.randn(4, 64, 4, 4) for _ in range(m)]
     logits, fused = nets.fusion(maps)
     assert logits.shape == (4, 7) and fused.shape == (4, 64, 4, 4)
@@ -37,7 +38,7 @@ def test_fusion_module_and_leader_head_shapes(m):
 
 
 def test_fusion_and_head_use_the_reference_conv_init():
-    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=32)
+    nets = build("resnet20", num_classes=10, num_students=2, image_size=32)
     pointwise = nets.fusion.block[3].weight  # 1×1, 128 → 64
     assert pointwise.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.05)
     head = nets.leader.head[3].weight  # 1×1, 64 → 128
@@ -47,9 +48,9 @@ def test_fusion_and_head_use_the_reference_conv_init():
 
 def test_probe_forward_quirk_moves_student_one_statistics_only():
     torch.manual_seed(3)
-    quirky = build_networks("resnet20", num_classes=10, num_students=2, image_size=32)
+    quirky = build("resnet20", num_classes=10, num_students=2, image_size=32)
     torch.manual_seed(3)
-    clean = build_networks("resnet20", num_classes=10, num_students=2, image_size=32, probe_forward=False)
+    clean = build("resnet20", num_classes=10, num_students=2, image_size=32, probe_forward=False)
     assert quirky.students[0].bn1.num_batches_tracked.item() == 1
     assert clean.students[0].bn1.num_batches_tracked.item() == 0
     assert quirky.students[1].bn1.num_batches_tracked.item() == 0
@@ -60,4 +61,4 @@ def test_probe_forward_quirk_moves_student_one_statistics_only():
 
 def test_one_student_is_refused():
     with pytest.raises(UserError, match="at least 2"):
-        build_networks("resnet20", num_classes=10, num_students=1, image_size=32)
+        build("resnet20", num_classes=10, num_students=1, image_size=32)

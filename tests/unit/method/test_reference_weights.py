@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from ffsd_fast.method.networks import build_networks
 from ffsd_fast.method.reference_weights import (
     fusion_from_reference,
     leader_from_reference,
     student_from_reference,
     unwrap,
 )
+from tests.helpers.methods import build
 
 
 class ReferenceLayoutBlock(nn.Module):
@@ -41,7 +41,7 @@ def _randomise(module):
 
 
 def test_reference_fusion_module_loads():
-    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16)
+    nets = build("resnet20", num_classes=10, num_students=2, image_size=16)
     theirs = ReferenceLayoutBlock(128, 64, num_classes=10).eval()
     _randomise(theirs)
     nets.fusion.load_state_dict(fusion_from_reference(unwrap({"weight": theirs.state_dict()})), strict=True)
@@ -51,8 +51,8 @@ def test_reference_fusion_module_loads():
 
 
 def test_reference_leader_loads():
-    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16)
-    donor = build_networks("resnet20", num_classes=10, num_students=2, image_size=16)
+    nets = build("resnet20", num_classes=10, num_students=2, image_size=16)
+    donor = build("resnet20", num_classes=10, num_students=2, image_size=16)
     head = ReferenceLayoutBlock(64, 128)
     _randomise(head)
     state = {f"module.{k}": v for k, v in donor.leader.backbone.state_dict().items()}
@@ -93,7 +93,7 @@ _SLOW = ("resnet56", "resnet110", "wrn40_2")
     [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n for n in _LAYOUT if "state_dict" in _LAYOUT[n]],
 )
 def test_reference_checkpoint_of_every_backbone_loads(name):
-    nets = build_networks(name, num_classes=10, num_students=2, image_size=16)
+    nets = build(name, num_classes=10, num_students=2, image_size=16)
     backbone = _reference_backbone_state(name, 10)
     channels = nets.leader.head[0].in_channels
     head = ReferenceLayoutBlock(channels, 2 * channels)

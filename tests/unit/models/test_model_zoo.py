@@ -6,13 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-import ffsd_kernels.reference
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.losses import LossOptions
-from ffsd_fast.method.networks import build_networks
 from ffsd_fast.step.optimizers import make_optimizers
-from ffsd_fast.step.train_step import train_step
+from tests.helpers.methods import build, train_step
 
 ZOO = ["wrn16_2", "wrn40_2", "densenet40", "googlenet"]
 CLEAN = ["wrn16_2_clean", "wrn40_2_clean"]  # the WRNs' clean block layout: the same parameters
@@ -182,13 +179,11 @@ def test_init(name):
 # GoogLeNet's step takes ~3 s on a CPU: slow.
 @pytest.mark.parametrize("name", [*ZOO[:-1], "wrn16_2_clean", pytest.param("googlenet", marks=pytest.mark.slow)])
 def test_ffsd_step(name):
-    nets = build_networks(name, num_classes=10, num_students=2, image_size=32)
+    nets = build(name, num_classes=10, num_students=2, image_size=32)
     optimizers = make_optimizers(nets)
     before = [p.detach().clone() for p in nets.leader.backbone.parameters()]
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
-    terms = train_step(
-        nets, optimizers, x, y, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ffsd_kernels.reference
-    )
+    terms = train_step(nets, optimizers, x, y, torch.tensor([1e-5, 1000.0, 10.0]))
     assert torch.isfinite(terms.total)
     assert all(torch.isfinite(v).all() for v in terms.values.values())
     after = list(nets.leader.backbone.parameters())

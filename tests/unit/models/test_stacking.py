@@ -9,10 +9,10 @@ import torch
 
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.networks import build_networks
 from ffsd_fast.models.stacking import StackedNetworks, StackingError
 from ffsd_fast.step.optimizers import make_optimizers
 from tests.helpers.kernel_launches import AtenKernels
+from tests.helpers.methods import build
 
 STACKABLE = [(name, 64 if models.family(name) == "imagenet" else 16) for name in models.names()]
 STACKABLE = [(name, size) for name, size in STACKABLE if models.stack_blocker(name) is None]
@@ -87,11 +87,11 @@ def test_under_autocast_the_weights_are_cast_once_and_the_gradients_reach_the_ne
 
 
 def test_networks_keep_their_parameters_state_dicts_and_optimiser():
-    nets = build_networks("resnet20", num_classes=5, num_students=2, image_size=16)
+    nets = build("resnet20", num_classes=5, num_students=2, image_size=16)
     before = {k: v.clone() for k, v in nets.state_dict().items()}
     params = list(nets.parameters())
     optimizers = make_optimizers(nets)
-    nets.stack_backbones("resnet20")
+    nets.stack()
     assert list(nets.parameters()) == params  # the same objects: the optimisers and their state stay valid
     assert optimizers[0].param_groups[0]["params"][0] is params[0]
     after = nets.state_dict()
@@ -101,7 +101,7 @@ def test_networks_keep_their_parameters_state_dicts_and_optimiser():
     # The networks' tensors and the stack's are one: a write to either is seen by the other.
     with torch.no_grad():
         nets.students[1].conv1.weight.fill_(0.5)
-    stacked_conv1 = nets.stack.body.conv1.weight
+    stacked_conv1 = nets.form.stacks["backbones"].body.conv1.weight
     channels = nets.students[1].conv1.weight.shape[0]
     assert torch.all(stacked_conv1[channels : 2 * channels] == 0.5)
     assert not torch.all(stacked_conv1[:channels] == 0.5)
@@ -109,31 +109,31 @@ def test_networks_keep_their_parameters_state_dicts_and_optimiser():
 
 def test_a_checkpoint_loads_into_a_stacked_run_and_back():
     torch.manual_seed(0)
-    trained = build_networks("resnet20", num_classes=5, num_students=2, image_size=16)
-    trained.stack_backbones("resnet20")
+    trained = build("resnet20", num_classes=5, num_students=2, image_size=16)
+    trained.stack()
     buffer = io.BytesIO()
     torch.save(trained.state_dict(), buffer)
     buffer.seek(0)
     saved = torch.load(buffer)
     torch.manual_seed(1)
-    fresh = build_networks("resnet20", num_classes=5, num_students=2, image_size=16)
-    fresh.stack_backbones("resnet20")
+    fresh = build("resnet20", num_classes=5, num_students=2, image_size=16)
+    fresh.stack()
     fresh.load_state_dict(saved)
     # The stack reads the loaded weights (load_state_dict writes into the shared tensors in place).
     x = torch.randn(2, 3, 16, 16)
-    fresh.stack.eval()
+    fresh.form.stacks["backbones"].eval()
     trained.students[0].eval()
-    logits, _ = fresh.stack(x)
+    logits, _ = fresh.form.stacks["backbones"](x)
     torch.testing.assert_close(logits[0], trained.students[0](x)[0])
-    unstacked = build_networks("resnet20", num_classes=5, num_students=2, image_size=16)
+    unstacked = build("resnet20", num_classes=5, num_students=2, image_size=16)
     unstacked.load_state_dict(saved)
 
 
 @pytest.mark.parametrize("name", ["densenet40", "googlenet"])
 def test_architectures_that_concatenate_channels_are_refused_in_one_line(name):
-    nets = build_networks(name, num_classes=5, num_students=2, image_size=32)
+    nets = build(name, num_classes=5, num_students=2, image_size=32)
     with pytest.raises(UserError, match=f"--stack-networks: {name} cannot be stacked: .*torch.cat over channels"):
-        nets.stack_backbones(name)
+        nets.stack()
 
 
 def test_networks_of_different_architectures_are_refused():

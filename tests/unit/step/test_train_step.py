@@ -8,19 +8,18 @@ import torch
 
 import ffsd_kernels
 import ffsd_kernels.reference
-from ffsd_fast.method.losses import LossOptions
-from ffsd_fast.method.networks import build_networks
 from ffsd_fast.step.cuda_graph import CapturedStep
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates
 from ffsd_fast.step.precision import mixed_precision
-from ffsd_fast.step.train_step import Stepper, train_step
+from ffsd_fast.step.train_step import TrainStep
 from ffsd_kernels._dispatch import INTERPRETER
 from tests.helpers.kernel_launches import forbid_host_syncs, recorded_launches
+from tests.helpers.methods import build, train_step
 
 
 @pytest.fixture
 def setup():
-    nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16).train()
+    nets = build("resnet20", num_classes=10, num_students=3, image_size=16, kernels=ffsd_kernels).train()
     return nets, make_optimizers(nets), torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
 
 
@@ -28,18 +27,14 @@ def setup():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_step_makes_no_host_synchronisation(setup, monkeypatch, kernels, channels_last, amp):
-    nets, _, x, y = setup
-    ops = ffsd_kernels.reference if kernels == "torch" else ffsd_kernels
-    for block in (nets.fusion.block, nets.leader.head):
-        block.fused = kernels == "triton"
+    _, _, x, y = setup
+    nets = build("resnet20", 10, 3, 16, fused_blocks=kernels == "triton", kernels=kernels).train()
     if channels_last:
         nets = nets.to(memory_format=torch.channels_last)
     # The fused optimisers (the default); foreach on a CPU reads Adam's step count on the host (not on a GPU, where it
     # is capturable).
     optimizers = make_optimizers(nets)
-    stepper = Stepper(
-        nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ops, amp, channels_last=channels_last
-    )
+    stepper = TrainStep(nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), amp, channels_last=channels_last)
     set_learning_rates(optimizers, 0.05, 1e-4)
     # The interpreter reads tensors on the host to run a kernel: here the Triton launches are recorded, not run.
     launches = recorded_launches(monkeypatch, execute=False) if INTERPRETER else contextlib.nullcontext([])
@@ -57,13 +52,11 @@ def test_step_makes_no_host_synchronisation(setup, monkeypatch, kernels, channel
 def test_bf16_channels_last_stays_close_to_fp32():
     """Three steps under bf16 autocast with channels-last networks and inputs against fp32 NCHW, from the same
     weights on the same batches: every cross-entropy within 6 % (bf16 keeps 8 bits of mantissa; seen: 3.3 %)."""
-    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16).train()
+    nets = build("resnet20", num_classes=10, num_students=2, image_size=16).train()
     twin = copy.deepcopy(nets).to(memory_format=torch.channels_last)
     lambdas = torch.tensor([1e-5, 1000.0, 10.0])
-    fp32 = Stepper(nets, make_optimizers(nets), lambdas, LossOptions(), ffsd_kernels.reference)
-    bf16 = Stepper(
-        twin, make_optimizers(twin), lambdas, LossOptions(), ffsd_kernels.reference, torch.bfloat16, channels_last=True
-    )
+    fp32 = TrainStep(nets, make_optimizers(nets), lambdas)
+    bf16 = TrainStep(twin, make_optimizers(twin), lambdas, torch.bfloat16, channels_last=True)
     for stepper in (fp32, bf16):
         set_learning_rates(stepper.optimizers, 0.05, 1e-3)
     worst = 0.0
@@ -80,7 +73,7 @@ def test_bf16_channels_last_stays_close_to_fp32():
 def test_every_network_is_updated_once(setup):
     nets, optimizers, x, y = setup
     before = {name: p.detach().clone() for name, p in nets.named_parameters()}
-    train_step(nets, optimizers, x, y, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ffsd_kernels)
+    train_step(nets, optimizers, x, y, torch.tensor([1e-5, 1000.0, 10.0]))
     moved = {name.split(".")[0] for name, p in nets.named_parameters() if not torch.equal(p, before[name])}
     assert moved == {"students", "decoders", "leader_decoder", "fusion", "leader"}
     head = [n for n, p in nets.named_parameters() if n.startswith("leader.head.") and torch.equal(p, before[n])]
@@ -99,7 +92,7 @@ def test_learning_rates_are_written_in_place(setup):
 def test_terms_weighted_in_one_place(setup):
     nets, optimizers, x, y = setup
     lambdas = torch.tensor([0.5, 7.0, 3.0])
-    terms = train_step(nets, optimizers, x, y, lambdas, LossOptions(), ffsd_kernels)
+    terms = train_step(nets, optimizers, x, y, lambdas)
     weighted = terms.weighted
     assert torch.allclose(sum(weighted.values()), terms.total)
     assert torch.allclose(weighted["student1.diversity"], 0.5 * terms.values["student1.diversity"])
@@ -107,7 +100,8 @@ def test_terms_weighted_in_one_place(setup):
     assert torch.allclose(weighted["leader.trans_fusion"], 3.0 * terms.values["leader.trans_fusion"])
     assert torch.allclose(weighted["decoder_leader.feature"], 7.0 * terms.values["decoder_leader.feature"])
     assert torch.equal(weighted["leader.ce"], terms.values["leader.ce"])
-    clean = train_step(nets, optimizers, x, y, lambdas, LossOptions(student_sd_uses_lambda_div=False), ffsd_kernels)
+    nets.settings["quirk_student_sd_lambda_div"] = False
+    clean = train_step(nets, optimizers, x, y, lambdas)
     assert torch.allclose(
         clean.weighted["student1.self_distillation"], 7.0 * clean.values["student1.self_distillation"]
     )
@@ -118,12 +112,12 @@ def test_terms_weighted_in_one_place(setup):
 def test_ffsd_trains_with_triton_kernels_on_a_tiny_batch():
     """``--kernels triton`` end to end through the interpreter: fused losses and fusion blocks, several steps on one
     batch, every network's loss going down."""
-    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16, fused_blocks=True).train()
+    nets = build("resnet20", 10, 2, 16, fused_blocks=True, kernels=ffsd_kernels).train()
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.05, 1e-3)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     lambdas = torch.tensor([1e-5, 1000.0, 10.0])
-    history = [train_step(nets, optimizers, x, y, lambdas, LossOptions(), ffsd_kernels) for _ in range(4)]
+    history = [train_step(nets, optimizers, x, y, lambdas) for _ in range(4)]
     for key in ("student0.ce", "student1.ce", "fusion.ce", "leader.ce"):
         first, last = history[0].values[key].item(), history[-1].values[key].item()
         assert last < first, (key, first, last)
@@ -132,8 +126,8 @@ def test_ffsd_trains_with_triton_kernels_on_a_tiny_batch():
 
 @pytest.mark.parametrize("method", ["dml", "independent"])
 def test_baseline_step_is_ce_plus_mutual_kl_on_the_students_alone(method):
-    nets = build_networks("resnet20", num_classes=10, num_students=3, image_size=16, method=method).train()
-    assert nets.leader is None and nets.fusion is None and len(nets.decoders) == 0
+    nets = build("resnet20", num_classes=10, num_students=3, image_size=16, method=method).train()
+    assert [name for name, _ in nets.named_children()] == ["students"]  # no decoders, fusion module or leader
     optimizers = make_optimizers(nets)
     assert len(optimizers) == 1
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
@@ -145,18 +139,18 @@ def test_baseline_step_is_ce_plus_mutual_kl_on_the_students_alone(method):
         if method == "dml":
             expected += sum(ffsd_kernels.kl_div_loss_reference(z, logits[j], 2.0) for j in range(3) if j != i) / 2
     before = [p.detach().clone() for p in nets.parameters()]
-    terms = train_step(nets, optimizers, x, y, torch.zeros(3), LossOptions(), ffsd_kernels.reference)
+    terms = train_step(nets, optimizers, x, y, torch.zeros(0))
     assert torch.allclose(terms.total, expected, rtol=1e-5)
     assert all(not torch.equal(p, b) for p, b in zip(nets.parameters(), before, strict=True) if p.dim() > 1)
 
 
 def test_fp16_step_scales_the_loss_without_a_host_synchronisation(setup, monkeypatch):
     """fp16 autocast with the gradient scaler: the fused optimisers unscale and skip on the device."""
-    nets, optimizers, x, y = setup
+    _, _, x, y = setup
+    nets = build("resnet20", num_classes=10, num_students=3, image_size=16).train()
+    optimizers = make_optimizers(nets)
     amp_dtype, scaler = mixed_precision("fp16", x.device)
-    stepper = Stepper(
-        nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ffsd_kernels.reference, amp_dtype, scaler
-    )
+    stepper = TrainStep(nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), amp_dtype, scaler)
     before = scaler.get_scale()
     forbid_host_syncs(monkeypatch)
     terms = stepper(x, y)
@@ -169,16 +163,16 @@ def test_fp16_step_scales_the_loss_without_a_host_synchronisation(setup, monkeyp
 def test_captured_stacked_step_with_triton_kernels_trains_like_the_eager_step(strict_fp32_cuda):
     """``--stack-networks --kernels triton --cuda-graph``: the grouped distance op copies its table of addresses to
     the device inside the capture (a pinned-memory copy); replays must train as the eager step does."""
-    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16, fused_blocks=True)
+    nets = build("resnet20", num_classes=10, num_students=2, image_size=16, fused_blocks=True, kernels=ffsd_kernels)
     nets = nets.cuda().train()
     twin = copy.deepcopy(nets)
     for networks in (nets, twin):
-        networks.stack_backbones("resnet20")
+        networks.stack()
     lambdas = torch.tensor([1e-5, 1000.0, 10.0], device="cuda")
-    eager = Stepper(nets, make_optimizers(nets), lambdas, LossOptions(), ffsd_kernels)
-    captured = CapturedStep(Stepper(twin, make_optimizers(twin), lambdas, LossOptions(), ffsd_kernels))
-    for stepper in (eager, captured):
-        set_learning_rates(stepper.optimizers, 0.05, 1e-3)
+    eager = TrainStep(nets, make_optimizers(nets), lambdas)
+    captured = CapturedStep(TrainStep(twin, make_optimizers(twin), lambdas))
+    for optimizers in (eager.optimizers, captured.step.optimizers):
+        set_learning_rates(optimizers, 0.05, 1e-3)
     for batch in (8, 8, 8, 5, 8):
         x, y = torch.randn(batch, 3, 16, 16, device="cuda"), torch.randint(0, 10, (batch,), device="cuda")
         a, b = eager(x, y), captured(x, y)
@@ -191,13 +185,13 @@ def test_captured_stacked_step_with_triton_kernels_trains_like_the_eager_step(st
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_captured_step_trains_exactly_like_the_eager_step(strict_fp32_cuda):
     """Three full batches and a partial one: replayed graph (with its warm-up undone) against eager steps."""
-    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16).cuda().train()
+    nets = build("resnet20", num_classes=10, num_students=2, image_size=16).cuda().train()
     twin = copy.deepcopy(nets)
     lambdas = torch.tensor([1e-5, 1000.0, 10.0], device="cuda")
-    eager = Stepper(nets, make_optimizers(nets), lambdas, LossOptions(), ffsd_kernels.reference)
-    captured = CapturedStep(Stepper(twin, make_optimizers(twin), lambdas, LossOptions(), ffsd_kernels.reference))
-    for stepper in (eager, captured):
-        set_learning_rates(stepper.optimizers, 0.05, 1e-3)
+    eager = TrainStep(nets, make_optimizers(nets), lambdas)
+    captured = CapturedStep(TrainStep(twin, make_optimizers(twin), lambdas))
+    for optimizers in (eager.optimizers, captured.step.optimizers):
+        set_learning_rates(optimizers, 0.05, 1e-3)
     for batch in (8, 8, 8, 5):
         x, y = torch.randn(batch, 3, 16, 16, device="cuda"), torch.randint(0, 10, (batch,), device="cuda")
         a, b = eager(x, y), captured(x, y)

@@ -5,12 +5,10 @@ device-independent, only the capture between them needs CUDA. Under DDP the same
 import pytest
 import torch
 
-import ffsd_kernels.reference as ops
-from ffsd_fast.method.losses import LossOptions
-from ffsd_fast.method.networks import build_networks
 from ffsd_fast.step.cuda_graph import DDP_WARMUP_STEPS, CapturedStep
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates
-from ffsd_fast.step.train_step import Stepper
+from ffsd_fast.step.train_step import TrainStep
+from tests.helpers.methods import build
 
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,14 +16,14 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
 
 
-def make_stepper(scaled: bool) -> Stepper:
+def make_stepper(scaled: bool) -> TrainStep:
     torch.manual_seed(0)
-    nets = build_networks("resnet20", num_classes=10, num_students=2, image_size=16).train()
+    nets = build("resnet20", num_classes=10, num_students=2, image_size=16).train()
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.05, 1e-3)
     # growth_interval=1: the scale doubles at every step, so a warm-up that is not undone leaves it changed.
     scaler = torch.amp.GradScaler("cpu", growth_interval=1) if scaled else None
-    return Stepper(nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), LossOptions(), ops, scaler=scaler)
+    return TrainStep(nets, optimizers, torch.tensor([1e-5, 1000.0, 10.0]), scaler=scaler)
 
 
 @pytest.mark.slow
@@ -36,12 +34,12 @@ def test_warmup_undone_leaves_training_exactly_as_without_it(scaled):
     saved = captured.snapshot()
     for step in range(DDP_WARMUP_STEPS):
         warmed(*batch(500 + step))
-    assert not torch.equal(warmed.nets.students[0].fc.weight, plain.nets.students[0].fc.weight)
+    assert not torch.equal(warmed.method.students[0].fc.weight, plain.method.students[0].fc.weight)
     captured.undo(saved)
     for step in range(3):
         plain(*batch(step))
         warmed(*batch(step))
-    for (name, a), b in zip(plain.nets.state_dict().items(), warmed.nets.state_dict().values(), strict=True):
+    for (name, a), b in zip(plain.method.state_dict().items(), warmed.method.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     for oa, ob in zip(plain.optimizers, warmed.optimizers, strict=True):
         for pa, pb in zip(oa.state.values(), ob.state.values(), strict=True):
