@@ -176,7 +176,7 @@ def make_step(variant: str, workload: dict, device: torch.device, world_size: in
         return stepper
 
     def averaged(images: torch.Tensor, labels: torch.Tensor) -> None:
-        # The step with the hand-made averager: backward, then the averager, then the optimisers.
+        # The step with the averager: backward, then the averager, then the optimisers.
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         nets(images, labels, lambdas).total.backward()

@@ -13,7 +13,7 @@ workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px
 * each lever on top of ``one-backward`` alone: ``amp`` (bf16 autocast), ``channels-last``, ``cuda-graph`` (the
   whole step captured and replayed; CUDA only, skipped on a CPU), ``compile`` (every network through
   ``torch.compile``), ``triton-kernels`` (``--kernels triton``: the fused losses and fusion blocks);
-* ``fast``: the levers together except ``compile``, until a GPU run shows whether it pays (on a CPU: none of them,
+* ``fast``: the levers together except ``compile``, which has a variant of its own (on a CPU: none of them,
   which is the trainer's CPU default); ``fast-cudnn-blocks``: the same with the fusion blocks on ``torch.cat`` and
   cuDNN instead of the Triton fusion-block kernels (the fused losses kept), which measured fastest on an H100 and
   is the trainer's CUDA default;

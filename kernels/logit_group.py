@@ -371,7 +371,7 @@ def _row_config(num_nets: int, num_classes: int) -> tuple[int, int, int]:
     to a power of two, chunks of at most ``_MAX_TILE // G_PAD`` classes (the next power of two of C when smaller),
     and about 16 logits of the tile per thread, up to 8 warps. ptxas (sm_90): 80 registers for M = 2, C = 100 (bf16,
     1 warp), 106 forward / 90 backward for M = 3, C = 1000 (fp32, 8 warps), 176 forward for M = 4 (G_PAD = 8,
-    512-class chunks); no spills. Not tuned on a GPU yet."""
+    512-class chunks); no spills. Its timings: docs/gpu-results.md."""
     g_pad = triton.next_power_of_2(num_nets)
     block_c = min(triton.next_power_of_2(num_classes), max(_MAX_TILE // g_pad, 16))
     num_warps = max(1, min(8, g_pad * block_c // 512))

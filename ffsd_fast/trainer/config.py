@@ -377,7 +377,7 @@ def resolve(config: Config) -> Config:
     if c.channels_last is None:
         c.channels_last = gpu
     if c.cuda_graph is None:
-        # Capture across processes (NCCL inside the graph) has not been measured here: a choice, not a default.
+        # Capture across processes puts NCCL inside the graph, with its own constraints (cuda_graph.py): opt-in.
         c.cuda_graph = gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not c.compile
     if c.stack_networks:
         _check_stackable(c)
