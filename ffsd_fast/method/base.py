@@ -11,7 +11,7 @@ outputs by network, and the grouped ops. Whether the networks run one by one or 
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar, NamedTuple
 
@@ -37,6 +37,12 @@ class NetworkSpec:
     num_students: int
     image_size: int
     settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+def option(kind: type, default: Any, help: str, **checks: Any) -> tuple[type, Field]:
+    """A configuration field that a method adds (``Method.options``): a flag, a YAML key, a value checked as the
+    run's fields are (``choices``; ``at_least``, ``above``, ``below``), recorded in the run's config."""
+    return kind, field(default=default, metadata={"help": help, **checks})
 
 
 class ParamGroup(NamedTuple):
@@ -143,7 +149,10 @@ class Method(nn.Module):
         stackable: whether ``--stack-networks`` can run its networks as one.
         recipe: per dataset, defaults it sets beside the dataset's (``trainer.recipes``).
         published: (dataset, model) → the paper's (low, high) top-1 of the reported network.
-        defaults: the settings it reads, with the values a caller that leaves them out gets.
+        options: the configuration fields it adds (``option``), by name; they join the run's fields when the
+            trainer's configuration is first imported, so a method with options registers before that.
+        defaults: the run's settings it reads, with the values a caller that leaves them out gets (its options'
+            defaults come from ``options``).
     """
 
     name: ClassVar[str]
@@ -157,12 +166,14 @@ class Method(nn.Module):
     stackable: ClassVar[bool] = True
     recipe: ClassVar[dict[str, dict[str, Any]]] = {}
     published: ClassVar[dict[tuple[str, str], tuple[float, float]]] = {}
+    options: ClassVar[dict[str, tuple[type, Field]]] = {}
     defaults: ClassVar[dict[str, Any]] = {"temperature": 2.0, "kernels": "torch"}
 
     def __init__(self, spec: NetworkSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.settings = {**self.defaults, **spec.settings}
+        own = {name: option.default for name, (_, option) in self.options.items()}
+        self.settings = {**self.defaults, **own, **spec.settings}
 
     @property
     def peers(self) -> list[str]:

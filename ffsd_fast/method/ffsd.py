@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffsd_fast import models
-from ffsd_fast.method.base import Method, NetworkSpec, ParamGroup, TermTable, create_students
+from ffsd_fast.method.base import Method, NetworkSpec, ParamGroup, TermTable, create_students, option
 from ffsd_fast.method.forms import Group
 from ffsd_fast.method.registry import register
 from ffsd_fast.models.init import reference_conv_init_
@@ -122,13 +122,17 @@ class FFSD(Method):
         ("imagenet", "resnet18"): (70.87, 70.87),
         ("imagenet", "resnet34"): (74.69, 74.69),
     }
-    defaults = {
-        **Method.defaults,
-        "lambda_div": 1e-5,
-        "quirk_student_sd_lambda_div": True,
-        "quirk_probe_forward": True,
-        "fusion_kernel": "torch",
+    options = {
+        "lambda_div": option(
+            float, 1e-5, "FFSD's λ_div: diversity weight (and, by the quirk, the students' SD weight)", at_least=0
+        ),
+        "lambda_sd": option(float, 1000.0, "FFSD's λ_sd: the decoders' reconstruction weight", at_least=0),
+        "lambda_f": option(float, 10.0, "FFSD's λ_f: the leader's fusion, trans-fusion and SD weight", at_least=0),
+        "quirk_student_sd_lambda_div": option(
+            bool, True, "weight the students' self-distillation term by λ_div, not λ_sd, as the reference does"
+        ),
     }
+    defaults = {**Method.defaults, "quirk_probe_forward": True, "fusion_kernel": "torch"}
 
     def __init__(self, spec: NetworkSpec) -> None:
         """Every network in the reference's order, so that a seeded run draws its weights in the same sequence."""

@@ -41,7 +41,7 @@ def _methods_help() -> str:
 
 
 @dataclass
-class Config:
+class _RunConfig:
     # What to train.
     method: str = _field("ffsd", _methods_help, choices=registry.names)
     model: str = _field("resnet20", "backbone of every network: " + ", ".join(models.names()))
@@ -90,14 +90,10 @@ class Config:
     )
     # The method.
     temperature: float = _field(2.0, "distillation temperature T", above=0)
-    lambda_div: float = _field(1e-5, "λ_div: diversity weight (and, by the quirk, the students' SD weight)", at_least=0)
-    lambda_sd: float = _field(1000.0, "λ_sd: the decoders' reconstruction weight", at_least=0)
-    lambda_f: float = _field(10.0, "λ_f: the leader's fusion, trans-fusion and SD weight", at_least=0)
-    lambda_warmup_epochs: int = _field(5, "λ(e) = λ·exp(−5(1 − e/W)²) for epochs e ≤ W", at_least=1)
-    # The reference's quirks, reproduced by default; --no-quirk-… gives the clean variant.
-    quirk_student_sd_lambda_div: bool = _field(
-        True, "weight the students' self-distillation term by λ_div, not λ_sd, as the reference does"
+    lambda_warmup_epochs: int = _field(
+        5, "each of the method's λ's is λ(e) = λ·exp(−5(1 − e/W)²) for epochs e ≤ W", at_least=1
     )
+    # The reference's quirks, reproduced by default; --no-quirk-… gives the clean variant.
     quirk_probe_forward: bool = _field(
         True,
         "run student 1 once on random input at construction, as the "
@@ -220,6 +216,22 @@ def _base_type(annotation):
         return next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation
 
+
+def _method_options() -> list[tuple[str, type, dataclasses.Field]]:
+    """Every registered method's options (``Method.options``), each once: methods may share one, never redefine it."""
+    options: dict[str, tuple[type, dataclasses.Field, str]] = {}
+    for method in map(registry.get, registry.names()):
+        for name, (kind, option) in method.options.items():
+            if name in options and options[name][1] is not option:
+                raise TypeError(f"methods {options[name][2]} and {method.name} both declare an option {name}")
+            options[name] = (kind, option, method.name)
+    return [(name, kind, option) for name, (kind, option, _) in options.items()]
+
+
+# The run's fields, then the options of the methods registered by now (the built-in ones, and any imported before
+# this module): each a flag, a YAML key and a checked value like every other field.
+Config = dataclasses.make_dataclass("Config", _method_options(), bases=(_RunConfig,))
+Config.__module__, Config.__doc__ = __name__, "A run's configuration: the run's fields and the methods' options."
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 
