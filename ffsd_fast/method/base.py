@@ -151,6 +151,8 @@ class Method(nn.Module):
         published: (dataset, model) → the paper's (low, high) top-1 of the reported network.
         options: the configuration fields it adds (``option``), by name; they join the run's fields when the
             trainer's configuration is first imported, so a method with options registers before that.
+        levers: settings that change its speed and not its maths, with the values ``--step auto`` may try, unless
+            the command sets them.
         defaults: the run's settings it reads, with the values a caller that leaves them out gets (its options'
             defaults come from ``options``).
     """
@@ -167,6 +169,7 @@ class Method(nn.Module):
     recipe: ClassVar[dict[str, dict[str, Any]]] = {}
     published: ClassVar[dict[tuple[str, str], tuple[float, float]]] = {}
     options: ClassVar[dict[str, tuple[type, Field]]] = {}
+    levers: ClassVar[dict[str, tuple]] = {}
     defaults: ClassVar[dict[str, Any]] = {"temperature": 2.0, "kernels": "torch"}
 
     def __init__(self, spec: NetworkSpec) -> None:

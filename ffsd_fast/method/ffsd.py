@@ -132,6 +132,7 @@ class FFSD(Method):
             bool, True, "weight the students' self-distillation term by λ_div, not λ_sd, as the reference does"
         ),
     }
+    levers = {"fusion_kernel": ("torch", "triton")}  # cuDNN on torch.cat, or the concat-free Triton block
     defaults = {**Method.defaults, "quirk_probe_forward": True, "fusion_kernel": "torch"}
 
     def __init__(self, spec: NetworkSpec) -> None:

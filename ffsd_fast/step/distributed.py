@@ -150,6 +150,12 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def data_parallel(
     method: Method, bucket_mb: float = 25, compression: str = "none", for_capture: bool = False
 ) -> DistributedDataParallel:

@@ -137,11 +137,18 @@ class _RunConfig:
         "(CUDA only; the optimisers must be fused or foreach); default: on for "
         "a single CUDA process, off otherwise",
     )
-    stack_networks: bool = _field(
-        False,
-        "train the students and the leader's backbone as one network (grouped convolutions, channels network by "
-        "network): fewer, larger kernels; the same arithmetic, checkpoints and exports. Not DenseNet or GoogLeNet",
+    step: str | None = _field(
+        None,
+        "the training step's form, the same arithmetic either way: per-network | stacked (the networks of one "
+        "architecture as one grouped network: fewer, larger kernels; not DenseNet or GoogLeNet) | auto (time every "
+        "form the run allows on its first batch and keep the fastest); default auto on CUDA, per-network on a CPU "
+        "(nothing is timed there)",
+        choices=("auto", "per-network", "stacked"),
     )
+    step_tuning_seconds: float = _field(
+        60.0, "--step auto: the most seconds that timing the forms may take (each form an equal share)", above=0
+    )
+    stack_networks: bool = _field(False, "short for --step stacked")
     optimizer_impl: str = _field(
         "fused",
         "SGD and Adam implementation: fused | foreach (PyTorch's) | apex "
@@ -202,6 +209,8 @@ RESULT_NEUTRAL = frozenset(
         "ddp_bucket_mb",
         # The networks run as one grouped network: the same arithmetic (the float64 parity suite), the same state.
         "stack_networks",
+        "step",
+        "step_tuning_seconds",
     }
 )
 
@@ -391,14 +400,25 @@ def resolve(config: Config) -> Config:
     if c.cuda_graph is None:
         # Capture across processes puts NCCL inside the graph, with its own constraints (cuda_graph.py): opt-in.
         c.cuda_graph = gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not c.compile
-    if c.stack_networks:
-        _check_stackable(c)
+    _resolve_step(c, gpu)
     if c.sync_bn and c.fusion_kernel == "triton":
         raise UserError(
             "--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
             "batch statistics; use --fusion-kernel torch"
         )
     return c
+
+
+def _resolve_step(c: Config, gpu: bool) -> None:
+    if c.stack_networks:
+        if c.step not in (None, "stacked"):
+            raise UserError(f"--stack-networks is --step stacked, and --step {c.step} was given too: give one of them")
+        c.step = "stacked"
+    if c.step is None:
+        c.step = "auto" if gpu else "per-network"
+    c.stack_networks = c.step == "stacked"
+    if c.step == "stacked":
+        _check_stackable(c)
 
 
 def _check_stackable(c: Config) -> None:

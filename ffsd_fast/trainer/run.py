@@ -26,20 +26,18 @@ from ffsd_fast.data.loaders import build_loaders
 from ffsd_fast.errors import UserError
 from ffsd_fast.files import write_atomic
 from ffsd_fast.method import registry
-from ffsd_fast.step.cuda_graph import DDP_WARMUP_STEPS, CapturedStep, check_capturable
+from ffsd_fast.step.cuda_graph import check_capturable
 from ffsd_fast.step.distributed import (
     World,
     barrier,
     broadcast_state,
     close_world,
-    data_parallel,
     init_world,
     on_main,
 )
 from ffsd_fast.step.optimizers import make_optimizers
 from ffsd_fast.step.precision import mixed_precision
-from ffsd_fast.step.train_step import TrainStep
-from ffsd_fast.trainer import checkpoint
+from ffsd_fast.trainer import checkpoint, step_forms
 from ffsd_fast.trainer.config import FIELDS, Config, data_spec, optimizer_spec, to_dict
 from ffsd_fast.trainer.evaluate import evaluate, topk_for
 from ffsd_fast.trainer.loop import learning_rates, train_epoch
@@ -135,16 +133,12 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
 
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, info.num_classes, device, world)
-    optimizers = make_optimizers(method, optimizer_spec(cfg))
     lambdas = torch.zeros(len(method.lambdas), device=device)
-    ddp = (
-        data_parallel(method, cfg.ddp_bucket_mb, cfg.grad_compression, for_capture=cfg.cuda_graph)
-        if world.distributed
-        else None
-    )
-    step = TrainStep(method, optimizers, lambdas, amp_dtype, scaler, cfg.channels_last, module=ddp)
-    if cfg.cuda_graph:
-        step = CapturedStep(step, DDP_WARMUP_STEPS) if world.distributed else CapturedStep(step)
+    amp = (amp_dtype, scaler)
+    form, tuned = step_forms.choose(cfg, method, saved, train_loader, lambdas, amp, world, given)
+    method = step_forms.apply(method, form, cfg)
+    optimizers = make_optimizers(method, optimizer_spec(cfg))
+    step = step_forms.make_step(cfg, method, optimizers, lambdas, amp, world)
     topk = topk_for(cfg.dataset, info.num_classes)
     return Run(
         cfg=cfg,
@@ -159,6 +153,8 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
         scaler=scaler,
         lambdas=lambdas,
         step=step,
+        form=form,
+        tuning=tuned,
         topk=topk,
         saved=saved,
         saved_config=saved["config"] if saved is not None else None,
@@ -166,8 +162,8 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
 
 
 def build_method(cfg: Config, num_classes: int, device: torch.device, world: World):  # noqa: ANN201
-    """The run's method, its networks drawn from the seed, on the device in the run's layout; stacked last (the
-    networks' tensors then become views into the stacks', which a later ``.to()`` would undo)."""
+    """The run's method, its networks drawn from the seed, on the device in the run's layout, per-network (its step
+    form, ``step_forms.apply``, comes next)."""
     method = registry.create(cfg.method, cfg.model, num_classes, cfg.num_students, cfg.image_size, **to_dict(cfg)).to(
         device
     )
@@ -175,8 +171,6 @@ def build_method(cfg: Config, num_classes: int, device: torch.device, world: Wor
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if cfg.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    if cfg.stack_networks:
-        method.stack()
     return method
 
 
@@ -221,6 +215,12 @@ def open_log(run: Run) -> None:
                 flush=True,
             )
         run.log.log({"kind": "corrupt_images", "epoch": 0, "count": len(info.corrupt), "files": list(info.corrupt)}, 0)
+    if run.tuning is not None:
+        run.log.log(
+            {"kind": "step_form", "epoch": run.start_epoch - 1, "form": run.form.name, **run.tuning.record()}, 0
+        )
+        if world.is_main:
+            print(run.tuning.table(), flush=True)
     if world.is_main:
         processes = f"  ({world.world_size} processes)" if world.distributed else ""
         print(f"run directory: {run.run_dir}{processes}", flush=True)
@@ -261,6 +261,7 @@ def save(run: Run, epoch: int) -> None:
         state = checkpoint.state(
             to_dict(run.cfg), run.info.num_classes, epoch, run.method, run.optimizers, run.scaler, run.history
         )
+        state["step_form"] = run.form.record()
         checkpoint.save_atomic(state, run.checkpoint_path)
     barrier(run.world)
 
@@ -280,6 +281,7 @@ def finish(run: Run) -> dict:
         "world_size": world.world_size,
         "train_seconds": train_seconds,
         "images_per_s": images_seen / max(train_seconds, 1e-9),
+        "step": {"form": run.form.name, **(run.tuning.record() if run.tuning is not None else {})},
         "corrupt_images": list(run.info.corrupt),
         "run_dir": os.path.abspath(run.run_dir),
         "config": to_dict(cfg),

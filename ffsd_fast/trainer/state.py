@@ -10,9 +10,11 @@ from ffsd_fast.method.base import Method
 from ffsd_fast.step.cuda_graph import CapturedStep
 from ffsd_fast.step.distributed import World
 from ffsd_fast.step.train_step import TrainStep
+from ffsd_fast.step.tuning import Tuning
 from ffsd_fast.trainer import checkpoint
 from ffsd_fast.trainer.config import Config
 from ffsd_fast.trainer.runlog import NullLog, RunLog
+from ffsd_fast.trainer.step_forms import StepForm
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Run:
     scaler: torch.amp.GradScaler | None
     lambdas: torch.Tensor  # the method's λ's on the device (``method.lambdas``' order), written in place each epoch
     step: TrainStep | CapturedStep
+    form: StepForm  # what the step is: per-network or stacked, and the method's levers
+    tuning: Tuning | None  # what --step auto timed, when it did
     topk: tuple[int, ...]
     saved: dict | None = None  # the checkpoint this run resumes, until ``restore`` has taken it in
     saved_config: dict | None = None  # the configuration the resumed checkpoint was saved with
