@@ -208,6 +208,13 @@ class Method(nn.Module):
         # no state dict, no .to() and no parameter list.
         self.__dict__["_form"] = Stacked(self.settings, self.stack_groups())
 
+    def train(self, mode: bool = True) -> "Method":
+        """Train or eval mode for the networks and for the stacks that run them (which are not submodules)."""
+        super().train(mode)
+        for stack in getattr(self.form, "stacks", {}).values():
+            stack.train(mode)
+        return self
+
     def compile_networks(self) -> None:
         """``torch.compile`` every network in place (``nn.Module.compile``: the state-dict keys stay as they are, so
         checkpoints and exports do not change)."""

@@ -29,7 +29,8 @@ class DML(Method):
         return [ParamGroup("sgd", list(self.students.parameters()), "weight_decay")]
 
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {f"student{i}": student(images)[0] for i, student in enumerate(self.students)}
+        logits, _ = self.form("students", images)  # stacked: every student in one pass
+        return {f"student{i}": logits[i] for i in range(len(logits))}
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor) -> LossTerms:
         logits, _ = self.form("students", images)

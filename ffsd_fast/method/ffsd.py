@@ -160,13 +160,10 @@ class FFSD(Method):
         ]
 
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, last_maps = {}, []
-        for i, student in enumerate(self.students):
-            logits[f"student{i}"], taps = student(images)
-            last_maps.append(taps[-1])
-        logits["fusion"] = self.fusion(last_maps)[0]
-        logits["leader"] = self.leader.backbone(images)[0]
-        return logits
+        m = len(self.students)
+        logits, taps = self.form("backbones", images)  # stacked: every backbone in one pass
+        students = {f"student{i}": logits[i] for i in range(m)}
+        return {**students, "fusion": self.fusion(taps[-1].select(0, m).value)[0], "leader": logits[m]}
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor):  # noqa: ANN201
         """Every network once, then every term. ``lambdas``: ``(λ_div, λ_sd, λ_f)``, warmed up for the epoch."""

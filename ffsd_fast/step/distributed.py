@@ -156,6 +156,24 @@ def all_reduce_max(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
+class _StackedParameters(torch.nn.Module):
+    """What DDP wraps when networks run stacked: the method's forward, over the parameters that its backward gives
+    gradients to. Those are the stacks' (the stacked networks' own parameters are views into them, which the
+    backward never reaches: the step hands them their slices afterwards) and those of the networks that run on their
+    own (FFSD's fusion module and trans-fusion head)."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.__dict__["method"] = method  # not a submodule: its stacked networks' parameters get no gradient
+        groups = method.stack_groups().values()
+        stacked = {id(p) for networks in groups for network in networks for p in network.parameters()}
+        self.stacks = torch.nn.ModuleList(method.form.stacks.values())
+        self.own = torch.nn.ParameterList([p for p in method.parameters() if id(p) not in stacked])
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor):  # noqa: ANN201
+        return self.method(images, labels, lambdas)
+
+
 def data_parallel(
     method: Method, bucket_mb: float = 25, compression: str = "none", for_capture: bool = False
 ) -> DistributedDataParallel:
@@ -172,7 +190,7 @@ def data_parallel(
         side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         ddp = DistributedDataParallel(
-            method,
+            _StackedParameters(method) if getattr(method.form, "stacks", None) else method,
             device_ids=[device] if device.type == "cuda" else None,
             **NO_FORWARD_BUFFER_SYNC,
             bucket_cap_mb=bucket_mb,

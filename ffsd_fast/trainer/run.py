@@ -60,9 +60,6 @@ def training_device(cfg: Config, world: World) -> torch.device:
             f"--grad-compression {cfg.grad_compression} compresses the gradients that processes exchange: this run "
             "has one process (drop it, or start several with torchrun)"
         )
-    if cfg.stack_networks and world.distributed:
-        # DDP hooks the networks' own parameters; stacked, their gradients arrive in the stack's tensors instead.
-        raise UserError("--stack-networks under torchrun (several processes): not supported yet; drop --stack-networks")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution algorithms once
     return device

@@ -50,8 +50,6 @@ def _stacking_blocker(cfg: Config, world: World) -> str | None:
         return f"the {cfg.method} method does not stack"
     if (reason := stack_blocker(cfg.model)) is not None:
         return f"{cfg.model}: {reason}"
-    if world.distributed:
-        return "under torchrun, DDP reduces the networks' own gradients, not a stack's"
     if cfg.sync_bn or cfg.compile:
         return "--sync-bn" if cfg.sync_bn else "--compile"
     return None

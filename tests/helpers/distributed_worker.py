@@ -19,6 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 sys.path.insert(0, ROOT)
 
+from ffsd_fast.models.stacking import StackedBatchNorm2d  # noqa: E402
 from ffsd_fast.step.cuda_graph import DDP_WARMUP_STEPS, CapturedStep  # noqa: E402
 from ffsd_fast.step.distributed import close_world, data_parallel, init_world  # noqa: E402
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
@@ -33,35 +34,42 @@ def global_batch(seed: int = 1, size: int = 8) -> tuple[torch.Tensor, torch.Tens
     return torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 10, (size,), generator=g)
 
 
-def networks():
+def networks(stacked: bool = False):
     torch.manual_seed(0)
-    return build("resnet20", num_classes=10, num_students=2, image_size=16)
+    nets = build("resnet20", num_classes=10, num_students=2, image_size=16)
+    if stacked:
+        nets.stack()
+    return nets
 
 
 def eval_mode_batchnorm(nets: torch.nn.Module) -> torch.nn.Module:
     """Every BatchNorm on running statistics for good: the method switches its decoders back to train mode
     inside the loss, and a batch-statistics BN couples the samples of a batch (so no two half batches could
     give the whole batch's gradient)."""
-    for module in nets.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+    stacks = getattr(nets.form, "stacks", {}).values()
+    for module in [*nets.modules(), *(m for stack in stacks for m in stack.modules())]:
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm | StackedBatchNorm2d):
             module.eval()
             module.train = lambda mode=True, module=module: module
     return nets
 
 
-def averaged_grads(rank: int, world_size: int, compression: str) -> dict[str, torch.Tensor]:
-    nets = eval_mode_batchnorm(networks())
+def averaged_grads(rank: int, world_size: int, compression: str, stacked: bool = False) -> dict[str, torch.Tensor]:
+    nets = eval_mode_batchnorm(networks(stacked))
     losses = data_parallel(nets, compression=compression)
     x, y = global_batch()
     half = len(x) // world_size
     mine = slice(rank * half, (rank + 1) * half)
     losses(x[mine], y[mine], torch.tensor(LAMBDAS)).total.backward()
+    nets.form.share_grads()  # stacked, the networks' gradients are views into the stacks' (reduced) ones
     return {name: p.grad.clone() for name, p in nets.named_parameters() if p.grad is not None}
 
 
-def trained_params(rank: int, compression: str = "none", undone_steps: int = 0) -> dict[str, torch.Tensor]:
+def trained_params(
+    rank: int, compression: str = "none", undone_steps: int = 0, stacked: bool = False
+) -> dict[str, torch.Tensor]:
     """Every parameter after three steps on this rank's data; first ``undone_steps`` steps on other data, undone."""
-    nets = networks().train()
+    nets = networks(stacked).train()
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.05, 1e-3)
     ddp = data_parallel(nets, compression=compression)
@@ -88,6 +96,8 @@ def main() -> None:
         "params": trained_params(rank),
         "bf16_params": trained_params(rank, "bf16"),
         "undone_params": trained_params(rank, undone_steps=DDP_WARMUP_STEPS),
+        "stacked_grads": averaged_grads(rank, size, "none", stacked=True),
+        "stacked_params": trained_params(rank, stacked=True),
     }
     torch.save(result, os.path.join(out, f"rank{world.rank}.pt"))
     close_world(world)

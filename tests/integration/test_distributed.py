@@ -65,6 +65,20 @@ def test_two_processes_average_to_the_single_process_gradient_and_stay_in_sync(w
 
 
 @pytest.mark.slow
+def test_stacked_two_processes_average_to_the_single_process_gradient_and_train_as_per_network(worker_ranks):
+    """``--step stacked`` under DDP: DDP reduces the stacks' gradients, which the networks' are views into."""
+    expected = single_process_grads()
+    for rank in worker_ranks:
+        assert set(rank["stacked_grads"]) == set(expected)
+        for name, grad in expected.items():
+            scale = max(grad.abs().max().item(), 1e-8)
+            assert (rank["stacked_grads"][name] - grad).abs().max().item() / scale < 1e-5, name
+    for name, value in worker_ranks[0]["stacked_params"].items():
+        assert torch.equal(value, worker_ranks[1]["stacked_params"][name]), name
+        torch.testing.assert_close(value, worker_ranks[0]["params"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
 def test_bf16_compression_averages_to_the_single_process_gradient_within_its_rounding(worker_ranks):
     # Each rank's half of the gradient rounded to bf16, then their sum: two roundings of at most 2⁻⁹ of the values
     # rounded (and the halves may be larger than their sum). Tolerance: 1e-2 of each tensor's largest entry, for

@@ -141,3 +141,23 @@ def test_networks_of_different_architectures_are_refused():
         StackedNetworks([models.create("resnet20", 5), models.create("wrn16_2", 5)])
     with pytest.raises(StackingError, match="differ in their layers"):
         StackedNetworks([models.create("resnet20", 5), models.create("resnet32", 5)])
+
+
+@pytest.mark.parametrize("method", ["ffsd", "dml"])
+def test_stacked_evaluation_gives_the_per_network_logits(method):
+    """Evaluation runs every network in one stacked pass: the same logits as one by one (float64)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        separate = build("resnet20", num_classes=5, num_students=2, image_size=16, method=method)
+        stacked = copy.deepcopy(separate)
+        stacked.stack()
+        x = torch.randn(4, 3, 16, 16)
+        with torch.no_grad():
+            expected = separate.eval().eval_logits(x)
+            got = stacked.eval().eval_logits(x)
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-12, atol=1e-12, msg=name)
+        assert not any(m.training for s in stacked.form.stacks.values() for m in s.modules())
+    finally:
+        torch.set_default_dtype(torch.float32)

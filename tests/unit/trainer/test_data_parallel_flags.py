@@ -15,10 +15,10 @@ def test_grad_compression_needs_several_processes():
     assert training_device(resolve(Config(device="cpu")), SINGLE_PROCESS).type == "cpu"
 
 
-def test_stacked_networks_are_refused_under_ddp():
+def test_stacked_networks_train_under_ddp():
+    """DDP reduces the stacks' gradients (``distributed._StackedParameters``; tests/integration/test_distributed.py)."""
     cfg = resolve(Config(device="cpu", stack_networks=True))
-    with pytest.raises(UserError, match=r"^--stack-networks under torchrun .* drop --stack-networks$"):
-        training_device(cfg, World(rank=0, local_rank=0, world_size=2))
+    assert training_device(cfg, World(rank=0, local_rank=0, world_size=2)).type == "cpu"
 
 
 def test_the_flags_parse_and_check_their_values():

@@ -1,0 +1,78 @@
+"""``--step auto`` through the trainer, on a CPU with an injected clock (a CPU has none: it keeps the fixed default):
+the form the clock favours is chosen, the run then trains bit for bit as the run fixed to that form, and the choice
+is recorded (run log, summary, checkpoint) and kept by a resume."""
+
+import json
+
+import pytest
+import torch
+
+from ffsd_fast.cli.train import main
+from ffsd_fast.step import tuning
+from ffsd_fast.trainer.config import Config, resolve
+
+RUN = ["--method", "dml", "--epochs", "1", "--no-progress", "--workers", "0", "--batch-size", "64"]
+
+
+def favouring(favoured: str, seen: list | None = None):
+    """A clock that runs the timed steps and says ``favoured`` takes 1 ms a step, every other form 2 ms."""
+
+    def clock_for(device, steps):
+        def clock(name, run):
+            run()
+            if seen is not None:
+                seen.append(name)
+            return 1e-3 if name == favoured else 2e-3
+
+        return clock
+
+    return clock_for
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["networks"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("favoured", ["stacked", "per-network"])
+def test_auto_trains_exactly_as_the_form_the_clock_favours_fixed(tmp_path, monkeypatch, capsys, favoured):
+    seen = []
+    monkeypatch.setattr(tuning, "clock_for", favouring(favoured, seen))
+    assert main([*RUN, "--output-dir", str(tmp_path), "--run-name", "auto", "--step", "auto"]) == 0
+    assert seen == ["per-network", "stacked"]  # both forms timed, per-network first
+    assert "<- chosen" in capsys.readouterr().out
+    assert main([*RUN, "--output-dir", str(tmp_path), "--run-name", "fixed", "--step", favoured]) == 0
+    auto, fixed = weights(tmp_path / "auto"), weights(tmp_path / "fixed")
+    assert auto.keys() == fixed.keys()
+    for name, value in fixed.items():
+        assert torch.equal(auto[name], value), name
+
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["step"]["form"] == summary["step"]["choice"] == favoured
+    assert set(summary["step"]["ms_per_step"]) == {"per-network", "stacked"}
+    records = [json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["form"] for r in records if r["kind"] == "step_form"] == [favoured]
+    saved = torch.load(tmp_path / "auto" / "checkpoint.pt", weights_only=False)["step_form"]
+    assert saved == {"stacked": favoured == "stacked", "settings": {}}
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_saved_form_unless_the_command_names_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "clock_for", favouring("stacked"))
+    assert main([*RUN, "--output-dir", str(tmp_path), "--run-name", "run", "--step", "auto"]) == 0
+    # The clock now favours the other form: a resume does not time again, it keeps the run's own.
+    seen = []
+    monkeypatch.setattr(tuning, "clock_for", favouring("per-network", seen))
+    run = tmp_path / "run"
+    assert main(["--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert seen == [] and json.loads((run / "summary.json").read_text())["step"] == {"form": "stacked"}
+    assert main(["--resume", str(run), "--epochs", "3", "--no-progress", "--step", "per-network"]) == 0
+    assert json.loads((run / "summary.json").read_text())["step"] == {"form": "per-network"}
+
+
+def test_on_a_cpu_auto_is_the_fixed_per_network_default_and_stack_networks_is_step_stacked():
+    assert resolve(Config(device="cpu")).step == "per-network"
+    stacked = resolve(Config(device="cpu", stack_networks=True))
+    assert stacked.step == "stacked" and stacked.stack_networks
+    with pytest.raises(Exception, match="--stack-networks is --step stacked"):
+        resolve(Config(device="cpu", stack_networks=True, step="per-network"))
