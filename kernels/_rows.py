@@ -66,14 +66,14 @@ def reduce_rows(
     norm = torch.empty(1, device=device, dtype=torch.float32)
     out = torch.empty(num_outputs, device=device, dtype=out_dtype) if rows is not None else None
     _reduce_rows_kernel[(num_outputs,)](
-        rows if rows is not None else norm,
-        labels if labels is not None else norm,
-        out if out is not None else norm,
-        norm,
-        rows.stride(0) if rows is not None else 0,
-        num_rows,
-        ignore_index,
-        scale,
+        rows_ptr=rows if rows is not None else norm,
+        y_ptr=labels if labels is not None else norm,
+        out_ptr=out if out is not None else norm,
+        norm_ptr=norm,
+        stride_rk=rows.stride(0) if rows is not None else 0,
+        num_rows=num_rows,
+        ignore_index=ignore_index,
+        scale=scale,
         HAS_ROWS=rows is not None,
         COUNT=labels is not None,
         BLOCK=1024,

@@ -66,9 +66,21 @@ def _chunk_kernels(s, t, labels, rows, ones, norm, options, student_grad, teache
     stats = torch.empty(NUM_STATS, s.shape[0], device=s.device, dtype=torch.float32)
     jsd_forward(s, t, labels, rows, stats, beta, temperature, ignore_index, kd_weight, ce_weight)
     return jsd_backward(
-        s, t, labels, stats, norm, ones, beta, temperature, host_scale, ignore_index, student_grad, teacher_grad,
-        kd_weight, ce_weight,
-    )  # fmt: skip
+        s,
+        t,
+        labels,
+        stats,
+        norm,
+        ones,
+        beta,
+        temperature,
+        host_scale,
+        ignore_index,
+        student_grad,
+        teacher_grad,
+        kd_weight,
+        ce_weight,
+    )
 
 
 def _chunk_reference(s, t, labels, rows, norm, options, student_grad, teacher_grad):
@@ -126,11 +138,13 @@ def _forward(student_hidden, student_weight, teacher_hidden, teacher_weight, lab
         t = h_t @ teacher_weight.t()
         chunk_labels = labels[c0:c1] if labels is not None else None
         if kernels:
-            ds, dt = _chunk_kernels(s, t, chunk_labels, rows[0, c0:c1], ones, norm, chunk_options, student_grad,
-                                    teacher_grad)  # fmt: skip
+            ds, dt = _chunk_kernels(
+                s, t, chunk_labels, rows[0, c0:c1], ones, norm, chunk_options, student_grad, teacher_grad
+            )
         else:
-            ds, dt = _chunk_reference(s, t, chunk_labels, rows[0, c0:c1], norm, chunk_options, student_grad,
-                                      teacher_grad)  # fmt: skip
+            ds, dt = _chunk_reference(
+                s, t, chunk_labels, rows[0, c0:c1], norm, chunk_options, student_grad, teacher_grad
+            )
         del s, t  # this chunk's logits go before the next chunk's come
         for d, h, w, g_h, g_w in ((ds, h_s, student_weight, *grads[:2]), (dt, h_t, teacher_weight, *grads[2:])):
             if d is None:
@@ -266,8 +280,15 @@ def fused_linear_distillation_loss(
     if chunk_size < 1:
         raise ValueError(f"{op} expects chunk_size >= 1, got {chunk_size}")
     host_scale = _batchmean_scale(reduction, flat, max(num_rows, 1))
-    options = (beta, temperature, host_scale, ignore_index, float(kd_weight), float(ce_weight) if ce_weight else None,
-               reduction)  # fmt: skip
+    options = (
+        beta,
+        temperature,
+        host_scale,
+        ignore_index,
+        float(kd_weight),
+        float(ce_weight) if ce_weight else None,
+        reduction,
+    )
     return _FusedLinearDistillationFunction.apply(h_s, student_weight, h_t, teacher_weight, flat, options, chunk_size)
 
 

@@ -564,11 +564,31 @@ def _depthwise_forward(
         y_j = y.narrow(1, lo, channels)
         part_j = part.narrow(1, lo, channels)
         _dw_forward_kernel[grid](
-            x, w.narrow(0, lo, channels), y_j, part_j, part if count is None else count, channels, height, width,
-            *_strides(x), *_strides(y_j), part_j.stride(0), part_j.stride(1),
-            STATS=stats, COUNT=count is not None and j == 0, F64=acc == torch.float64,
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
-        )  # fmt: skip
+            x_ptr=x,
+            w_ptr=w.narrow(0, lo, channels),
+            y_ptr=y_j,
+            part_ptr=part_j,
+            count_ptr=part if count is None else count,
+            C=channels,
+            H=height,
+            W=width,
+            sx_b=x.stride(0),
+            sx_c=x.stride(1),
+            sx_h=x.stride(2),
+            sx_w=x.stride(3),
+            sy_b=y_j.stride(0),
+            sy_c=y_j.stride(1),
+            sy_h=y_j.stride(2),
+            sy_w=y_j.stride(3),
+            sp_t=part_j.stride(0),
+            sp_c=part_j.stride(1),
+            STATS=stats,
+            COUNT=count is not None and j == 0,
+            F64=acc == torch.float64,
+            BLOCK_C=block_c,
+            BLOCK_P=block_p,
+            num_warps=num_warps,
+        )
     return y, (_Tiles(part, tiles_p, block_p) if stats else None)
 
 
@@ -604,12 +624,42 @@ def _depthwise_backward(
         y_j = y.narrow(1, lo, channels)
         k_j = w if k is None else k.narrow(0, lo, channels)
         _dw_backward_kernel[grid](
-            x, w.narrow(0, lo, channels), g_j, y_j, k_j, gx_arg, part_j, channels, height, width,
-            *_strides(x), *_strides(g_j), *_strides(y_j), *_strides(gx_arg),
-            part_j.stride(0), part_j.stride(1),
-            NEED_X=need_x[j], NEED_W=need_w, STATS_GRAD=k is not None, F64=acc == torch.float64,
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
-        )  # fmt: skip
+            x_ptr=x,
+            w_ptr=w.narrow(0, lo, channels),
+            gy_ptr=g_j,
+            y_ptr=y_j,
+            k_ptr=k_j,
+            gx_ptr=gx_arg,
+            part_ptr=part_j,
+            C=channels,
+            H=height,
+            W=width,
+            sx_b=x.stride(0),
+            sx_c=x.stride(1),
+            sx_h=x.stride(2),
+            sx_w=x.stride(3),
+            sg_b=g_j.stride(0),
+            sg_c=g_j.stride(1),
+            sg_h=g_j.stride(2),
+            sg_w=g_j.stride(3),
+            sy_b=y_j.stride(0),
+            sy_c=y_j.stride(1),
+            sy_h=y_j.stride(2),
+            sy_w=y_j.stride(3),
+            sgx_b=gx_arg.stride(0),
+            sgx_c=gx_arg.stride(1),
+            sgx_h=gx_arg.stride(2),
+            sgx_w=gx_arg.stride(3),
+            sp_t=part_j.stride(0),
+            sp_c=part_j.stride(1),
+            NEED_X=need_x[j],
+            NEED_W=need_w,
+            STATS_GRAD=k is not None,
+            F64=acc == torch.float64,
+            BLOCK_C=block_c,
+            BLOCK_P=block_p,
+            num_warps=num_warps,
+        )
         grads.append(gx)
     grad_w = part.sum(dim=0).reshape(weight.shape).to(weight.dtype) if need_w else None
     return grads, grad_w
@@ -622,10 +672,22 @@ def _channel_stats(y: torch.Tensor, count: torch.Tensor | None) -> _Tiles:
     tiles_p = triton.cdiv(height * width, block_p)
     part = torch.empty((batch * tiles_p, channels, 2), dtype=_acc_dtype(y.dtype), device=y.device)
     _channel_stats_kernel[(tiles_p, batch, triton.cdiv(channels, block_c))](
-        y, part, part if count is None else count, channels, height, width, *_strides(y),
-        COUNT=count is not None, F64=part.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
+        y_ptr=y,
+        part_ptr=part,
+        count_ptr=part if count is None else count,
+        C=channels,
+        H=height,
+        W=width,
+        sy_b=y.stride(0),
+        sy_c=y.stride(1),
+        sy_h=y.stride(2),
+        sy_w=y.stride(3),
+        COUNT=count is not None,
+        F64=part.dtype == torch.float64,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
         num_warps=num_warps,
-    )  # fmt: skip
+    )
     return _Tiles(part, tiles_p, block_p)
 
 
@@ -642,15 +704,34 @@ def _bn_forward_finish(bn: nn.BatchNorm2d, tiles: _Tiles | None, y: torch.Tensor
     block_t, block_c, num_warps = _finish_config(channels, tiles_count)
     affine = bn.weight is not None
     running = bn.running_mean is not None
+    eps, momentum = _fp32_pair(bn.eps), _fp32_pair(bn.momentum or 0.0)
     _bn_forward_finish_kernel[(triton.cdiv(channels, block_c),)](
-        part, bn.weight if affine else stats, bn.bias if affine else stats,
-        bn.running_mean if running else stats, bn.running_var if running else stats,
-        bn.num_batches_tracked if update else stats, stats,
-        channels, tiles_count, 1 if tiles is None else tiles.tiles_p, 1 if tiles is None else tiles.tile,
-        y.shape[2] * y.shape[3], n, *_fp32_pair(bn.eps), *_fp32_pair(bn.momentum or 0.0),
-        BATCH=tiles is not None, UPDATE=update, CUMULATIVE=update and bn.momentum is None, AFFINE=affine,
-        F64=acc == torch.float64, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
+        part_ptr=part,
+        gamma_ptr=bn.weight if affine else stats,
+        beta_ptr=bn.bias if affine else stats,
+        rmean_ptr=bn.running_mean if running else stats,
+        rvar_ptr=bn.running_var if running else stats,
+        count_ptr=bn.num_batches_tracked if update else stats,
+        stats_ptr=stats,
+        C=channels,
+        T=tiles_count,
+        TILES_P=1 if tiles is None else tiles.tiles_p,
+        TILE=1 if tiles is None else tiles.tile,
+        PIXELS=y.shape[2] * y.shape[3],
+        N=n,
+        eps_hi=eps[0],
+        eps_lo=eps[1],
+        momentum_hi=momentum[0],
+        momentum_lo=momentum[1],
+        BATCH=tiles is not None,
+        UPDATE=update,
+        CUMULATIVE=update and bn.momentum is None,
+        AFFINE=affine,
+        F64=acc == torch.float64,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
     return stats
 
 
@@ -674,11 +755,36 @@ def _affine_relu(
     part = torch.empty((batch * tiles_p, channels, 2), dtype=stats.dtype, device=y.device) if need_ab else None
     g_arg, o_arg = (y if grad is None else grad), (y if out is None else out)
     _affine_relu_kernel[(tiles_p, batch, triton.cdiv(channels, block_c))](
-        y, stats, g_arg, stats if k is None else k, o_arg, stats if part is None else part, channels, height, width,
-        *_strides(y), *_strides(g_arg), *_strides(o_arg),
-        BACKWARD=grad is not None, STORE=store, NEED_AB=need_ab, HAS_K=k is not None, F64=stats.dtype == torch.float64,
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
-    )  # fmt: skip
+        y_ptr=y,
+        stats_ptr=stats,
+        g_ptr=g_arg,
+        k_ptr=stats if k is None else k,
+        out_ptr=o_arg,
+        part_ptr=stats if part is None else part,
+        C=channels,
+        H=height,
+        W=width,
+        sy_b=y.stride(0),
+        sy_c=y.stride(1),
+        sy_h=y.stride(2),
+        sy_w=y.stride(3),
+        sg_b=g_arg.stride(0),
+        sg_c=g_arg.stride(1),
+        sg_h=g_arg.stride(2),
+        sg_w=g_arg.stride(3),
+        so_b=o_arg.stride(0),
+        so_c=o_arg.stride(1),
+        so_h=o_arg.stride(2),
+        so_w=o_arg.stride(3),
+        BACKWARD=grad is not None,
+        STORE=store,
+        NEED_AB=need_ab,
+        HAS_K=k is not None,
+        F64=stats.dtype == torch.float64,
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+        num_warps=num_warps,
+    )
     return out, part
 
 
@@ -694,11 +800,23 @@ def _bn_backward_finish(
     k = torch.empty((channels, 2), dtype=stats.dtype, device=stats.device) if batch_stats else None
     block_t, block_c, num_warps = _finish_config(channels, part.shape[0])
     _bn_backward_finish_kernel[(triton.cdiv(channels, block_c),)](
-        part, stats, stats if gamma is None else gamma, stats if g_gamma is None else g_gamma,
-        stats if g_beta is None else g_beta, stats if k is None else k, channels, part.shape[0], n,
-        BATCH=batch_stats, AFFINE=gamma is not None, NEED_AFFINE=need_affine, F64=stats.dtype == torch.float64,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
-    )  # fmt: skip
+        part_ptr=part,
+        stats_ptr=stats,
+        gamma_ptr=stats if gamma is None else gamma,
+        ggamma_ptr=stats if g_gamma is None else g_gamma,
+        gbeta_ptr=stats if g_beta is None else g_beta,
+        k_ptr=stats if k is None else k,
+        C=channels,
+        T=part.shape[0],
+        N=n,
+        BATCH=batch_stats,
+        AFFINE=gamma is not None,
+        NEED_AFFINE=need_affine,
+        F64=stats.dtype == torch.float64,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
     return g_gamma, g_beta, k
 
 
