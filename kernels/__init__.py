@@ -35,22 +35,18 @@ from ffsd_kernels.jsd import JSDLoss, jsd_loss, jsd_loss_reference
 from ffsd_kernels.kl_div import (
     CrossEntropyKLLoss,
     DistillationKLLoss,
-    KLDivLoss,
-    MutualKLLoss,
     cross_entropy_kl_loss,
     cross_entropy_kl_loss_reference,
-    kl_div,
     kl_div_loss,
     kl_div_loss_reference,
-    kl_div_reference,
-    mutual_kl_loss,
-    mutual_kl_loss_reference,
 )
 from ffsd_kernels.logit_group import (
     OnlineDistillationLosses,
     online_distillation_losses,
     online_distillation_losses_reference,
 )
+from ffsd_kernels.mutual_kl import MutualKLLoss, mutual_kl_loss, mutual_kl_loss_reference
+from ffsd_kernels.torch_kl_div import KLDivLoss, kl_div, kl_div_reference
 
 __all__ = [
     "AttentionDistance",

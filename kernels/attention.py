@@ -366,24 +366,10 @@ def _channel_reduce(x: torch.Tensor, out: torch.Tensor, scale: float, square: bo
     stride_h, stride_w = _hw_strides(x)
     grid = (triton.cdiv(pixels, block_p), batch * groups)
     _channel_reduce_kernel[grid](
-        x_ptr=x,
-        out_ptr=out,
-        GROUPS=groups,
-        C=channels,
-        H=height,
-        W=width,
-        stride_b=x.stride(0),
-        stride_c=x.stride(1),
-        stride_h=stride_h,
-        stride_w=stride_w,
-        out_stride_b=out.stride(0),
-        scale=scale,
-        SQUARE=square,
-        FLAT=_is_flat(x),
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=num_warps,
-    )
+        x_ptr=x, out_ptr=out, GROUPS=groups, C=channels, H=height, W=width, stride_b=x.stride(0), stride_c=x.stride(1),
+        stride_h=stride_h, stride_w=stride_w, out_stride_b=out.stride(0), scale=scale, SQUARE=square, FLAT=_is_flat(x),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )  # fmt: skip
     return out
 
 
@@ -402,38 +388,12 @@ def _channel_broadcast(
     (sk_h, sk_w), (so_h, so_w) = _hw_strides(coef), _hw_strides(out)
     grid = (triton.cdiv(pixels, block_p), batch, triton.cdiv(channels, block_c))
     _channel_broadcast_kernel[grid](
-        x_ptr=x_arg,
-        base_ptr=base_arg,
-        coef_ptr=coef,
-        out_ptr=out,
-        C=channels,
-        CG=channels // coef.shape[1],
-        H=height,
-        W=width,
-        sx_b=x_arg.stride(0),
-        sx_c=x_arg.stride(1),
-        sx_h=sx_h,
-        sx_w=sx_w,
-        sb_b=base_arg.stride(0),
-        sb_c=base_arg.stride(1),
-        sb_h=sb_h,
-        sb_w=sb_w,
-        sk_b=coef.stride(0),
-        sk_g=coef.stride(1),
-        sk_h=sk_h,
-        sk_w=sk_w,
-        so_b=out.stride(0),
-        so_c=out.stride(1),
-        so_h=so_h,
-        so_w=so_w,
-        scale=scale,
-        MUL_X=x is not None,
-        HAS_BASE=base is not None,
-        FLAT=_is_flat(*tensors),
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=num_warps,
-    )
+        x_ptr=x_arg, base_ptr=base_arg, coef_ptr=coef, out_ptr=out, C=channels, CG=channels // coef.shape[1], H=height,
+        W=width, sx_b=x_arg.stride(0), sx_c=x_arg.stride(1), sx_h=sx_h, sx_w=sx_w, sb_b=base_arg.stride(0),
+        sb_c=base_arg.stride(1), sb_h=sb_h, sb_w=sb_w, sk_b=coef.stride(0), sk_g=coef.stride(1), sk_h=sk_h, sk_w=sk_w,
+        so_b=out.stride(0), so_c=out.stride(1), so_h=so_h, so_w=so_w, scale=scale, MUL_X=x is not None,
+        HAS_BASE=base is not None, FLAT=_is_flat(*tensors), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )  # fmt: skip
     return out
 
 
@@ -484,41 +444,18 @@ def _distance_forward(x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype) 
     block, chunk, splits, num_warps = _distance_config(batch, n)
     partial = torch.empty((batch, splits, 3), dtype=torch.float32, device=x.device)
     _distance_partial_kernel[(splits, batch)](
-        x_ptr=x,
-        y_ptr=y,
-        partial_ptr=partial,
-        N=n,
-        D2=sizes[1],
-        D3=sizes[2],
-        CHUNK=chunk,
-        sx_b=x.stride(0),
-        sx_1=sx[0],
-        sx_2=sx[1],
-        sx_3=sx[2],
-        sy_b=y.stride(0),
-        sy_1=sy[0],
-        sy_2=sy[1],
-        sy_3=sy[2],
-        FLAT=sizes[0] == 1 and sizes[1] == 1,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+        x_ptr=x, y_ptr=y, partial_ptr=partial, N=n, D2=sizes[1], D3=sizes[2], CHUNK=chunk, sx_b=x.stride(0), sx_1=sx[0],
+        sx_2=sx[1], sx_3=sx[2], sy_b=y.stride(0), sy_1=sy[0], sy_2=sy[1], sy_3=sy[2],
+        FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
     stats = torch.empty((batch, 4), dtype=torch.float32, device=x.device)
     loss = torch.empty((), dtype=out_dtype, device=x.device)
     block_s = triton.next_power_of_2(splits)
     block_b = max(min(triton.next_power_of_2(batch), max(1024 // block_s, 1)), 1)
     _distance_finish_kernel[(1,)](
-        partial_ptr=partial,
-        stats_ptr=stats,
-        out_ptr=loss,
-        B=batch,
-        SPLITS=splits,
-        inv_count=1.0 / (batch * n),
-        EPS_=EPS,
-        BLOCK_B=block_b,
-        BLOCK_S=block_s,
-        num_warps=4,
-    )
+        partial_ptr=partial, stats_ptr=stats, out_ptr=loss, B=batch, SPLITS=splits, inv_count=1.0 / (batch * n),
+        EPS_=EPS, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
+    )  # fmt: skip
     return loss, stats
 
 
@@ -533,38 +470,12 @@ def _distance_backward(
     sizes, (sx, sy, sgx, sgy) = _sample_layout(x.shape, [x, y, gx_arg, gy_arg])
     block, _, _, num_warps = _distance_config(batch, n)
     _distance_backward_kernel[(triton.cdiv(n, block), batch)](
-        x_ptr=x,
-        y_ptr=y,
-        gx_ptr=gx_arg,
-        gy_ptr=gy_arg,
-        stats_ptr=stats,
-        grad_ptr=grad,
-        N=n,
-        inv_count=1.0 / (batch * n),
-        D2=sizes[1],
-        D3=sizes[2],
-        sx_b=x.stride(0),
-        sx_1=sx[0],
-        sx_2=sx[1],
-        sx_3=sx[2],
-        sy_b=y.stride(0),
-        sy_1=sy[0],
-        sy_2=sy[1],
-        sy_3=sy[2],
-        sgx_b=gx_arg.stride(0),
-        sgx_1=sgx[0],
-        sgx_2=sgx[1],
-        sgx_3=sgx[2],
-        sgy_b=gy_arg.stride(0),
-        sgy_1=sgy[0],
-        sgy_2=sgy[1],
-        sgy_3=sgy[2],
-        WRITE_X=need_x,
-        WRITE_Y=need_y,
-        FLAT=sizes[0] == 1 and sizes[1] == 1,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+        x_ptr=x, y_ptr=y, gx_ptr=gx_arg, gy_ptr=gy_arg, stats_ptr=stats, grad_ptr=grad, N=n,
+        inv_count=1.0 / (batch * n), D2=sizes[1], D3=sizes[2], sx_b=x.stride(0), sx_1=sx[0], sx_2=sx[1], sx_3=sx[2],
+        sy_b=y.stride(0), sy_1=sy[0], sy_2=sy[1], sy_3=sy[2], sgx_b=gx_arg.stride(0), sgx_1=sgx[0], sgx_2=sgx[1],
+        sgx_3=sgx[2], sgy_b=gy_arg.stride(0), sgy_1=sgy[0], sgy_2=sgy[1], sgy_3=sgy[2], WRITE_X=need_x, WRITE_Y=need_y,
+        FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
     return grad_x, grad_y
 
 

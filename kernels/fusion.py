@@ -533,7 +533,7 @@ class _Tiles:
         self.part, self.tiles_p, self.tile = part, tiles_p, tile
 
 
-def _counts(bn: nn.BatchNorm2d) -> bool:
+def _updates_running_stats(bn: nn.BatchNorm2d) -> bool:
     """Whether this forward updates ``bn``'s running statistics (train mode, tracking them), as nn.BatchNorm2d."""
     return bn.training and bn.track_running_stats and bn.running_mean is not None
 
@@ -564,31 +564,13 @@ def _depthwise_forward(
         y_j = y.narrow(1, lo, channels)
         part_j = part.narrow(1, lo, channels)
         _dw_forward_kernel[grid](
-            x_ptr=x,
-            w_ptr=w.narrow(0, lo, channels),
-            y_ptr=y_j,
-            part_ptr=part_j,
-            count_ptr=part if count is None else count,
-            C=channels,
-            H=height,
-            W=width,
-            sx_b=x.stride(0),
-            sx_c=x.stride(1),
-            sx_h=x.stride(2),
-            sx_w=x.stride(3),
-            sy_b=y_j.stride(0),
-            sy_c=y_j.stride(1),
-            sy_h=y_j.stride(2),
-            sy_w=y_j.stride(3),
-            sp_t=part_j.stride(0),
-            sp_c=part_j.stride(1),
-            STATS=stats,
-            COUNT=count is not None and j == 0,
-            F64=acc == torch.float64,
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
+            x_ptr=x, w_ptr=w.narrow(0, lo, channels), y_ptr=y_j, part_ptr=part_j,
+            count_ptr=part if count is None else count, C=channels, H=height, W=width, sx_b=x.stride(0),
+            sx_c=x.stride(1), sx_h=x.stride(2), sx_w=x.stride(3), sy_b=y_j.stride(0), sy_c=y_j.stride(1),
+            sy_h=y_j.stride(2), sy_w=y_j.stride(3), sp_t=part_j.stride(0), sp_c=part_j.stride(1), STATS=stats,
+            COUNT=count is not None and j == 0, F64=acc == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
             num_warps=num_warps,
-        )
+        )  # fmt: skip
     return y, (_Tiles(part, tiles_p, block_p) if stats else None)
 
 
@@ -624,42 +606,14 @@ def _depthwise_backward(
         y_j = y.narrow(1, lo, channels)
         k_j = w if k is None else k.narrow(0, lo, channels)
         _dw_backward_kernel[grid](
-            x_ptr=x,
-            w_ptr=w.narrow(0, lo, channels),
-            gy_ptr=g_j,
-            y_ptr=y_j,
-            k_ptr=k_j,
-            gx_ptr=gx_arg,
-            part_ptr=part_j,
-            C=channels,
-            H=height,
-            W=width,
-            sx_b=x.stride(0),
-            sx_c=x.stride(1),
-            sx_h=x.stride(2),
-            sx_w=x.stride(3),
-            sg_b=g_j.stride(0),
-            sg_c=g_j.stride(1),
-            sg_h=g_j.stride(2),
-            sg_w=g_j.stride(3),
-            sy_b=y_j.stride(0),
-            sy_c=y_j.stride(1),
-            sy_h=y_j.stride(2),
-            sy_w=y_j.stride(3),
-            sgx_b=gx_arg.stride(0),
-            sgx_c=gx_arg.stride(1),
-            sgx_h=gx_arg.stride(2),
-            sgx_w=gx_arg.stride(3),
-            sp_t=part_j.stride(0),
-            sp_c=part_j.stride(1),
-            NEED_X=need_x[j],
-            NEED_W=need_w,
-            STATS_GRAD=k is not None,
-            F64=acc == torch.float64,
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
-            num_warps=num_warps,
-        )
+            x_ptr=x, w_ptr=w.narrow(0, lo, channels), gy_ptr=g_j, y_ptr=y_j, k_ptr=k_j, gx_ptr=gx_arg, part_ptr=part_j,
+            C=channels, H=height, W=width, sx_b=x.stride(0), sx_c=x.stride(1), sx_h=x.stride(2), sx_w=x.stride(3),
+            sg_b=g_j.stride(0), sg_c=g_j.stride(1), sg_h=g_j.stride(2), sg_w=g_j.stride(3), sy_b=y_j.stride(0),
+            sy_c=y_j.stride(1), sy_h=y_j.stride(2), sy_w=y_j.stride(3), sgx_b=gx_arg.stride(0), sgx_c=gx_arg.stride(1),
+            sgx_h=gx_arg.stride(2), sgx_w=gx_arg.stride(3), sp_t=part_j.stride(0), sp_c=part_j.stride(1),
+            NEED_X=need_x[j], NEED_W=need_w, STATS_GRAD=k is not None, F64=acc == torch.float64, BLOCK_C=block_c,
+            BLOCK_P=block_p, num_warps=num_warps,
+        )  # fmt: skip
         grads.append(gx)
     grad_w = part.sum(dim=0).reshape(weight.shape).to(weight.dtype) if need_w else None
     return grads, grad_w
@@ -672,22 +626,10 @@ def _channel_stats(y: torch.Tensor, count: torch.Tensor | None) -> _Tiles:
     tiles_p = triton.cdiv(height * width, block_p)
     part = torch.empty((batch * tiles_p, channels, 2), dtype=_acc_dtype(y.dtype), device=y.device)
     _channel_stats_kernel[(tiles_p, batch, triton.cdiv(channels, block_c))](
-        y_ptr=y,
-        part_ptr=part,
-        count_ptr=part if count is None else count,
-        C=channels,
-        H=height,
-        W=width,
-        sy_b=y.stride(0),
-        sy_c=y.stride(1),
-        sy_h=y.stride(2),
-        sy_w=y.stride(3),
-        COUNT=count is not None,
-        F64=part.dtype == torch.float64,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=num_warps,
-    )
+        y_ptr=y, part_ptr=part, count_ptr=part if count is None else count, C=channels, H=height, W=width,
+        sy_b=y.stride(0), sy_c=y.stride(1), sy_h=y.stride(2), sy_w=y.stride(3), COUNT=count is not None,
+        F64=part.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )  # fmt: skip
     return _Tiles(part, tiles_p, block_p)
 
 
@@ -698,7 +640,7 @@ def _bn_forward_finish(bn: nn.BatchNorm2d, tiles: _Tiles | None, y: torch.Tensor
     acc = _acc_dtype(y.dtype)
     stats = torch.empty((4, channels), dtype=acc, device=y.device)
     n = y.shape[0] * y.shape[2] * y.shape[3]
-    update = tiles is not None and _counts(bn)
+    update = tiles is not None and _updates_running_stats(bn)
     part = stats if tiles is None else tiles.part
     tiles_count = 1 if tiles is None else part.shape[0]
     block_t, block_c, num_warps = _finish_config(channels, tiles_count)
@@ -706,32 +648,14 @@ def _bn_forward_finish(bn: nn.BatchNorm2d, tiles: _Tiles | None, y: torch.Tensor
     running = bn.running_mean is not None
     eps, momentum = _fp32_pair(bn.eps), _fp32_pair(bn.momentum or 0.0)
     _bn_forward_finish_kernel[(triton.cdiv(channels, block_c),)](
-        part_ptr=part,
-        gamma_ptr=bn.weight if affine else stats,
-        beta_ptr=bn.bias if affine else stats,
-        rmean_ptr=bn.running_mean if running else stats,
-        rvar_ptr=bn.running_var if running else stats,
-        count_ptr=bn.num_batches_tracked if update else stats,
-        stats_ptr=stats,
-        C=channels,
-        T=tiles_count,
-        TILES_P=1 if tiles is None else tiles.tiles_p,
-        TILE=1 if tiles is None else tiles.tile,
-        PIXELS=y.shape[2] * y.shape[3],
-        N=n,
-        eps_hi=eps[0],
-        eps_lo=eps[1],
-        momentum_hi=momentum[0],
-        momentum_lo=momentum[1],
-        BATCH=tiles is not None,
-        UPDATE=update,
-        CUMULATIVE=update and bn.momentum is None,
-        AFFINE=affine,
-        F64=acc == torch.float64,
-        BLOCK_T=block_t,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
-    )
+        part_ptr=part, gamma_ptr=bn.weight if affine else stats, beta_ptr=bn.bias if affine else stats,
+        rmean_ptr=bn.running_mean if running else stats, rvar_ptr=bn.running_var if running else stats,
+        count_ptr=bn.num_batches_tracked if update else stats, stats_ptr=stats, C=channels, T=tiles_count,
+        TILES_P=1 if tiles is None else tiles.tiles_p, TILE=1 if tiles is None else tiles.tile,
+        PIXELS=y.shape[2] * y.shape[3], N=n, eps_hi=eps[0], eps_lo=eps[1], momentum_hi=momentum[0],
+        momentum_lo=momentum[1], BATCH=tiles is not None, UPDATE=update, CUMULATIVE=update and bn.momentum is None,
+        AFFINE=affine, F64=acc == torch.float64, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+    )  # fmt: skip
     return stats
 
 
@@ -755,36 +679,13 @@ def _affine_relu(
     part = torch.empty((batch * tiles_p, channels, 2), dtype=stats.dtype, device=y.device) if need_ab else None
     g_arg, o_arg = (y if grad is None else grad), (y if out is None else out)
     _affine_relu_kernel[(tiles_p, batch, triton.cdiv(channels, block_c))](
-        y_ptr=y,
-        stats_ptr=stats,
-        g_ptr=g_arg,
-        k_ptr=stats if k is None else k,
-        out_ptr=o_arg,
-        part_ptr=stats if part is None else part,
-        C=channels,
-        H=height,
-        W=width,
-        sy_b=y.stride(0),
-        sy_c=y.stride(1),
-        sy_h=y.stride(2),
-        sy_w=y.stride(3),
-        sg_b=g_arg.stride(0),
-        sg_c=g_arg.stride(1),
-        sg_h=g_arg.stride(2),
-        sg_w=g_arg.stride(3),
-        so_b=o_arg.stride(0),
-        so_c=o_arg.stride(1),
-        so_h=o_arg.stride(2),
-        so_w=o_arg.stride(3),
-        BACKWARD=grad is not None,
-        STORE=store,
-        NEED_AB=need_ab,
-        HAS_K=k is not None,
-        F64=stats.dtype == torch.float64,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=num_warps,
-    )
+        y_ptr=y, stats_ptr=stats, g_ptr=g_arg, k_ptr=stats if k is None else k, out_ptr=o_arg,
+        part_ptr=stats if part is None else part, C=channels, H=height, W=width, sy_b=y.stride(0), sy_c=y.stride(1),
+        sy_h=y.stride(2), sy_w=y.stride(3), sg_b=g_arg.stride(0), sg_c=g_arg.stride(1), sg_h=g_arg.stride(2),
+        sg_w=g_arg.stride(3), so_b=o_arg.stride(0), so_c=o_arg.stride(1), so_h=o_arg.stride(2), so_w=o_arg.stride(3),
+        BACKWARD=grad is not None, STORE=store, NEED_AB=need_ab, HAS_K=k is not None, F64=stats.dtype == torch.float64,
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )  # fmt: skip
     return out, part
 
 
@@ -800,23 +701,12 @@ def _bn_backward_finish(
     k = torch.empty((channels, 2), dtype=stats.dtype, device=stats.device) if batch_stats else None
     block_t, block_c, num_warps = _finish_config(channels, part.shape[0])
     _bn_backward_finish_kernel[(triton.cdiv(channels, block_c),)](
-        part_ptr=part,
-        stats_ptr=stats,
-        gamma_ptr=stats if gamma is None else gamma,
-        ggamma_ptr=stats if g_gamma is None else g_gamma,
-        gbeta_ptr=stats if g_beta is None else g_beta,
-        k_ptr=stats if k is None else k,
-        C=channels,
-        T=part.shape[0],
-        N=n,
-        BATCH=batch_stats,
-        AFFINE=gamma is not None,
-        NEED_AFFINE=need_affine,
-        F64=stats.dtype == torch.float64,
-        BLOCK_T=block_t,
-        BLOCK_C=block_c,
+        part_ptr=part, stats_ptr=stats, gamma_ptr=stats if gamma is None else gamma,
+        ggamma_ptr=stats if g_gamma is None else g_gamma, gbeta_ptr=stats if g_beta is None else g_beta,
+        k_ptr=stats if k is None else k, C=channels, T=part.shape[0], N=n, BATCH=batch_stats, AFFINE=gamma is not None,
+        NEED_AFFINE=need_affine, F64=stats.dtype == torch.float64, BLOCK_T=block_t, BLOCK_C=block_c,
         num_warps=num_warps,
-    )
+    )  # fmt: skip
     return g_gamma, g_beta, k
 
 
@@ -833,7 +723,7 @@ class _DepthwiseBatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bn: nn.BatchNorm2d, weight: torch.Tensor, gamma, beta, *inputs: torch.Tensor) -> torch.Tensor:
         batch_stats = _batch_stats(bn)
-        count = bn.num_batches_tracked if _counts(bn) else None
+        count = bn.num_batches_tracked if _updates_running_stats(bn) else None
         y, tiles = _depthwise_forward(list(inputs), weight, batch_stats, count)
         stats = _bn_forward_finish(bn, tiles, y)
         z, _ = _affine_relu(y, stats)
@@ -867,7 +757,9 @@ class _BatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bn: nn.BatchNorm2d, gamma, beta, t: torch.Tensor) -> torch.Tensor:
         batch_stats = _batch_stats(bn)
-        tiles = _channel_stats(t, bn.num_batches_tracked if _counts(bn) else None) if batch_stats else None
+        tiles = (
+            _channel_stats(t, bn.num_batches_tracked if _updates_running_stats(bn) else None) if batch_stats else None
+        )
         stats = _bn_forward_finish(bn, tiles, t)
         out, _ = _affine_relu(t, stats)
         ctx.batch_stats = batch_stats

@@ -16,9 +16,9 @@ from ffsd_kernels.fusion import fusion_block_reference as fusion_block
 from ffsd_kernels.jsd import jsd_loss_reference as jsd_loss
 from ffsd_kernels.kl_div import cross_entropy_kl_loss_reference as cross_entropy_kl_loss
 from ffsd_kernels.kl_div import kl_div_loss_reference as kl_div_loss
-from ffsd_kernels.kl_div import kl_div_reference as kl_div
-from ffsd_kernels.kl_div import mutual_kl_loss_reference as mutual_kl_loss
 from ffsd_kernels.logit_group import online_distillation_losses_reference as online_distillation_losses
+from ffsd_kernels.mutual_kl import mutual_kl_loss_reference as mutual_kl_loss
+from ffsd_kernels.torch_kl_div import kl_div_reference as kl_div
 
 __all__ = [
     "attention_distance",
