@@ -48,8 +48,20 @@ def load_chunk(
 def online_softmax_step(m, d, x, mask):
     """Fold one chunk ``x`` (``[BLOCK_C]``; lanes outside ``mask`` ignored) into a running maximum ``m`` and sum
     ``d = Σ exp(x − m)``. Returns ``(m_new, d_new, alpha, e)``: ``alpha = exp(m − m_new)`` rescales any other sum
-    taken against the old maximum, ``e = exp(x − m_new)`` (0 outside ``mask``) weighs the chunk's terms."""
+    taken against the old maximum, ``e = exp(x − m_new)`` (0 outside ``mask``) weighs the chunk's terms.
+
+    ``x`` may hold ``−inf`` (a masked vocabulary entry of a teacher, probability 0): while every entry so far is
+    ``−inf`` the maximum stays ``−inf`` and the shift is 0 instead, so that no ``(−inf) − (−inf)`` makes a NaN; ``d``
+    stays 0 and ``alpha`` 0 until a finite entry comes."""
     m_new = tl.maximum(m, tl.max(tl.where(mask, x, float("-inf")), axis=0))
-    alpha = tl.exp(m - m_new)
-    e = tl.where(mask, tl.exp(x - m_new), 0.0)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)
+    e = tl.where(mask, tl.exp(x - shift), 0.0)
     return m_new, d * alpha + tl.sum(e, axis=0), alpha, e
+
+
+@triton.jit
+def weighted(p, x):
+    """``p · x``, 0 where ``p = 0``: torch's ``xlogy`` convention, so that a class of probability 0 contributes 0 to
+    a divergence even where its log-probability (in ``x``) is ``−inf``."""
+    return tl.where(p > 0.0, p * x, 0.0)

@@ -236,11 +236,14 @@ def reduce_losses(
 
 
 class TemperatureLoss(nn.Module):
-    """A distillation loss module holding its temperature ``T``, reduction and ``ignore_index``."""
+    """A distillation loss module holding its temperature ``T``, reduction and ``ignore_index``, checked here, at
+    construction, so that a bad one fails where it is written rather than at the first call (ValueError)."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100) -> None:
         super().__init__()
-        self.temperature = temperature
+        op = type(self).__name__
+        self.temperature = check_temperature(op, temperature)
+        check_reduction(op, reduction)
         self.reduction = reduction
         self.ignore_index = ignore_index
 
@@ -251,6 +254,16 @@ class TemperatureLoss(nn.Module):
 def log_softmax_at(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
     """The references' ``log softmax(z / T)`` over the last dimension, computed in ``dtype``."""
     return torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+
+def xlogy_terms(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """The references' ``p · log_ratio``, 0 where ``p = 0`` whatever ``log_ratio`` is there (torch's ``xlogy``
+    convention: a class of probability 0, a ``−inf`` logit, contributes 0). ``torch.where`` rather than a product,
+    whose ``0 · (−inf)`` would be NaN in the value and, through autograd, in the gradients; ``log_ratio`` is zeroed
+    there first, since the product's gradient with respect to ``p`` is ``log_ratio`` itself."""
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    keep = p > 0
+    return torch.where(keep, p * torch.where(keep, log_ratio, zero), zero)
 
 
 def reduce_rows_reference(

@@ -331,6 +331,12 @@ class FusedLinearDistillationLoss(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        # Checked at construction (ValueError), so that a bad option fails where it is written.
+        op = type(self).__name__
+        beta, temperature = check_beta(op, beta), check_temperature(op, temperature)
+        check_reduction(op, reduction, REDUCTIONS)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"{op} expects chunk_size >= 1, got {chunk_size}")
         self.options = dict(
             beta=beta,
             temperature=temperature,

@@ -38,7 +38,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ffsd_kernels._dispatch import check_dtypes, compute_dtype, tl, triton
-from ffsd_kernels._row_kernels import load_chunk, online_softmax_step, row_kept
+from ffsd_kernels._row_kernels import load_chunk, online_softmax_step, row_kept, weighted
 from ffsd_kernels._rows import (
     batchmean_scale,
     check_reduction,
@@ -48,6 +48,7 @@ from ffsd_kernels._rows import (
     reduce_rows,
     reduce_rows_reference,
     use_row_kernels,
+    xlogy_terms,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,14 +133,14 @@ def _jsd_fwd_kernel(
             s_row, t_row, cols, mask, stride_sc, 0, stride_tc, 1, inv_temperature, inv_temperature, BLOCK_C=BLOCK_C
         )
         if MODE == 0:
-            acc_p += tl.where(mask, tl.exp(b - lse_b) * ((b - a) - d_lse), 0.0)
+            acc_p += tl.where(mask, weighted(tl.exp(b - lse_b), (b - a) - d_lse), 0.0)
         elif MODE == 1:
             acc_q += tl.where(mask, tl.exp(a - lse_a) * ((a - b) + d_lse), 0.0)
         else:
             log_p = b - lse_b
             log_q = a - lse_a
             log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
-            acc_p += tl.where(mask, tl.exp(log_p) * (log_p - log_m), 0.0)
+            acc_p += tl.where(mask, weighted(tl.exp(log_p), log_p - log_m), 0.0)
             acc_q += tl.where(mask, tl.exp(log_q) * (log_q - log_m), 0.0)
     kl_p = tl.sum(acc_p, axis=0)
     kl_q = tl.sum(acc_q, axis=0)
@@ -231,14 +232,14 @@ def _jsd_bwd_kernel(
         q = tl.exp(log_q)
         if MODE == 0:
             ds = q - p
-            dt = p * ((log_p - log_q) - kl_p)
+            dt = weighted(p, (log_p - log_q) - kl_p)
         elif MODE == 1:
             ds = q * ((log_q - log_p) - kl_q)
             dt = p - q
         else:
             log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
             ds = (1.0 - beta) * q * ((log_q - log_m) - kl_q)
-            dt = beta * p * ((log_p - log_m) - kl_p)
+            dt = beta * weighted(p, (log_p - log_m) - kl_p)
         if STUDENT_GRAD:
             ds = g_kd * ds
             if HAS_CE:
@@ -491,6 +492,10 @@ class JSDLoss(nn.Module):
         self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100
     ) -> None:
         super().__init__()
+        # Checked at construction (ValueError), so that a bad option fails where it is written.
+        op = type(self).__name__
+        beta, temperature = check_beta(op, beta), check_temperature(op, temperature)
+        check_reduction(op, reduction)
         self.beta, self.temperature, self.reduction, self.ignore_index = beta, temperature, reduction, ignore_index
 
     def forward(
@@ -523,12 +528,15 @@ def jsd_rows_reference(
     dtype = compute_dtype(student_logits.dtype)
     log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    # A teacher's −inf logit (P = 0) contributes 0 to KL(P ‖ ·) (xlogy_terms); KL(Q ‖ P) is then +inf, as it is.
     if beta == 0.0:
-        return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+        return xlogy_terms(log_p.exp(), log_p - log_q).sum(dim=-1)
     if beta == 1.0:
         return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return beta * (log_p.exp() * (log_p - log_m)).sum(dim=-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(dim=-1)
+    return beta * xlogy_terms(log_p.exp(), log_p - log_m).sum(dim=-1) + (1 - beta) * (
+        log_q.exp() * (log_q - log_m)
+    ).sum(dim=-1)
 
 
 def jsd_loss_reference(

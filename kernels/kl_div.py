@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ffsd_kernels._dispatch import compute_dtype, tl, triton
-from ffsd_kernels._row_kernels import load_chunk, online_softmax_step, row_kept
+from ffsd_kernels._row_kernels import load_chunk, online_softmax_step, row_kept, weighted
 from ffsd_kernels._rows import (
     RowOptions,
     StackedLogits,
@@ -64,6 +64,7 @@ from ffsd_kernels._rows import (
     reduce_rows_reference,
     stack_teachers,
     use_row_kernels,
+    xlogy_terms,
 )
 
 # The teacher argument: one teacher of the student's shape, or M of them whose mean logits teach.
@@ -123,7 +124,7 @@ def _kl_fwd_kernel(
 
         m_a, d_a, _, _ = online_softmax_step(m_a, d_a, a, mask)
         m_b, d_b, alpha, e_b = online_softmax_step(m_b, d_b, b, mask)
-        w = w * alpha + tl.sum(e_b * (b - a), axis=0)
+        w = w * alpha + tl.sum(weighted(e_b, b - a), axis=0)  # a teacher's −inf entry adds 0, not 0 · (−inf)
         if HAS_CE:
             m_z, d_z, _, _ = online_softmax_step(m_z, d_z, s, mask)
 
@@ -216,7 +217,7 @@ def _kl_bwd_kernel(
             tl.store(ds_ptr + row * stride_dsb + cols * stride_dsc, ds.to(ds_ptr.dtype.element_ty), mask=in_row)
         if TEACHER_GRAD:
             # log p_t − log p_s − KL_row = (b − a) − X_row: no lse in it, so no O(log C) rounding either.
-            dt = tl.where(kept, (g_kl / num_teachers) * p_t * ((b - a) - x_row), 0.0)
+            dt = tl.where(kept, (g_kl / num_teachers) * weighted(p_t, (b - a) - x_row), 0.0)
             dt = dt.to(dt_ptr.dtype.element_ty)
             dt_m = dt_ptr + row * stride_dtb + cols * stride_dtc
             for _ in range(0, num_teachers):
@@ -513,8 +514,7 @@ def _kl_rows_reference(
     dtype = compute_dtype(student_logits.dtype)
     log_p_s = log_softmax_at(student_logits.reshape(-1, student_logits.shape[-1]), dtype, temperature)
     log_p_t = log_softmax_at(teachers.to(dtype).mean(dim=0), dtype, temperature)
-    # xlogy-free form: p_t = exp(log p_t) is never 0 where it matters, since log_softmax is finite.
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1) * temperature**2
+    return xlogy_terms(log_p_t.exp(), log_p_t - log_p_s).sum(dim=-1) * temperature**2
 
 
 def kl_div_loss_reference(

@@ -575,7 +575,7 @@ class OnlineDistillationLosses(nn.Module):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature = check_temperature(type(self).__name__, temperature)  # at construction: ValueError
 
     def forward(self, logits: torch.Tensor, fusion_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return online_distillation_losses(logits, fusion_logits, labels, self.temperature)
