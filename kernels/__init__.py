@@ -46,6 +46,7 @@ from ffsd_kernels.logit_group import (
     online_distillation_losses_reference,
 )
 from ffsd_kernels.mutual_kl import MutualKLLoss, mutual_kl_loss, mutual_kl_loss_reference
+from ffsd_kernels.sparse_kl import SparseKLDivLoss, sparse_kl_div_loss, sparse_kl_div_loss_reference
 from ffsd_kernels.torch_kl_div import KLDivLoss, kl_div, kl_div_reference
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "NormalizedDistance",
     "NormalizedDistances",
     "OnlineDistillationLosses",
+    "SparseKLDivLoss",
     "attention_distance",
     "attention_distance_reference",
     "attention_map",
@@ -92,4 +94,6 @@ __all__ = [
     "normalized_distances_reference",
     "online_distillation_losses",
     "online_distillation_losses_reference",
+    "sparse_kl_div_loss",
+    "sparse_kl_div_loss_reference",
 ]

@@ -61,6 +61,14 @@ def online_softmax_step(m, d, x, mask):
 
 
 @triton.jit
+def online_lse_step(m, d, x, mask):
+    """:func:`online_softmax_step`'s running maximum and sum alone (its other results stay local here, so that a
+    kernel's loop carries no unused variable whose type changes)."""
+    m_new, d_new, _, _ = online_softmax_step(m, d, x, mask)
+    return m_new, d_new
+
+
+@triton.jit
 def weighted(p, x):
     """``p · x``, 0 where ``p = 0``: torch's ``xlogy`` convention, so that a class of probability 0 contributes 0 to
     a divergence even where its log-probability (in ``x``) is ``−inf``."""

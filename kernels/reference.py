@@ -18,6 +18,7 @@ from ffsd_kernels.kl_div import cross_entropy_kl_loss_reference as cross_entropy
 from ffsd_kernels.kl_div import kl_div_loss_reference as kl_div_loss
 from ffsd_kernels.logit_group import online_distillation_losses_reference as online_distillation_losses
 from ffsd_kernels.mutual_kl import mutual_kl_loss_reference as mutual_kl_loss
+from ffsd_kernels.sparse_kl import sparse_kl_div_loss_reference as sparse_kl_div_loss
 from ffsd_kernels.torch_kl_div import kl_div_reference as kl_div
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "normalized_distance",
     "normalized_distances",
     "online_distillation_losses",
+    "sparse_kl_div_loss",
 ]
