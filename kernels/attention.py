@@ -27,6 +27,14 @@ EPS = 1e-12  # the clamp of ‖v‖₂ in n(v)
 
 
 @triton.jit
+def _sample_block(limit, BLOCK: tl.constexpr):
+    """Program (block i, sample b)'s ``BLOCK`` indices ``i·BLOCK + [0, BLOCK)`` within a sample of ``limit``
+    elements (pixels, or every element): ``(indices, mask, b as int64)``."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return i, i < limit, tl.program_id(1).to(tl.int64)
+
+
+@triton.jit
 def _pixel_offsets(p, W, stride_h, stride_w, FLAT: tl.constexpr):
     """Memory offsets (int64) of pixels ``p = h·W + w``. FLAT: ``stride_h == W·stride_w``, one index suffices."""
     p = p.to(tl.int64)
@@ -60,10 +68,7 @@ def _channel_reduce_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_bg = tl.program_id(1).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < H * W
+    p, p_mask, pid_bg = _sample_block(H * W, BLOCK_P)
     p_off = _pixel_offsets(p, W, stride_h, stride_w, FLAT)
     x_row = x_ptr + (pid_bg // GROUPS) * stride_b + (pid_bg % GROUPS) * C * stride_c
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
@@ -117,12 +122,8 @@ def _channel_broadcast_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_c = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < H * W
-    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    p, p_mask, pid_b = _sample_block(H * W, BLOCK_P)
+    c = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask = (c < C)[:, None] & p_mask[None, :]
     k_off = pid_b * sk_b + (c // CG)[:, None] * sk_g + _pixel_offsets(p, W, sk_h, sk_w, FLAT)[None, :]
     coef = tl.load(coef_ptr + k_off, mask=mask, other=0.0)
@@ -279,10 +280,7 @@ def _distance_backward_kernel(
     FLAT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid_j = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    j = pid_j * BLOCK + tl.arange(0, BLOCK)
-    mask = j < N
+    j, mask, pid_b = _sample_block(N, BLOCK)
     c = 2.0 * tl.load(grad_ptr).to(tl.float32) * inv_count
     nx = tl.load(stats_ptr + pid_b * 4)
     ny = tl.load(stats_ptr + pid_b * 4 + 1)
