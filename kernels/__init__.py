@@ -30,6 +30,11 @@ from ffsd_kernels.fused_linear import (
     fused_linear_distillation_loss,
     fused_linear_distillation_loss_reference,
 )
+from ffsd_kernels.fused_linear_sparse_kl import (
+    FusedLinearSparseKLDivLoss,
+    fused_linear_sparse_kl_div_loss,
+    fused_linear_sparse_kl_div_loss_reference,
+)
 from ffsd_kernels.fusion import FusionBlock, fusion_block, fusion_block_reference
 from ffsd_kernels.jsd import JSDLoss, jsd_loss, jsd_loss_reference
 from ffsd_kernels.kl_div import (
@@ -56,6 +61,7 @@ __all__ = [
     "DistillationKLLoss",
     "DiversityLoss",
     "FusedLinearDistillationLoss",
+    "FusedLinearSparseKLDivLoss",
     "FusionBlock",
     "JSDLoss",
     "KLDivLoss",
@@ -78,6 +84,8 @@ __all__ = [
     "diversity_shift_reference",
     "fused_linear_distillation_loss",
     "fused_linear_distillation_loss_reference",
+    "fused_linear_sparse_kl_div_loss",
+    "fused_linear_sparse_kl_div_loss_reference",
     "fusion_block",
     "fusion_block_reference",
     "jsd_loss",

@@ -54,6 +54,13 @@ REDUCTIONS = ("batchmean", "sum")
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_chunk_size(op: str, chunk_size: int | None) -> None:
+    """ValueError unless ``chunk_size`` is None (the default below) or at least 1 (the fused-linear losses and
+    their modules, which check it at construction)."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{op} expects chunk_size >= 1, got {chunk_size}")
+
+
 def default_chunk_size(num_rows: int, vocab: int, hidden: int) -> int:
     """Rows per chunk: the power of two nearest ``N / ⌈V / H⌉`` from above, so that a chunk's logits ``[n, V]`` are
     about as large as the hidden states ``[N, H]`` (Liger-Kernel's rule): 256 rows at ``[8192, 4096 → 128256]``."""
@@ -294,10 +301,9 @@ def fused_linear_distillation_loss(
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     num_rows = h_s.shape[0]
+    check_chunk_size(op, chunk_size)
     if chunk_size is None:
         chunk_size = default_chunk_size(num_rows, vocab, h_s.shape[1])
-    if chunk_size < 1:
-        raise ValueError(f"{op} expects chunk_size >= 1, got {chunk_size}")
     options = JSDOptions(
         beta=beta,
         temperature=temperature,
@@ -335,8 +341,7 @@ class FusedLinearDistillationLoss(nn.Module):
         op = type(self).__name__
         beta, temperature = check_beta(op, beta), check_temperature(op, temperature)
         check_reduction(op, reduction, REDUCTIONS)
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"{op} expects chunk_size >= 1, got {chunk_size}")
+        check_chunk_size(op, chunk_size)
         self.options = dict(
             beta=beta,
             temperature=temperature,

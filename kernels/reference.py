@@ -12,6 +12,9 @@ from ffsd_kernels.distance_group import normalized_distances_reference as normal
 from ffsd_kernels.diversity import diversity_loss_reference as diversity_loss
 from ffsd_kernels.diversity import diversity_shift_reference as diversity_shift
 from ffsd_kernels.fused_linear import fused_linear_distillation_loss_reference as fused_linear_distillation_loss
+from ffsd_kernels.fused_linear_sparse_kl import (
+    fused_linear_sparse_kl_div_loss_reference as fused_linear_sparse_kl_div_loss,
+)
 from ffsd_kernels.fusion import fusion_block_reference as fusion_block
 from ffsd_kernels.jsd import jsd_loss_reference as jsd_loss
 from ffsd_kernels.kl_div import cross_entropy_kl_loss_reference as cross_entropy_kl_loss
@@ -29,6 +32,7 @@ __all__ = [
     "diversity_loss",
     "diversity_shift",
     "fused_linear_distillation_loss",
+    "fused_linear_sparse_kl_div_loss",
     "fusion_block",
     "jsd_loss",
     "kl_div",

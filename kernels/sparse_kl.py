@@ -370,25 +370,37 @@ def check_tail(op: str, tail: str) -> str:
 def _check_inputs(
     op: str, student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor, teacher_topk_indices: torch.Tensor
 ) -> None:
-    """TypeError on bad dtypes; ValueError on bad shapes, devices, or CPU indices outside ``[0, V)`` (CUDA indices
-    are not read, a host sync: an out-of-range one makes its row NaN instead)."""
+    """TypeError on bad dtypes; ValueError on bad shapes, devices, or CPU indices outside ``[0, V)``."""
     check_logits(op, student_logits, "student_logits")
+    lead, num_classes = student_logits.shape[:-1], student_logits.shape[-1]
+    check_teacher(op, lead, num_classes, student_logits.device, teacher_topk_logprobs, teacher_topk_indices)
+
+
+def check_teacher(
+    op: str,
+    lead: torch.Size,
+    num_classes: int,
+    device: torch.device,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+) -> None:
+    """The sparse teacher's checks for a student of leading shape ``lead`` over ``num_classes`` on ``device``:
+    TypeError on bad dtypes; ValueError on bad shapes, devices, or CPU indices outside ``[0, V)`` (CUDA indices are
+    not read, a host sync: an out-of-range one makes its row NaN instead)."""
     check_dtypes(op, teacher_topk_logprobs=teacher_topk_logprobs)
     indices = teacher_topk_indices
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"{op} expects integer teacher_topk_indices, got {indices.dtype}")
-    lead = student_logits.shape[:-1]
     shape = teacher_topk_logprobs.shape
     if shape[:-1] != lead or shape[-1] < 1 or indices.shape != shape:
         raise ValueError(
             f"{op} expects teacher_topk_logprobs and teacher_topk_indices of one shape [..., k] with the student's "
             f"leading shape {tuple(lead)}, got {tuple(shape)} and {tuple(indices.shape)}"
         )
-    devices = {student_logits.device, teacher_topk_logprobs.device, indices.device}
+    devices = {device, teacher_topk_logprobs.device, indices.device}
     if len(devices) > 1:
         raise ValueError(f"{op} expects every tensor on one device, got {sorted(map(str, devices))}")
     if indices.device.type == "cpu" and indices.numel():
-        num_classes = student_logits.shape[-1]
         bad = indices[(teacher_topk_logprobs > float("-inf")) & ((indices < 0) | (indices >= num_classes))]
         if bad.numel():
             raise ValueError(f"{op} expects teacher_topk_indices in [0, {num_classes}), got {bad[0].item()}")

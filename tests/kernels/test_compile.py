@@ -105,6 +105,13 @@ CASES = {
     "sparse_kl[256,1000]fp32,k=100,renormalize": lambda: K.sparse_kl_div_loss(
         _t((256, 1000)), *_topk((256,), 100, vocab=1000), 2.0, tail="renormalize"
     ),
+    "fused_linear_sparse_kl[64,256->32000]bf16,k=64,labels": lambda: K.fused_linear_sparse_kl_div_loss(
+        _t((64, 256), BF16),
+        _t((32000, 256), BF16),
+        *_topk((64,), 64, vocab=32000),
+        labels=_padded((64,), 32000),
+        chunk_size=16,
+    ),  # fmt: skip
     "mutual_kl[3,128,100]fp32,labels,none": lambda: K.mutual_kl_loss(
         _t((3, 128, 100)), 2.0, labels=_padded((128,), 100), reduction="none"
     ).sum(),
