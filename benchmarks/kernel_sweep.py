@@ -171,6 +171,53 @@ def jsd_case(rows, classes, dtype, beta=0.5) -> Case:
     return Case("jsd_loss", (rows, classes), dtype, f"beta={beta}", make, K.jsd_loss, K.jsd_loss_reference, liger)
 
 
+def sparse_kl_case(rows, classes, k, dtype, tail="zero", temperature=1.0) -> Case:
+    """``sparse_kl_div_loss``: the student's logits against a teacher's top-k log-probabilities, as an offline
+    teacher stores them (Liger-Kernel has no counterpart: linkedin/Liger-Kernel#441)."""
+
+    def make(device):
+        s = _randn((rows, classes), dtype, device, True)
+        logprobs, indices = torch.log_softmax(torch.randn(rows, classes, device=device), -1).topk(k, dim=-1)
+        return [s, logprobs.to(dtype), indices, temperature], [s]
+
+    def call(fn):
+        return lambda s, logprobs, indices, t: fn(s, logprobs, indices, t, tail=tail)
+
+    return Case(
+        "sparse_kl_div_loss",
+        (rows, classes, k),
+        dtype,
+        f"tail={tail}",
+        make,
+        call(K.sparse_kl_div_loss),
+        call(K.sparse_kl_div_loss_reference),
+    )
+
+
+def fused_linear_sparse_case(rows, hidden, vocab, k, dtype, tail="zero") -> Case:
+    """``fused_linear_sparse_kl_div_loss``: the student's head (hidden states and weight) against a teacher's top-k
+    log-probabilities, the logits made chunk by chunk."""
+
+    def make(device):
+        h = _randn((rows, hidden), dtype, device, True)
+        w = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_()
+        logprobs, indices = torch.log_softmax(torch.randn(rows, vocab, device=device), -1).topk(k, dim=-1)
+        return [h, w, logprobs.to(dtype), indices], [h, w]
+
+    def call(fn):
+        return lambda h, w, logprobs, indices: fn(h, w, logprobs, indices, tail=tail)
+
+    return Case(
+        "fused_linear_sparse_kl_div_loss",
+        (rows, hidden, vocab, k),
+        dtype,
+        f"tail={tail}",
+        make,
+        call(K.fused_linear_sparse_kl_div_loss),
+        call(K.fused_linear_sparse_kl_div_loss_reference),
+    )
+
+
 def fused_linear_case(rows, hidden, vocab, dtype, beta=0.5) -> Case:
     """``fused_linear_distillation_loss`` (student and teacher heads of one width, the teacher frozen), beside
     ``LigerFusedLinearJSD``; eager is the unfused definition, which makes both ``[N, V]`` logits."""
@@ -268,6 +315,8 @@ def cases(quick: bool) -> list[Case]:
             mutual_case(3, 2, 37, fp32),
             torch_kl_div_case(3, 37, fp32),
             jsd_case(4, 37, fp32),
+            sparse_kl_case(3, 37, 5, fp32),
+            fused_linear_sparse_case(8, 16, 64, 5, fp32),
             fused_linear_case(8, 16, 64, fp32),
             attention_case((2, 5, 3, 3), fp32, "channels_last"),
             distance_case((2, 3, 4, 4), fp32),
@@ -285,6 +334,9 @@ def cases(quick: bool) -> list[Case]:
         # Liger-Kernel's published shapes: Llama 3's vocabulary, 8192 tokens, H = 4096.
         torch_kl_div_case(8192, 128256, bf16),
         jsd_case(8192, 128256, bf16),
+        # An offline teacher's top-64 log-probabilities at Llama 3's vocabulary.
+        sparse_kl_case(8192, 128256, 64, bf16),
+        fused_linear_sparse_case(8192, 4096, 128256, 64, bf16),
         fused_linear_case(8192, 4096, 128256, bf16),
         attention_case((256, 64, 56, 56), bf16, "channels_last"),
         attention_case((128, 64, 8, 8), fp32, "nchw"),

@@ -30,27 +30,29 @@ from ffsd_kernels.fused_linear import (
     fused_linear_distillation_loss,
     fused_linear_distillation_loss_reference,
 )
+from ffsd_kernels.fused_linear_sparse_kl import (
+    FusedLinearSparseKLDivLoss,
+    fused_linear_sparse_kl_div_loss,
+    fused_linear_sparse_kl_div_loss_reference,
+)
 from ffsd_kernels.fusion import FusionBlock, fusion_block, fusion_block_reference
 from ffsd_kernels.jsd import JSDLoss, jsd_loss, jsd_loss_reference
 from ffsd_kernels.kl_div import (
     CrossEntropyKLLoss,
     DistillationKLLoss,
-    KLDivLoss,
-    MutualKLLoss,
     cross_entropy_kl_loss,
     cross_entropy_kl_loss_reference,
-    kl_div,
     kl_div_loss,
     kl_div_loss_reference,
-    kl_div_reference,
-    mutual_kl_loss,
-    mutual_kl_loss_reference,
 )
 from ffsd_kernels.logit_group import (
     OnlineDistillationLosses,
     online_distillation_losses,
     online_distillation_losses_reference,
 )
+from ffsd_kernels.mutual_kl import MutualKLLoss, mutual_kl_loss, mutual_kl_loss_reference
+from ffsd_kernels.sparse_kl import SparseKLDivLoss, sparse_kl_div_loss, sparse_kl_div_loss_reference
+from ffsd_kernels.torch_kl_div import KLDivLoss, kl_div, kl_div_reference
 
 __all__ = [
     "AttentionDistance",
@@ -59,6 +61,7 @@ __all__ = [
     "DistillationKLLoss",
     "DiversityLoss",
     "FusedLinearDistillationLoss",
+    "FusedLinearSparseKLDivLoss",
     "FusionBlock",
     "JSDLoss",
     "KLDivLoss",
@@ -66,6 +69,7 @@ __all__ = [
     "NormalizedDistance",
     "NormalizedDistances",
     "OnlineDistillationLosses",
+    "SparseKLDivLoss",
     "attention_distance",
     "attention_distance_reference",
     "attention_map",
@@ -80,6 +84,8 @@ __all__ = [
     "diversity_shift_reference",
     "fused_linear_distillation_loss",
     "fused_linear_distillation_loss_reference",
+    "fused_linear_sparse_kl_div_loss",
+    "fused_linear_sparse_kl_div_loss_reference",
     "fusion_block",
     "fusion_block_reference",
     "jsd_loss",
@@ -96,4 +102,6 @@ __all__ = [
     "normalized_distances_reference",
     "online_distillation_losses",
     "online_distillation_losses_reference",
+    "sparse_kl_div_loss",
+    "sparse_kl_div_loss_reference",
 ]

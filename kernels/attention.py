@@ -27,6 +27,14 @@ EPS = 1e-12  # the clamp of ‖v‖₂ in n(v)
 
 
 @triton.jit
+def _sample_block(limit, BLOCK: tl.constexpr):
+    """Program (block i, sample b)'s ``BLOCK`` indices ``i·BLOCK + [0, BLOCK)`` within a sample of ``limit``
+    elements (pixels, or every element): ``(indices, mask, b as int64)``."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return i, i < limit, tl.program_id(1).to(tl.int64)
+
+
+@triton.jit
 def _pixel_offsets(p, W, stride_h, stride_w, FLAT: tl.constexpr):
     """Memory offsets (int64) of pixels ``p = h·W + w``. FLAT: ``stride_h == W·stride_w``, one index suffices."""
     p = p.to(tl.int64)
@@ -60,10 +68,7 @@ def _channel_reduce_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_bg = tl.program_id(1).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < H * W
+    p, p_mask, pid_bg = _sample_block(H * W, BLOCK_P)
     p_off = _pixel_offsets(p, W, stride_h, stride_w, FLAT)
     x_row = x_ptr + (pid_bg // GROUPS) * stride_b + (pid_bg % GROUPS) * C * stride_c
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
@@ -117,12 +122,8 @@ def _channel_broadcast_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_c = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < H * W
-    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    p, p_mask, pid_b = _sample_block(H * W, BLOCK_P)
+    c = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask = (c < C)[:, None] & p_mask[None, :]
     k_off = pid_b * sk_b + (c // CG)[:, None] * sk_g + _pixel_offsets(p, W, sk_h, sk_w, FLAT)[None, :]
     coef = tl.load(coef_ptr + k_off, mask=mask, other=0.0)
@@ -279,10 +280,7 @@ def _distance_backward_kernel(
     FLAT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid_j = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    j = pid_j * BLOCK + tl.arange(0, BLOCK)
-    mask = j < N
+    j, mask, pid_b = _sample_block(N, BLOCK)
     c = 2.0 * tl.load(grad_ptr).to(tl.float32) * inv_count
     nx = tl.load(stats_ptr + pid_b * 4)
     ny = tl.load(stats_ptr + pid_b * 4 + 1)
@@ -366,8 +364,9 @@ def _channel_reduce(x: torch.Tensor, out: torch.Tensor, scale: float, square: bo
     stride_h, stride_w = _hw_strides(x)
     grid = (triton.cdiv(pixels, block_p), batch * groups)
     _channel_reduce_kernel[grid](
-        x, out, groups, channels, height, width, x.stride(0), x.stride(1), stride_h, stride_w, out.stride(0), scale,
-        SQUARE=square, FLAT=_is_flat(x), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        x_ptr=x, out_ptr=out, GROUPS=groups, C=channels, H=height, W=width, stride_b=x.stride(0), stride_c=x.stride(1),
+        stride_h=stride_h, stride_w=stride_w, out_stride_b=out.stride(0), scale=scale, SQUARE=square, FLAT=_is_flat(x),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -383,16 +382,15 @@ def _channel_broadcast(
     base_arg = out if base is None else base
     block_c, block_p, num_warps = _map_config(channels, pixels, out.stride(1) == 1 and channels > 1)
     tensors = [t for t in (x, base, coef, out) if t is not None]
+    (sx_h, sx_w), (sb_h, sb_w) = _hw_strides(x_arg), _hw_strides(base_arg)
+    (sk_h, sk_w), (so_h, so_w) = _hw_strides(coef), _hw_strides(out)
     grid = (triton.cdiv(pixels, block_p), batch, triton.cdiv(channels, block_c))
     _channel_broadcast_kernel[grid](
-        x_arg, base_arg, coef, out, channels, channels // coef.shape[1], height, width,
-        x_arg.stride(0), x_arg.stride(1), *_hw_strides(x_arg),
-        base_arg.stride(0), base_arg.stride(1), *_hw_strides(base_arg),
-        coef.stride(0), coef.stride(1), *_hw_strides(coef),
-        out.stride(0), out.stride(1), *_hw_strides(out),
-        scale,
-        MUL_X=x is not None, HAS_BASE=base is not None, FLAT=_is_flat(*tensors),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        x_ptr=x_arg, base_ptr=base_arg, coef_ptr=coef, out_ptr=out, C=channels, CG=channels // coef.shape[1], H=height,
+        W=width, sx_b=x_arg.stride(0), sx_c=x_arg.stride(1), sx_h=sx_h, sx_w=sx_w, sb_b=base_arg.stride(0),
+        sb_c=base_arg.stride(1), sb_h=sb_h, sb_w=sb_w, sk_b=coef.stride(0), sk_g=coef.stride(1), sk_h=sk_h, sk_w=sk_w,
+        so_b=out.stride(0), so_c=out.stride(1), so_h=so_h, so_w=so_w, scale=scale, MUL_X=x is not None,
+        HAS_BASE=base is not None, FLAT=_is_flat(*tensors), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -444,7 +442,8 @@ def _distance_forward(x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype) 
     block, chunk, splits, num_warps = _distance_config(batch, n)
     partial = torch.empty((batch, splits, 3), dtype=torch.float32, device=x.device)
     _distance_partial_kernel[(splits, batch)](
-        x, y, partial, n, sizes[1], sizes[2], chunk, x.stride(0), *sx, y.stride(0), *sy,
+        x_ptr=x, y_ptr=y, partial_ptr=partial, N=n, D2=sizes[1], D3=sizes[2], CHUNK=chunk, sx_b=x.stride(0), sx_1=sx[0],
+        sx_2=sx[1], sx_3=sx[2], sy_b=y.stride(0), sy_1=sy[0], sy_2=sy[1], sy_3=sy[2],
         FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     stats = torch.empty((batch, 4), dtype=torch.float32, device=x.device)
@@ -452,8 +451,8 @@ def _distance_forward(x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype) 
     block_s = triton.next_power_of_2(splits)
     block_b = max(min(triton.next_power_of_2(batch), max(1024 // block_s, 1)), 1)
     _distance_finish_kernel[(1,)](
-        partial, stats, loss, batch, splits, 1.0 / (batch * n), EPS_=EPS, BLOCK_B=block_b, BLOCK_S=block_s,
-        num_warps=4,
+        partial_ptr=partial, stats_ptr=stats, out_ptr=loss, B=batch, SPLITS=splits, inv_count=1.0 / (batch * n),
+        EPS_=EPS, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
     return loss, stats
 
@@ -469,9 +468,11 @@ def _distance_backward(
     sizes, (sx, sy, sgx, sgy) = _sample_layout(x.shape, [x, y, gx_arg, gy_arg])
     block, _, _, num_warps = _distance_config(batch, n)
     _distance_backward_kernel[(triton.cdiv(n, block), batch)](
-        x, y, gx_arg, gy_arg, stats, grad, n, 1.0 / (batch * n), sizes[1], sizes[2],
-        x.stride(0), *sx, y.stride(0), *sy, gx_arg.stride(0), *sgx, gy_arg.stride(0), *sgy,
-        WRITE_X=need_x, WRITE_Y=need_y, FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
+        x_ptr=x, y_ptr=y, gx_ptr=gx_arg, gy_ptr=gy_arg, stats_ptr=stats, grad_ptr=grad, N=n,
+        inv_count=1.0 / (batch * n), D2=sizes[1], D3=sizes[2], sx_b=x.stride(0), sx_1=sx[0], sx_2=sx[1], sx_3=sx[2],
+        sy_b=y.stride(0), sy_1=sy[0], sy_2=sy[1], sy_3=sy[2], sgx_b=gx_arg.stride(0), sgx_1=sgx[0], sgx_2=sgx[1],
+        sgx_3=sgx[2], sgy_b=gy_arg.stride(0), sgy_1=sgy[0], sgy_2=sgy[1], sgy_3=sgy[2], WRITE_X=need_x, WRITE_Y=need_y,
+        FLAT=sizes[0] == 1 and sizes[1] == 1, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     return grad_x, grad_y
 

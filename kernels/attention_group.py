@@ -278,7 +278,7 @@ def _maps_forward(
     pair_block = _pair_block(len(xs))
     if programs:
         _maps_forward_kernel[(programs,)](
-            table, len(xs), ROW=_ROW, PAIR_BLOCK=pair_block, BLOCK_C=block_c, BLOCK_P=block_p,
+            table_ptr=table, P=len(xs), ROW=_ROW, PAIR_BLOCK=pair_block, BLOCK_C=block_c, BLOCK_P=block_p,
             CHANNELS_INNER=inner, num_warps=num_warps,
         )  # fmt: skip
     plan = _Plan(block_c, block_p, num_warps, inner, pair_block, list(groups), first_maps, programs_bwd)
@@ -315,8 +315,9 @@ def _maps_backward(
         # The backward pass's one host-built tensor (capturable, as the forward's).
         grad_table = _device_table(starts + rows + map_rows, table.device)
         _maps_backward_kernel[(programs,)](
-            table, grad_table, len(xs), ROW=_ROW, GROW=_GROW, MROW=_MROW, PAIR_BLOCK=plan.pair_block,
-            BLOCK_C=plan.block_c, BLOCK_P=plan.block_p, CHANNELS_INNER=plan.inner, num_warps=plan.num_warps,
+            table_ptr=table, grad_table_ptr=grad_table, P=len(xs), ROW=_ROW, GROW=_GROW, MROW=_MROW,
+            PAIR_BLOCK=plan.pair_block, BLOCK_C=plan.block_c, BLOCK_P=plan.block_p, CHANNELS_INNER=plan.inner,
+            num_warps=plan.num_warps,
         )  # fmt: skip
     return dxs
 

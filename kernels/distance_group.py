@@ -379,13 +379,15 @@ def _distances_forward(
     pair_block = _pair_block(pairs)
     if programs:
         _distances_partial_kernel[(programs,)](
-            table, partial, pairs, ROW=_ROW, PAIR_BLOCK=pair_block, BLOCK=block, num_warps=num_warps
-        )
+            table_ptr=table, partial_ptr=partial, P=pairs, ROW=_ROW, PAIR_BLOCK=pair_block, BLOCK=block,
+            num_warps=num_warps,
+        )  # fmt: skip
     block_s = triton.next_power_of_2(max(splits for splits, _ in cuts))
     block_b = max(min(triton.next_power_of_2(max(batches)), max(1024 // block_s, 1)), 1)
     _distances_finish_kernel[(pairs,)](
-        table, partial, stats, out, pairs, ROW=_ROW, EPS_=EPS, BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4
-    )
+        table_ptr=table, partial_ptr=partial, stats_ptr=stats, out_ptr=out, P=pairs, ROW=_ROW, EPS_=EPS,
+        BLOCK_B=block_b, BLOCK_S=block_s, num_warps=4,
+    )  # fmt: skip
     plan = _Plan(pairs, block_bwd, warps_bwd, pair_block, programs_bwd, buffer_bytes, places)
     return out, stats, table, plan
 
@@ -406,8 +408,8 @@ def _distances_backward(
         grads.append(buffer[offset : offset + nbytes].view(t.dtype).as_strided(t.shape, strides))
     if plan.programs:
         _distances_backward_kernel[(plan.programs,)](
-            table, stats, grad, buffer, grad.stride(0), plan.pairs,
-            ROW=_ROW, PAIR_BLOCK=plan.pair_block, BLOCK=plan.block, num_warps=plan.num_warps,
+            table_ptr=table, stats_ptr=stats, grad_ptr=grad, buffer_ptr=buffer, grad_stride=grad.stride(0),
+            P=plan.pairs, ROW=_ROW, PAIR_BLOCK=plan.pair_block, BLOCK=plan.block, num_warps=plan.num_warps,
         )  # fmt: skip
     return grads
 

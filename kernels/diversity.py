@@ -274,13 +274,14 @@ class _DiversityLossFunction(torch.autograd.Function):
         stats = torch.empty((batch, 6), dtype=torch.float32, device=x.device)
         keys = torch.empty((batch,), dtype=torch.int64, device=x.device)
         _diversity_forward_kernel[(batch,)](
-            x, y, stats, keys, n, _rank(n), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            BLOCK=block, ONE_CHUNK=one_chunk, num_warps=num_warps,
+            x_ptr=x, y_ptr=y, stats_ptr=stats, keys_ptr=keys, N=n, k=_rank(n), sx_b=x.stride(0), sx_n=x.stride(1),
+            sy_b=y.stride(0), sy_n=y.stride(1), BLOCK=block, ONE_CHUNK=one_chunk, num_warps=num_warps,
         )  # fmt: skip
         ctx.save_for_backward(x, y, stats, keys)
         loss = torch.empty((), dtype=out_dtype, device=x.device)
         _diversity_finish_kernel[(1,)](
-            stats, loss, batch, 1.0 / (batch * n), BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=4,
+            stats_ptr=stats, out_ptr=loss, B=batch, inv_count=1.0 / (batch * n),
+            BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=4,
         )  # fmt: skip
         return loss
 
@@ -293,8 +294,9 @@ class _DiversityLossFunction(torch.autograd.Function):
         grad = torch.empty((batch, n), dtype=x.dtype, device=x.device)
         block, _, num_warps = _select_config(n)
         _diversity_backward_kernel[(triton.cdiv(n, block), batch)](
-            x, y, stats, keys, grad_out, grad, n, 1.0 / (batch * n), x.stride(0), x.stride(1), y.stride(0),
-            y.stride(1), EPS_=EPS, BLOCK=block, num_warps=num_warps,
+            x_ptr=x, y_ptr=y, stats_ptr=stats, keys_ptr=keys, grad_out_ptr=grad_out, grad_ptr=grad, N=n,
+            inv_count=1.0 / (batch * n), sx_b=x.stride(0), sx_n=x.stride(1), sy_b=y.stride(0), sy_n=y.stride(1),
+            EPS_=EPS, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
         return grad, None, None
 
@@ -311,7 +313,8 @@ class _DiversityShiftFunction(torch.autograd.Function):
         nu = torch.empty((batch,), dtype=torch.float32, device=y.device)
         block, one_chunk, num_warps = _select_config(n)
         _shift_target_kernel[(batch,)](
-            a, shift, sign, nu, n, _rank(n), 1.0 / channels, BLOCK=block, ONE_CHUNK=one_chunk, num_warps=num_warps,
+            a_ptr=a, shift_ptr=shift, sign_ptr=sign, nu_ptr=nu, N=n, k=_rank(n), inv_c=1.0 / channels, BLOCK=block,
+            ONE_CHUNK=one_chunk, num_warps=num_warps,
         )  # fmt: skip
         out = _channel_broadcast(torch.empty_like(y), shift.view(batch, 1, height, width), 1.0, base=y)
         ctx.save_for_backward(y, a, sign, nu)

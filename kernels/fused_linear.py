@@ -29,9 +29,16 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ffsd_kernels._dispatch import check_dtypes, compute_dtype, use_triton
-from ffsd_kernels._rows import check_label_range, check_reduction, flat_labels, reduce_rows, reduce_rows_reference
-from ffsd_kernels.jsd import NUM_STATS, check_beta, jsd_backward, jsd_forward, jsd_rows_reference
-from ffsd_kernels.kl_div import _batchmean_scale
+from ffsd_kernels._rows import (
+    batchmean_scale,
+    check_label_range,
+    check_reduction,
+    check_temperature,
+    flat_labels,
+    reduce_rows,
+    reduce_rows_reference,
+)
+from ffsd_kernels.jsd import NUM_STATS, JSDOptions, check_beta, jsd_backward, jsd_forward, jsd_rows_reference
 
 REDUCTIONS = ("batchmean", "sum")
 
@@ -47,6 +54,13 @@ REDUCTIONS = ("batchmean", "sum")
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_chunk_size(op: str, chunk_size: int | None) -> None:
+    """ValueError unless ``chunk_size`` is None (the default below) or at least 1 (the fused-linear losses and
+    their modules, which check it at construction)."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{op} expects chunk_size >= 1, got {chunk_size}")
+
+
 def default_chunk_size(num_rows: int, vocab: int, hidden: int) -> int:
     """Rows per chunk: the power of two nearest ``N / ⌈V / H⌉`` from above, so that a chunk's logits ``[n, V]`` are
     about as large as the hidden states ``[N, H]`` (Liger-Kernel's rule): 256 rows at ``[8192, 4096 → 128256]``."""
@@ -60,45 +74,72 @@ def default_chunk_size(num_rows: int, vocab: int, hidden: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _chunk_kernels(s, t, labels, rows, ones, norm, options, student_grad, teacher_grad):
+def _chunk_kernels(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    rows: torch.Tensor,
+    ones: torch.Tensor,
+    norm: torch.Tensor | None,
+    options: JSDOptions,
+    *,
+    student_grad: bool,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One chunk on the Triton kernels: its rows of the loss into ``rows``, and ``(∂/∂s, ∂/∂t)``."""
-    beta, temperature, host_scale, ignore_index, kd_weight, ce_weight = options
     stats = torch.empty(NUM_STATS, s.shape[0], device=s.device, dtype=torch.float32)
-    jsd_forward(s, t, labels, rows, stats, beta, temperature, ignore_index, kd_weight, ce_weight)
-    return jsd_backward(
-        s, t, labels, stats, norm, ones, beta, temperature, host_scale, ignore_index, student_grad, teacher_grad,
-        kd_weight, ce_weight,
-    )  # fmt: skip
+    jsd_forward(s, t, labels, rows, stats, options)
+    return jsd_backward(s, t, labels, stats, norm, ones, options, student_grad=student_grad, teacher_grad=teacher_grad)
 
 
-def _chunk_reference(s, t, labels, rows, norm, options, student_grad, teacher_grad):
+def _chunk_reference(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    rows: torch.Tensor,
+    norm: torch.Tensor | None,
+    options: JSDOptions,
+    *,
+    student_grad: bool,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One chunk by autograd through the plain definition: the same outputs as :func:`_chunk_kernels`."""
-    beta, temperature, host_scale, ignore_index, kd_weight, ce_weight = options
+    ce_weight = options.ce_weight
     with torch.enable_grad():
         s = s.detach().requires_grad_(student_grad)
         t = t.detach().requires_grad_(teacher_grad)
-        values = kd_weight * jsd_rows_reference(s, t, beta, temperature)
+        values = options.kd_weight * jsd_rows_reference(s, t, options.beta, options.temperature)
         if ce_weight is not None:
             num_classes = s.shape[1]
             ce = F.cross_entropy(s.to(values.dtype), labels.clamp(0, num_classes - 1), reduction="none")
             values = values + ce_weight * torch.where((labels >= 0) & (labels < num_classes), ce, torch.nan)
         if labels is not None:
             values = torch.where(
-                labels != ignore_index, values, torch.zeros((), dtype=values.dtype, device=values.device)
+                labels != options.ignore_index, values, torch.zeros((), dtype=values.dtype, device=values.device)
             )
         rows.copy_(values.detach())
         wanted = [x for x, w in ((s, student_grad), (t, teacher_grad)) if w]
         grads = iter(torch.autograd.grad(values.sum(), wanted) if wanted else [])
-    scale = norm if norm is not None else host_scale
+    scale = norm if norm is not None else options.host_scale
     ds = next(grads) * scale if student_grad else None
     dt = next(grads) * scale if teacher_grad else None
     return ds, dt
 
 
-def _forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, options, chunk_size, needs):
+def _forward(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    options: JSDOptions,
+    *,
+    reduction: str,
+    chunk_size: int,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """``(loss, grads)``: the scalar loss and the gradients of the four inputs (None where not wanted)."""
-    beta, temperature, host_scale, ignore_index, kd_weight, ce_weight, reduction = options
-    chunk_options = options[:-1]
+    ignore_index = options.ignore_index
     num_rows = student_hidden.shape[0]
     device = student_hidden.device
     kernels = use_triton(student_hidden, student_weight, teacher_hidden, teacher_weight) and num_rows > 0
@@ -125,12 +166,11 @@ def _forward(student_hidden, student_weight, teacher_hidden, teacher_weight, lab
         s = h_s @ student_weight.t()
         t = h_t @ teacher_weight.t()
         chunk_labels = labels[c0:c1] if labels is not None else None
+        wanted = dict(student_grad=student_grad, teacher_grad=teacher_grad)
         if kernels:
-            ds, dt = _chunk_kernels(s, t, chunk_labels, rows[0, c0:c1], ones, norm, chunk_options, student_grad,
-                                    teacher_grad)  # fmt: skip
+            ds, dt = _chunk_kernels(s, t, chunk_labels, rows[0, c0:c1], ones, norm, options, **wanted)
         else:
-            ds, dt = _chunk_reference(s, t, chunk_labels, rows[0, c0:c1], norm, chunk_options, student_grad,
-                                      teacher_grad)  # fmt: skip
+            ds, dt = _chunk_reference(s, t, chunk_labels, rows[0, c0:c1], norm, options, **wanted)
         del s, t  # this chunk's logits go before the next chunk's come
         for d, h, w, g_h, g_w in ((ds, h_s, student_weight, *grads[:2]), (dt, h_t, teacher_weight, *grads[2:])):
             if d is None:
@@ -141,7 +181,7 @@ def _forward(student_hidden, student_weight, teacher_hidden, teacher_weight, lab
             if g_w is not None:
                 g_w.addmm_(d.t(), h)
     if kernels:
-        loss, _ = reduce_rows(rows, count_labels, ignore_index, host_scale)
+        loss, _ = reduce_rows(rows, count_labels, ignore_index, options.host_scale)
         return loss[0], grads
     return reduce_rows_reference(rows[0], labels, ignore_index, reduction), grads
 
@@ -160,13 +200,15 @@ class _FusedLinearDistillationFunction(torch.autograd.Function):
         teacher_hidden: torch.Tensor,
         teacher_weight: torch.Tensor,
         labels: torch.Tensor | None,
-        options: tuple,
+        options: JSDOptions,
+        reduction: str,
         chunk_size: int,
     ) -> torch.Tensor:
         needs = tuple(ctx.needs_input_grad[:4])
         loss, grads = _forward(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, options, chunk_size, needs
-        )
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, options,
+            reduction=reduction, chunk_size=chunk_size, needs=needs,
+        )  # fmt: skip
         ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
         ctx.has = [g is not None for g in grads]
         return loss
@@ -176,7 +218,7 @@ class _FusedLinearDistillationFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple:
         # The gradients were computed in the forward pass; the upstream gradient scales them, read on the device.
         grads = [g * grad.to(g.dtype) if has else None for g, has in zip(ctx.saved_tensors, ctx.has, strict=True)]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)  # labels, options, reduction, chunk_size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,9 +291,7 @@ def fused_linear_distillation_loss(
     _check_inputs(op, student_hidden, student_weight, teacher_hidden, teacher_weight)
     check_reduction(op, reduction, REDUCTIONS)
     beta = check_beta(op, beta)
-    temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"{op} expects a temperature > 0, got {temperature}")
+    temperature = check_temperature(op, temperature)
     lead, vocab = student_hidden.shape[:-1], student_weight.shape[0]
     flat = flat_labels(op, labels, lead)
     if ce_weight != 0 and flat is None:
@@ -261,14 +301,20 @@ def fused_linear_distillation_loss(
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     num_rows = h_s.shape[0]
+    check_chunk_size(op, chunk_size)
     if chunk_size is None:
         chunk_size = default_chunk_size(num_rows, vocab, h_s.shape[1])
-    if chunk_size < 1:
-        raise ValueError(f"{op} expects chunk_size >= 1, got {chunk_size}")
-    host_scale = _batchmean_scale(reduction, flat, max(num_rows, 1))
-    options = (beta, temperature, host_scale, ignore_index, float(kd_weight), float(ce_weight) if ce_weight else None,
-               reduction)  # fmt: skip
-    return _FusedLinearDistillationFunction.apply(h_s, student_weight, h_t, teacher_weight, flat, options, chunk_size)
+    options = JSDOptions(
+        beta=beta,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        host_scale=batchmean_scale(reduction, flat, max(num_rows, 1)),
+        kd_weight=float(kd_weight),
+        ce_weight=float(ce_weight) if ce_weight else None,
+    )
+    return _FusedLinearDistillationFunction.apply(
+        h_s, student_weight, h_t, teacher_weight, flat, options, reduction, chunk_size
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,6 +337,11 @@ class FusedLinearDistillationLoss(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        # Checked at construction (ValueError), so that a bad option fails where it is written.
+        op = type(self).__name__
+        beta, temperature = check_beta(op, beta), check_temperature(op, temperature)
+        check_reduction(op, reduction, REDUCTIONS)
+        check_chunk_size(op, chunk_size)
         self.options = dict(
             beta=beta,
             temperature=temperature,
@@ -323,20 +374,11 @@ class FusedLinearDistillationLoss(nn.Module):
 
 
 def fused_linear_distillation_loss_reference(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "batchmean",
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor, labels: torch.Tensor | None = None, *, beta: float = 0.5, temperature: float = 1.0,
+    kd_weight: float = 1.0, ce_weight: float = 0.0, ignore_index: int = -100, reduction: str = "batchmean",
     chunk_size: int | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Unfused: the full logits ``h W ᵀ``, then ``kd_weight · JSD rows + ce_weight · CE rows``, ignored rows zeroed,
     reduced. ``chunk_size`` is accepted and unused (a drop-in signature)."""
     op = "fused_linear_distillation_loss_reference"

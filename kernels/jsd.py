@@ -24,21 +24,32 @@ log M_c)`` and ``∂JSD_β/∂P_c = β (log P_c − log M_c)``, the ``+1`` terms
                 ∂/∂t_c = β P_c (log P_c − log M_c − KL(P ‖ M)) / T
 
 Kernels. One program per row. The forward pass reads the row twice: once for the log-sum-exps of ``a`` and ``b``
-(online softmax, as in ``kl_div.py``), once for the sums above (``log M`` needs both normalisers, so no single online
+(online softmax, ``_row_kernels.py``), once for the sums above (``log M`` needs both normalisers, so no single online
 pass exists); it saves per-row fp32 statistics (the two lse's and ``KL(P ‖ ·)``, ``KL(Q ‖ ·)``). The backward pass
 reads the row once more. An optional cross-entropy of the student on the labels (temperature 1), weighted in, serves
 ``fused_linear_distillation_loss``.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ffsd_kernels._dispatch import check_dtypes, compute_dtype, tl, triton, use_triton
-from ffsd_kernels._rows import check_reduction, flat_labels, reduce_rows, reduce_rows_reference
-from ffsd_kernels.kl_div import _batchmean_scale, _launch_config, _load_chunk, _row_kept
+from ffsd_kernels._dispatch import check_dtypes, compute_dtype, tl, triton
+from ffsd_kernels._row_kernels import load_chunk, online_softmax_step, row_kept, weighted
+from ffsd_kernels._rows import (
+    batchmean_scale,
+    check_reduction,
+    check_temperature,
+    flat_labels,
+    launch_config,
+    reduce_rows,
+    reduce_rows_reference,
+    use_row_kernels,
+    xlogy_terms,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -85,7 +96,7 @@ def _jsd_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_sb
     t_row = t_ptr + row * stride_tb
-    y, kept = _row_kept(y_ptr, row, ignore_index, HAS_LABELS=HAS_LABELS)
+    y, kept = row_kept(y_ptr, row, ignore_index, HAS_LABELS=HAS_LABELS)
 
     # Pass 1: the log-sum-exps of a = s / T, b = t / T and (for the CE) s, by online softmax.
     m_a = float("-inf")
@@ -98,19 +109,13 @@ def _jsd_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = (cols < num_classes) & kept  # an ignored row reads nothing
         cols = cols.to(tl.int64)
-        s, a, b = _load_chunk(
+        s, a, b = load_chunk(
             s_row, t_row, cols, mask, stride_sc, 0, stride_tc, 1, inv_temperature, inv_temperature, BLOCK_C=BLOCK_C
         )
-        m_a_new = tl.maximum(m_a, tl.max(tl.where(mask, a, float("-inf")), axis=0))
-        d_a = d_a * tl.exp(m_a - m_a_new) + tl.sum(tl.where(mask, tl.exp(a - m_a_new), 0.0), axis=0)
-        m_a = m_a_new
-        m_b_new = tl.maximum(m_b, tl.max(tl.where(mask, b, float("-inf")), axis=0))
-        d_b = d_b * tl.exp(m_b - m_b_new) + tl.sum(tl.where(mask, tl.exp(b - m_b_new), 0.0), axis=0)
-        m_b = m_b_new
+        m_a, d_a, _, _ = online_softmax_step(m_a, d_a, a, mask)
+        m_b, d_b, _, _ = online_softmax_step(m_b, d_b, b, mask)
         if HAS_CE:
-            m_z_new = tl.maximum(m_z, tl.max(tl.where(mask, s, float("-inf")), axis=0))
-            d_z = d_z * tl.exp(m_z - m_z_new) + tl.sum(tl.where(mask, tl.exp(s - m_z_new), 0.0), axis=0)
-            m_z = m_z_new
+            m_z, d_z, _, _ = online_softmax_step(m_z, d_z, s, mask)
     lse_a = m_a + tl.log(d_a)
     lse_b = m_b + tl.log(d_b)
     # lse(b) − lse(a) as (m_b − m_a) + log(S_b / S_a): each lse is O(log V), and its fp32 rounding would swamp a
@@ -124,18 +129,18 @@ def _jsd_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = (cols < num_classes) & kept
         cols = cols.to(tl.int64)
-        _, a, b = _load_chunk(
+        _, a, b = load_chunk(
             s_row, t_row, cols, mask, stride_sc, 0, stride_tc, 1, inv_temperature, inv_temperature, BLOCK_C=BLOCK_C
         )
         if MODE == 0:
-            acc_p += tl.where(mask, tl.exp(b - lse_b) * ((b - a) - d_lse), 0.0)
+            acc_p += tl.where(mask, weighted(tl.exp(b - lse_b), (b - a) - d_lse), 0.0)
         elif MODE == 1:
             acc_q += tl.where(mask, tl.exp(a - lse_a) * ((a - b) + d_lse), 0.0)
         else:
             log_p = b - lse_b
             log_q = a - lse_a
             log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
-            acc_p += tl.where(mask, tl.exp(log_p) * (log_p - log_m), 0.0)
+            acc_p += tl.where(mask, weighted(tl.exp(log_p), log_p - log_m), 0.0)
             acc_q += tl.where(mask, tl.exp(log_q) * (log_q - log_m), 0.0)
     kl_p = tl.sum(acc_p, axis=0)
     kl_q = tl.sum(acc_q, axis=0)
@@ -201,7 +206,7 @@ def _jsd_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_sb
     t_row = t_ptr + row * stride_tb
-    y, kept = _row_kept(y_ptr, row, ignore_index, HAS_LABELS=HAS_LABELS)
+    y, kept = row_kept(y_ptr, row, ignore_index, HAS_LABELS=HAS_LABELS)
     g = tl.load(grad_ptr + row * stride_g).to(tl.float32)
     if HAS_NORM:
         g = g * tl.load(norm_ptr)
@@ -218,7 +223,7 @@ def _jsd_bwd_kernel(
         in_row = cols < num_classes
         mask = in_row & kept
         cols = cols.to(tl.int64)
-        s, a, b = _load_chunk(
+        s, a, b = load_chunk(
             s_row, t_row, cols, mask, stride_sc, 0, stride_tc, 1, inv_temperature, inv_temperature, BLOCK_C=BLOCK_C
         )
         log_p = b - lse_b
@@ -227,14 +232,14 @@ def _jsd_bwd_kernel(
         q = tl.exp(log_q)
         if MODE == 0:
             ds = q - p
-            dt = p * ((log_p - log_q) - kl_p)
+            dt = weighted(p, (log_p - log_q) - kl_p)
         elif MODE == 1:
             ds = q * ((log_q - log_p) - kl_q)
             dt = p - q
         else:
             log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
             ds = (1.0 - beta) * q * ((log_q - log_m) - kl_q)
-            dt = beta * p * ((log_p - log_m) - kl_p)
+            dt = beta * weighted(p, (log_p - log_m) - kl_p)
         if STUDENT_GRAD:
             ds = g_kd * ds
             if HAS_CE:
@@ -251,7 +256,7 @@ def _jsd_bwd_kernel(
 # Launch configuration
 # ---------------------------------------------------------------------------------------------------------------
 
-# The grid is one program per row, ``(N,)``; ``BLOCK_C`` and ``num_warps`` follow kl_div.py's ``_launch_config``
+# The grid is one program per row, ``(N,)``; ``BLOCK_C`` and ``num_warps`` follow ``_rows.launch_config``
 # (at most 2048 classes per chunk), which its sm_90 check keeps free of spills for these kernels too.
 
 
@@ -273,52 +278,41 @@ _LSE_S, _LSE_T, _KL_P, _KL_Q, _LSE_CE = range(5)
 NUM_STATS = 5
 
 
+@dataclass(frozen=True)
+class JSDOptions:
+    """The non-tensor arguments of the JSD kernels, by name (``fused_linear`` passes its own weights)."""
+
+    beta: float
+    temperature: float
+    ignore_index: int
+    host_scale: float = 1.0  # 1/N for an unlabelled batchmean, else 1 (the backward pass's part of the normaliser)
+    kd_weight: float = 1.0
+    ce_weight: float | None = None  # None: no cross-entropy term (its kernels' code is compiled out)
+
+
 def jsd_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: torch.Tensor | None,
     loss_rows: torch.Tensor,
     stats: torch.Tensor,
-    beta: float,
-    temperature: float,
-    ignore_index: int,
-    kd_weight: float = 1.0,
-    ce_weight: float | None = None,
+    options: JSDOptions,
 ) -> None:
     """Write each row's weighted loss into ``loss_rows`` ``[N]`` and its statistics into ``stats`` ``[5, N]`` (fp32,
     unit stride along N: a slice of larger buffers, as ``fused_linear`` passes). ``ce_weight`` adds the CE on
     ``labels``."""
     num_rows, num_classes = student.shape
-    mode, log_beta, log_1m_beta = _mode(beta)
-    block_c, num_warps = _launch_config(num_classes)
+    mode, log_beta, log_1m_beta = _mode(options.beta)
+    block_c, num_warps = launch_config(num_classes)
     _jsd_fwd_kernel[(num_rows,)](
-        student,
-        teacher,
-        labels if labels is not None else stats,
-        loss_rows,
-        stats[_LSE_S],
-        stats[_LSE_T],
-        stats[_KL_P],
-        stats[_KL_Q],
-        stats[_LSE_CE],
-        student.stride(0),
-        student.stride(1),
-        teacher.stride(0),
-        teacher.stride(1),
-        num_classes,
-        1.0 / temperature,
-        beta,
-        log_beta,
-        log_1m_beta,
-        kd_weight,
-        ce_weight or 0.0,
-        ignore_index,
-        MODE=mode,
-        HAS_LABELS=labels is not None,
-        HAS_CE=ce_weight is not None,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
-    )
+        s_ptr=student, t_ptr=teacher, y_ptr=labels if labels is not None else stats, loss_ptr=loss_rows,
+        lse_s_ptr=stats[_LSE_S], lse_t_ptr=stats[_LSE_T], kl_p_ptr=stats[_KL_P], kl_q_ptr=stats[_KL_Q],
+        lse_ce_ptr=stats[_LSE_CE], stride_sb=student.stride(0), stride_sc=student.stride(1),
+        stride_tb=teacher.stride(0), stride_tc=teacher.stride(1), num_classes=num_classes,
+        inv_temperature=1.0 / options.temperature, beta=options.beta, log_beta=log_beta, log_1m_beta=log_1m_beta,
+        kd_weight=options.kd_weight, ce_weight=options.ce_weight or 0.0, ignore_index=options.ignore_index, MODE=mode,
+        HAS_LABELS=labels is not None, HAS_CE=options.ce_weight is not None, BLOCK_C=block_c, num_warps=num_warps,
+    )  # fmt: skip
 
 
 def jsd_backward(
@@ -328,65 +322,37 @@ def jsd_backward(
     stats: torch.Tensor,
     norm: torch.Tensor | None,
     grad: torch.Tensor,
-    beta: float,
-    temperature: float,
-    host_scale: float,
-    ignore_index: int,
+    options: JSDOptions,
+    *,
     student_grad: bool,
     teacher_grad: bool,
-    kd_weight: float = 1.0,
-    ce_weight: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(∂/∂student, ∂/∂teacher)`` in the logits' dtypes, each None unless asked for; ``grad`` is ``[]`` or
-    ``[N]``, ``norm`` the device normaliser of a labelled batchmean (else None, and ``host_scale`` is 1/N or 1)."""
+    ``[N]``, ``norm`` the device normaliser of a labelled batchmean (else None, and ``options.host_scale`` is 1/N or
+    1)."""
     if not (student_grad or teacher_grad):
         return None, None
     num_rows, num_classes = student.shape
+    beta, host_scale, ce_weight = options.beta, options.host_scale, options.ce_weight
     mode, log_beta, log_1m_beta = _mode(beta)
     ds = torch.empty(student.shape, device=student.device, dtype=student.dtype) if student_grad else None
     dt = torch.empty(teacher.shape, device=teacher.device, dtype=teacher.dtype) if teacher_grad else None
     ds_arg = ds if ds is not None else student  # placeholders, never written
     dt_arg = dt if dt is not None else teacher
-    block_c, num_warps = _launch_config(num_classes)
+    block_c, num_warps = launch_config(num_classes)
     _jsd_bwd_kernel[(num_rows,)](
-        student,
-        teacher,
-        labels if labels is not None else stats,
-        stats[_LSE_S],
-        stats[_LSE_T],
-        stats[_KL_P],
-        stats[_KL_Q],
-        stats[_LSE_CE],
-        grad,
-        norm if norm is not None else stats,
-        ds_arg,
-        dt_arg,
-        student.stride(0),
-        student.stride(1),
-        teacher.stride(0),
-        teacher.stride(1),
-        grad.stride(0) if grad.dim() else 0,
-        ds_arg.stride(0),
-        ds_arg.stride(1),
-        dt_arg.stride(0),
-        dt_arg.stride(1),
-        num_classes,
-        1.0 / temperature,
-        beta,
-        log_beta,
-        log_1m_beta,
-        kd_weight * host_scale / temperature,
-        (ce_weight or 0.0) * host_scale,
-        ignore_index,
-        MODE=mode,
-        HAS_LABELS=labels is not None,
-        HAS_CE=ce_weight is not None,
-        HAS_NORM=norm is not None,
-        STUDENT_GRAD=student_grad,
-        TEACHER_GRAD=teacher_grad,
-        BLOCK_C=block_c,
+        s_ptr=student, t_ptr=teacher, y_ptr=labels if labels is not None else stats, lse_s_ptr=stats[_LSE_S],
+        lse_t_ptr=stats[_LSE_T], kl_p_ptr=stats[_KL_P], kl_q_ptr=stats[_KL_Q], lse_ce_ptr=stats[_LSE_CE], grad_ptr=grad,
+        norm_ptr=norm if norm is not None else stats, ds_ptr=ds_arg, dt_ptr=dt_arg, stride_sb=student.stride(0),
+        stride_sc=student.stride(1), stride_tb=teacher.stride(0), stride_tc=teacher.stride(1),
+        stride_g=grad.stride(0) if grad.dim() else 0, stride_dsb=ds_arg.stride(0), stride_dsc=ds_arg.stride(1),
+        stride_dtb=dt_arg.stride(0), stride_dtc=dt_arg.stride(1), num_classes=num_classes,
+        inv_temperature=1.0 / options.temperature, beta=beta, log_beta=log_beta, log_1m_beta=log_1m_beta,
+        kd_scale=options.kd_weight * host_scale / options.temperature, ce_scale=(ce_weight or 0.0) * host_scale,
+        ignore_index=options.ignore_index, MODE=mode, HAS_LABELS=labels is not None, HAS_CE=ce_weight is not None,
+        HAS_NORM=norm is not None, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, BLOCK_C=block_c,
         num_warps=num_warps,
-    )
+    )  # fmt: skip
     return ds, dt
 
 
@@ -402,37 +368,41 @@ class _JSDFunction(torch.autograd.Function):
         student: torch.Tensor,
         teacher: torch.Tensor,
         labels: torch.Tensor | None,
-        beta: float,
-        temperature: float,
+        options: JSDOptions,
         reduction: str,
-        ignore_index: int,
     ) -> torch.Tensor:
         num_rows = student.shape[0]
         rows = torch.empty(1, num_rows, device=student.device, dtype=torch.float32)
         stats = torch.empty(NUM_STATS, num_rows, device=student.device, dtype=torch.float32)
-        jsd_forward(student, teacher, labels, rows[0], stats, beta, temperature, ignore_index)
+        jsd_forward(student, teacher, labels, rows[0], stats, options)
         norm = None
-        host_scale = _batchmean_scale(reduction, labels, num_rows)
         if reduction == "none":
             out = rows[0]
         else:
             count_labels = labels if reduction == "batchmean" else None
-            out, device_norm = reduce_rows(rows, count_labels, ignore_index, host_scale)
+            out, device_norm = reduce_rows(rows, count_labels, options.ignore_index, options.host_scale)
             out, norm = out[0], (device_norm if count_labels is not None else None)
         ctx.save_for_backward(student, teacher, labels, stats, norm)
-        ctx.options = (beta, temperature, host_scale, ignore_index)
+        ctx.options = options
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple:
         student, teacher, labels, stats, norm = ctx.saved_tensors
-        beta, temperature, host_scale, ignore_index = ctx.options
+        student_grad, teacher_grad = ctx.needs_input_grad[:2]
         ds, dt = jsd_backward(
-            student, teacher, labels, stats, norm, grad, beta, temperature, host_scale, ignore_index,
-            *ctx.needs_input_grad[:2],
-        )  # fmt: skip
-        return ds, dt, None, None, None, None, None
+            student,
+            teacher,
+            labels,
+            stats,
+            norm,
+            grad,
+            ctx.options,
+            student_grad=student_grad,
+            teacher_grad=teacher_grad,
+        )
+        return ds, dt, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,10 +424,7 @@ def _check_pair(op: str, student_logits: torch.Tensor, teacher_logits: torch.Ten
             f"{op} expects student and teacher logits of one shape [..., V] (at least 2-D), got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
-    temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"{op} expects a temperature > 0, got {temperature}")
-    return temperature
+    return check_temperature(op, temperature)
 
 
 def jsd_loss(
@@ -495,8 +462,7 @@ def jsd_loss(
     check_reduction(op, reduction)
     lead, num_classes = student_logits.shape[:-1], student_logits.shape[-1]
     flat = flat_labels(op, labels, lead)
-    triton_ok = use_triton(student_logits, teacher_logits) and student_logits.numel() > 0
-    if not triton_ok or (flat is not None and flat.device != student_logits.device):
+    if not use_row_kernels(flat, student_logits, teacher_logits):
         return jsd_loss_reference(
             student_logits,
             teacher_logits,
@@ -508,7 +474,8 @@ def jsd_loss(
         )
     student = student_logits.reshape(-1, num_classes)
     teacher = teacher_logits.reshape(-1, num_classes)
-    loss = _JSDFunction.apply(student, teacher, flat, beta, temperature, reduction, ignore_index)
+    options = JSDOptions(beta, temperature, ignore_index, batchmean_scale(reduction, flat, student.shape[0]))
+    loss = _JSDFunction.apply(student, teacher, flat, options, reduction)
     return loss.view(lead) if reduction == "none" else loss
 
 
@@ -525,6 +492,10 @@ class JSDLoss(nn.Module):
         self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100
     ) -> None:
         super().__init__()
+        # Checked at construction (ValueError), so that a bad option fails where it is written.
+        op = type(self).__name__
+        beta, temperature = check_beta(op, beta), check_temperature(op, temperature)
+        check_reduction(op, reduction)
         self.beta, self.temperature, self.reduction, self.ignore_index = beta, temperature, reduction, ignore_index
 
     def forward(
@@ -557,12 +528,15 @@ def jsd_rows_reference(
     dtype = compute_dtype(student_logits.dtype)
     log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    # A teacher's −inf logit (P = 0) contributes 0 to KL(P ‖ ·) (xlogy_terms); KL(Q ‖ P) is then +inf, as it is.
     if beta == 0.0:
-        return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+        return xlogy_terms(log_p.exp(), log_p - log_q).sum(dim=-1)
     if beta == 1.0:
         return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return beta * (log_p.exp() * (log_p - log_m)).sum(dim=-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(dim=-1)
+    return beta * xlogy_terms(log_p.exp(), log_p - log_m).sum(dim=-1) + (1 - beta) * (
+        log_q.exp() * (log_q - log_m)
+    ).sum(dim=-1)
 
 
 def jsd_loss_reference(

@@ -64,7 +64,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ffsd_kernels._dispatch import check_dtypes, compute_dtype, tl, triton, use_triton
-from ffsd_kernels.kl_div import cross_entropy_kl_loss_reference, mutual_kl_loss_reference
+
+# _check_label_range by this name: the tests switch this op's CPU label check off where CUDA has none.
+from ffsd_kernels._rows import check_label_range as _check_label_range
+from ffsd_kernels._rows import check_temperature
+from ffsd_kernels.kl_div import cross_entropy_kl_loss_reference
+from ffsd_kernels.mutual_kl import mutual_kl_loss_reference
 
 # A label no row can have (labels are checked or required to be in [0, C)): the existing references' ignore_index.
 _NO_ROW_IGNORED = -(2**63)
@@ -404,29 +409,18 @@ def _online_forward(
     out = torch.empty(num_values, device=device, dtype=torch.float32)
     g_pad, block_c, num_warps = _row_config(num_nets, num_classes)
     _online_rows_kernel[(num_rows,)](
-        logits,
-        fusion,
-        labels,
-        rows,
-        stats,
-        *logits.stride(),
-        *fusion.stride(),
-        labels.stride(0),
-        num_students,
-        num_classes,
-        1.0 / temperature,
-        1.0 / (temperature * num_students),
-        temperature * temperature,
-        temperature * temperature / (num_students - 1),
-        G_PAD=g_pad,
-        BLOCK_C=block_c,
-        ONE_CHUNK=num_classes <= block_c,
-        num_warps=num_warps,
-    )
+        z_ptr=logits, f_ptr=fusion, y_ptr=labels, rows_ptr=rows, stats_ptr=stats, stride_zg=logits.stride(0),
+        stride_zb=logits.stride(1), stride_zc=logits.stride(2), stride_fb=fusion.stride(0), stride_fc=fusion.stride(1),
+        stride_y=labels.stride(0), num_students=num_students, num_classes=num_classes, inv_t=1.0 / temperature,
+        teacher_scale=1.0 / (temperature * num_students), kl_scale=temperature * temperature,
+        mutual_scale=temperature * temperature / (num_students - 1), G_PAD=g_pad, BLOCK_C=block_c,
+        ONE_CHUNK=num_classes <= block_c, num_warps=num_warps,
+    )  # fmt: skip
     k_pad, block_b, finish_warps = _finish_config(num_values, num_rows)
     _online_finish_kernel[(1,)](
-        rows, out, num_values, num_rows, 1.0 / num_rows, K_PAD=k_pad, BLOCK_B=block_b, num_warps=finish_warps
-    )
+        rows_ptr=rows, out_ptr=out, num_values=num_values, num_rows=num_rows, inv_rows=1.0 / num_rows, K_PAD=k_pad,
+        BLOCK_B=block_b, num_warps=finish_warps,
+    )  # fmt: skip
     return out, stats
 
 
@@ -452,32 +446,15 @@ def _online_backward(
     df_arg = df if df is not None else fusion
     g_pad, block_c, num_warps = _row_config(num_nets, num_classes)
     _online_backward_kernel[(num_rows,)](
-        logits,
-        fusion,
-        labels,
-        stats,
-        grad,
-        dz_arg,
-        df_arg,
-        *logits.stride(),
-        *fusion.stride(),
-        labels.stride(0),
-        grad.stride(0),
-        *dz_arg.stride(),
-        *df_arg.stride(),
-        num_students,
-        num_classes,
-        1.0 / temperature,
-        1.0 / (temperature * num_students),
-        temperature,
-        temperature / (num_students - 1),
-        1.0 / num_rows,
-        G_PAD=g_pad,
-        BLOCK_C=block_c,
-        LOGITS_GRAD=logits_grad,
-        FUSION_GRAD=fusion_grad,
-        num_warps=num_warps,
-    )
+        z_ptr=logits, f_ptr=fusion, y_ptr=labels, stats_ptr=stats, grad_ptr=grad, dz_ptr=dz_arg, df_ptr=df_arg,
+        stride_zg=logits.stride(0), stride_zb=logits.stride(1), stride_zc=logits.stride(2), stride_fb=fusion.stride(0),
+        stride_fc=fusion.stride(1), stride_y=labels.stride(0), stride_grad=grad.stride(0), stride_dzg=dz_arg.stride(0),
+        stride_dzb=dz_arg.stride(1), stride_dzc=dz_arg.stride(2), stride_dfb=df_arg.stride(0),
+        stride_dfc=df_arg.stride(1), num_students=num_students, num_classes=num_classes, inv_t=1.0 / temperature,
+        teacher_scale=1.0 / (temperature * num_students), temperature=temperature,
+        mutual_scale=temperature / (num_students - 1), inv_rows=1.0 / num_rows, G_PAD=g_pad, BLOCK_C=block_c,
+        LOGITS_GRAD=logits_grad, FUSION_GRAD=fusion_grad, num_warps=num_warps,
+    )  # fmt: skip
     return dz, df
 
 
@@ -536,22 +513,11 @@ def _check_inputs(
         raise ValueError(
             f"{op} expects every tensor on one device, got {logits.device}, {fusion_logits.device}, {labels.device}"
         )
-    temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"{op} expects a temperature > 0, got {temperature}")
-    _check_label_range(op, labels, logits.shape[2])
+    temperature = check_temperature(op, temperature)
+    # No ignore_index: every row is a sample with a class. CUDA labels are not read (a host sync): an out-of-range
+    # one makes the CE terms NaN instead.
+    _check_label_range(op, labels, logits.shape[2], None)
     return temperature
-
-
-def _check_label_range(op: str, labels: torch.Tensor, num_classes: int) -> None:
-    """ValueError unless every (CPU) label is in ``[0, C)``: reading them is free on the CPU, a host sync on CUDA
-    (where an out-of-range label makes the CE terms NaN instead). Its torch ops are the only ones besides the
-    launches and allocations, and run on CPU labels only."""
-    if labels.device.type != "cpu" or labels.numel() == 0:
-        return
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.numel():
-        raise ValueError(f"{op} expects labels in [0, {num_classes}), got {bad[0].item()}")
 
 
 def online_distillation_losses(
@@ -609,7 +575,7 @@ class OnlineDistillationLosses(nn.Module):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature = check_temperature(type(self).__name__, temperature)  # at construction: ValueError
 
     def forward(self, logits: torch.Tensor, fusion_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return online_distillation_losses(logits, fusion_logits, labels, self.temperature)

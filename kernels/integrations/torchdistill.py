@@ -3,8 +3,8 @@
 
 Registered keys (torchdistill 1.1.5, ``torchdistill.losses.registry``):
 
-* mid-level ``FusedKDLoss``: torchdistill's ``KDLoss`` (same constructor, same call on the ``io_dict``s), the CE and
-  the KL in one pass over the logits;
+* mid-level ``FusedKDLoss``: torchdistill's ``KDLoss`` (same constructor, same call on the ``io_dict``s, same
+  values), its KL on the fused kernels;
 * low-level ``DistillationKLLoss``, ``JSDLoss``, ``FusedLinearDistillationLoss``, and ``FusedKLDivLoss`` (torch's
   ``KLDivLoss`` on the kernels; torchdistill resolves the key ``KLDivLoss`` to torch's own first).
 
@@ -17,14 +17,28 @@ from torch import nn
 from torchdistill.losses.registry import register_low_level_loss, register_mid_level_loss
 
 import ffsd_kernels
+from ffsd_kernels._rows import check_temperature
+
+KL_REDUCTIONS = ("batchmean", "sum", "mean", "none")  # nn.KLDivLoss's, as KDLoss passes its reduction there
 
 
 class FusedKDLoss(nn.Module):
-    """torchdistill's ``KDLoss`` on the fused kernels: ``α · CE + β · T² · KL`` (``β = 1 − α`` unless given), the
-    KL alone (without ``T²``, as ``KDLoss`` returns it) when ``alpha`` is None or 0 or there are no targets.
+    """torchdistill's ``KDLoss`` with its KL on the fused kernels: ``α · CE + β · T² · KL`` (``β = 1 − α`` unless
+    given), the KL alone (without ``T²``, as ``KDLoss`` returns it) when ``alpha`` is None or 0 or there are no
+    targets.
 
-    ``reduction``: ``batchmean`` (CE ``mean``) or ``sum``; ``KDLoss``'s ``mean`` (over every element) is not a
-    distillation loss and is refused. Of ``KDLoss``'s CE keyword arguments, ``ignore_index`` is supported.
+    The same constructor and semantics as ``KDLoss``: ``reduction`` is ``nn.KLDivLoss``'s for the KL (``batchmean``,
+    ``sum``, ``mean`` over every element, ``none``) and the CE's (``mean`` for ``batchmean``); every other keyword
+    argument goes to ``nn.CrossEntropyLoss`` (``ignore_index``, ``label_smoothing``, ``weight``), as in ``KDLoss``.
+    The KL covers every row, a target of ``ignore_index`` included (only the CE leaves it out), and a teacher's
+    ``−inf`` logit contributes 0, as in ``KDLoss``.
+
+    How it differs: the KL of ``[B, C]`` logits under ``batchmean``, ``sum`` or ``mean`` is
+    :func:`ffsd_kernels.kl_div_loss` (one fused pass, no ``[B, C]`` probability tensors); any other shape or
+    ``none`` takes ``KDLoss``'s own ``kl_div(log_softmax, softmax)`` over dim 1, on :func:`ffsd_kernels.kl_div`. The
+    CE is torch's ``nn.CrossEntropyLoss``, a second pass over the logits: the one-pass ``cross_entropy_kl_loss``
+    leaves ignored rows out of the KL too, which ``KDLoss`` does not. ``alpha=None`` gives the KL alone, where
+    ``KDLoss`` fails on ``1 − None``.
     """
 
     def __init__(
@@ -37,32 +51,43 @@ class FusedKDLoss(nn.Module):
         alpha: float | None = None,
         beta: float | None = None,
         reduction: str = "batchmean",
-        ignore_index: int = -100,
         **kwargs,
     ) -> None:
         super().__init__()
-        if reduction not in ("batchmean", "sum"):
-            raise ValueError(f"FusedKDLoss expects reduction 'batchmean' or 'sum', got {reduction!r}")
-        if kwargs:
-            raise ValueError(f"FusedKDLoss does not support the CE options {sorted(kwargs)}")
+        op = type(self).__name__
+        # Checked here, at construction (ValueError), where KDLoss would fail at its first call.
+        if reduction not in KL_REDUCTIONS:
+            raise ValueError(f"{op} expects reduction in {KL_REDUCTIONS}, got {reduction!r}")
+        self.temperature = check_temperature(op, temperature)
         self.student_module_path, self.student_module_io = student_module_path, student_module_io
         self.teacher_module_path, self.teacher_module_io = teacher_module_path, teacher_module_io
-        self.temperature, self.alpha, self.reduction, self.ignore_index = temperature, alpha, reduction, ignore_index
+        self.alpha, self.reduction = alpha, reduction
         self.beta = (1 - alpha if alpha is not None else None) if beta is None else beta
+        # KDLoss's CE, with KDLoss's keyword arguments (an unknown one is a TypeError here, as there).
+        self.cross_entropy_loss = nn.CrossEntropyLoss(
+            reduction="mean" if reduction == "batchmean" else reduction, **kwargs
+        )
+
+    def _soft_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """``KDLoss``'s soft loss, ``nn.KLDivLoss(reduction)(log_softmax(s / T, 1), softmax(t / T, 1))``."""
+        temperature = self.temperature
+        if student.dim() == 2 and self.reduction != "none":
+            reduction = "sum" if self.reduction == "mean" else self.reduction
+            kl = ffsd_kernels.kl_div_loss(student, teacher, temperature, reduction=reduction) / temperature**2
+            return kl / student.numel() if self.reduction == "mean" else kl
+        log_p_s = torch.log_softmax(student / temperature, dim=1)
+        return ffsd_kernels.kl_div(log_p_s, torch.softmax(teacher / temperature, dim=1), reduction=self.reduction)
 
     def forward(
         self, student_io_dict: dict, teacher_io_dict: dict, targets: torch.Tensor | None = None, *args, **kwargs
-    ):
+    ) -> torch.Tensor:
         student = student_io_dict[self.student_module_path][self.student_module_io]
         teacher = teacher_io_dict[self.teacher_module_path][self.teacher_module_io]
-        temperature = self.temperature
+        soft_loss = self._soft_loss(student, teacher)
         if self.alpha is None or self.alpha == 0 or targets is None:
-            kl = ffsd_kernels.kl_div_loss(student, teacher, temperature, reduction=self.reduction)
-            return kl / temperature**2  # KDLoss's soft loss alone carries no T²
-        ce, kl = ffsd_kernels.cross_entropy_kl_loss(
-            student, teacher, targets, temperature, ignore_index=self.ignore_index, reduction=self.reduction
-        )
-        return self.alpha * ce + self.beta * kl
+            return soft_loss
+        hard_loss = self.cross_entropy_loss(student, targets)
+        return self.alpha * hard_loss + self.beta * self.temperature**2 * soft_loss
 
 
 LOW_LEVEL = {

@@ -46,6 +46,13 @@ def _padded(lead, classes):
     return labels
 
 
+def _topk(lead, k, vocab=128256, dtype=torch.bfloat16):
+    """A sparse teacher: ``k`` log-probabilities (distinct, falling) and distinct indices per row, no gradient."""
+    logprobs = torch.log_softmax(torch.arange(k, 0, -1, dtype=torch.float32), 0).expand(*lead, k).to(dtype)
+    indices = torch.randperm(vocab)[:k].expand(*lead, k).contiguous()
+    return logprobs, indices
+
+
 BF16 = torch.bfloat16
 # Each case: forward and backward of one op. The KL batch is 64 rather than 8192: the grid grows with the batch, the
 # kernels do not.
@@ -84,6 +91,25 @@ CASES = {
         _t((32000, 256), BF16, False),
         _padded((64,), 32000),
         ce_weight=0.5,
+        chunk_size=16,
+    ),  # fmt: skip
+    "sparse_kl[64,128256]bf16,k=64,zero": lambda: K.sparse_kl_div_loss(_t((64, 128256), BF16), *_topk((64,), 64)),
+    "sparse_kl[4,16,4096]bf16,k=64,bucket,labels,none": lambda: K.sparse_kl_div_loss(
+        _t((4, 16, 4096), BF16),
+        *_topk((4, 16), 64, vocab=4096),
+        2.0,
+        tail="bucket",
+        labels=_padded((4, 16), 4096),
+        reduction="none",
+    ).sum(),  # fmt: skip
+    "sparse_kl[256,1000]fp32,k=100,renormalize": lambda: K.sparse_kl_div_loss(
+        _t((256, 1000)), *_topk((256,), 100, vocab=1000), 2.0, tail="renormalize"
+    ),
+    "fused_linear_sparse_kl[64,256->32000]bf16,k=64,labels": lambda: K.fused_linear_sparse_kl_div_loss(
+        _t((64, 256), BF16),
+        _t((32000, 256), BF16),
+        *_topk((64,), 64, vocab=32000),
+        labels=_padded((64,), 32000),
         chunk_size=16,
     ),  # fmt: skip
     "mutual_kl[3,128,100]fp32,labels,none": lambda: K.mutual_kl_loss(

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from ffsd_kernels import _batchnorm_relu as bn_module  # the tiles of every fusion kernel (_dw_config)
 from ffsd_kernels import _dispatch
 from ffsd_kernels import fusion as fb
 from ffsd_kernels._dispatch import INTERPRETER
@@ -257,7 +258,7 @@ def test_maps_side_by_side_match_the_sequential():
 @pytest.mark.slow  # ~3.5 s through the interpreter
 def test_small_tiles_loop_over_blocks(monkeypatch):
     # Force tiny tiles so several pixel and channel blocks (and BN statistic tiles of unequal size) are combined.
-    monkeypatch.setattr(fb, "_dw_config", lambda *args: (4, 16, 1))
+    monkeypatch.setattr(bn_module, "_dw_config", lambda *args: (4, 16, 1))
     block, ref = pair(5, 2, 3, torch.float64)
     xs = make_inputs((2, 5, 7, 9), 2, torch.float64, ["nchw", "channels_last"])
     out, want, xr = run_both(block, ref, xs, True)

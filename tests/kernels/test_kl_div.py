@@ -55,6 +55,8 @@ from tests.helpers import (
 
 # The module, not the function ``ffsd_kernels.kl_div`` that shadows its name on the package.
 kl_module = importlib.import_module("ffsd_kernels.kl_div")
+mutual_module = importlib.import_module("ffsd_kernels.mutual_kl")
+torch_kl_module = importlib.import_module("ffsd_kernels.torch_kl_div")
 
 HALF_TOL = 1e-2
 KL_SHAPES = [(1, 1), (1, 7), (5, 3), (13, 100), (3, 3001)]
@@ -72,8 +74,9 @@ def kernels_only(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the reference ran instead of the Triton kernels")
 
-    for name in ("kl_div_loss_reference", "cross_entropy_kl_loss_reference", "mutual_kl_loss_reference"):
+    for name in ("kl_div_loss_reference", "cross_entropy_kl_loss_reference"):
         monkeypatch.setattr(kl_module, name, forbidden)
+    monkeypatch.setattr(mutual_module, "mutual_kl_loss_reference", forbidden)
 
 
 def logits(shape, dtype=torch.float32, device="cpu", scale=3.0, requires_grad=True) -> torch.Tensor:
@@ -665,7 +668,7 @@ def torch_kl_kernels_only(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("F.kl_div ran instead of the Triton kernels")
 
-    monkeypatch.setattr(kl_module, "kl_div_reference", forbidden)
+    monkeypatch.setattr(torch_kl_module, "kl_div_reference", forbidden)
 
 
 def torch_pair(input_shape, target_shape, dtype, device, log_target, zeros=False):

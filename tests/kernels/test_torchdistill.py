@@ -47,5 +47,5 @@ def test_low_level_keys_resolve():
     assert isinstance(get_low_level_loss("FusedKLDivLoss", reduction="batchmean"), ffsd_kernels.KLDivLoss)
     assert isinstance(get_low_level_loss("FusedLinearDistillationLoss"), ffsd_kernels.FusedLinearDistillationLoss)
     adapter.register()  # a second time is harmless
-    with pytest.raises(ValueError):
-        adapter.FusedKDLoss(**PATHS, temperature=1.0, reduction="mean")
+    with pytest.raises(ValueError):  # KDLoss's reduction="mean" is accepted since issue 29; an unknown one is not
+        adapter.FusedKDLoss(**PATHS, temperature=1.0, reduction="max")
