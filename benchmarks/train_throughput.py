@@ -88,7 +88,7 @@ ABLATIONS = {
     "channels-last": {"channels_last": False},
     "graph": {"cuda_graph": False},
     "triton": {"triton": False, "fused_blocks": False},
-    "kl-kernel": {"torch_ops": ("kl_div",)},
+    "kl-kernel": {"torch_ops": ("kl_div", "mutual_kl")},
     "attention-kernel": {"torch_ops": ("attention",)},
     "diversity-kernel": {"torch_ops": ("diversity",)},
     "distance-kernel": {"torch_ops": ("distance_group",)},
