@@ -47,7 +47,13 @@ from ffsd_fast.trainer.config import FIELDS, Config, data_spec, optimizer_spec, 
 from ffsd_fast.trainer.evaluate import evaluate, topk_for
 from ffsd_fast.trainer.loop import lambdas_for, learning_rates, train_epoch
 from ffsd_fast.trainer.resume import AUTO, changes, check_resumable, find_auto
-from ffsd_fast.trainer.run_dir import new_run_dir, prepare_output_dir, remove_partial_files
+from ffsd_fast.trainer.run_dir import (
+    claim_new_run_dir,
+    lock_run_dir,
+    prepare_output_dir,
+    release_run_dirs,
+    remove_partial_files,
+)
 from ffsd_fast.trainer.runlog import NullLog, RunLog, code_version, environment
 from ffsd_fast.trainer.summary import print_table, summarize
 
@@ -135,6 +141,7 @@ def read_resume(
     if not resume:
         return cfg, None, None
     path = checkpoint.resolve_path(resume)
+    on_main(world, lambda: lock_run_dir(os.path.dirname(os.path.abspath(path))))  # before reading: one writer
     saved = checkpoint.load(path, device)
     if cfg.resume == AUTO:  # what the command left to the defaults stays the run's (see ``resume``)
         kept = {k: saved["config"][k] for k in ("epochs", "lr_milestones") if k not in given and k in saved["config"]}
@@ -161,7 +168,7 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
     )
     check_batchnorm_batches(cfg, info.num_train // world.world_size)
     if run_dir is None:
-        run_dir = on_main(world, lambda: new_run_dir(cfg))
+        run_dir = on_main(world, lambda: claim_new_run_dir(cfg))
 
     torch.manual_seed(cfg.seed)
     nets: FFSDNetworks = build_networks(
@@ -376,4 +383,5 @@ def train(cfg: Config, given: Collection[str] = FIELDS) -> dict:
             run.log.close()
         return finish(run)
     finally:
+        release_run_dirs()
         close_world(world)
