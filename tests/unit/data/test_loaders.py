@@ -288,3 +288,14 @@ def test_imagefolder_errors(tmp_path):
     (root / "val").mkdir()
     with pytest.raises(UserError, match="no class folders"):
         imagenet(root)
+
+
+def test_imagefolder_without_the_check_never_counts_an_image_twice(tmp_path):
+    # An undecodable val image used to be replaced by the next one, which was then counted twice (4/17 over 16 real
+    # images); it is now a pad, which evaluation does not count.
+    root = write_folder(tmp_path)
+    (root / "val" / "bee" / "0.jpg").write_bytes(b"not an image")
+    _, val, info = imagenet(root, check_images=False)
+    assert info.num_test == 6 and not info.corrupt
+    labels = torch.cat([y for _, y in val])
+    assert labels.tolist() == [0, 0, -1, 1, 2, 2]  # PAD_LABEL where the bad file was
