@@ -75,6 +75,17 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _why_unreadable(path: str, error: BaseException) -> str:
+    """Why ``torch.load`` failed on ``path``, in words: a file torch.save never wrote (text, an image) says so rather
+    than the unpickler's own message ("101", "pop from empty list")."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive (PK\x03\x04), or with the legacy format a pickle (protocol 2+: 0x80).
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        return "not a file written by torch.save (expected a run's checkpoint.pt or weights from ffsd-export)"
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
 def read(path: str, device: torch.device | str = "cpu", *, mmap: bool = False) -> dict:
     """Whatever dict a ``.pt`` file holds (a training checkpoint or an exported state dict), read safely. With
     ``mmap`` the tensors stay on disk until touched: reading a checkpoint's config costs no weight I/O."""
@@ -85,7 +96,7 @@ def read(path: str, device: torch.device | str = "cpu", *, mmap: bool = False) -
         # mmap needs torch.save's zip format; anything else is read whole, to report what is wrong with it.
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # a truncated, empty or foreign file: say which, in one line
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {_why_unreadable(path, error)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds no state dict")
     return state
