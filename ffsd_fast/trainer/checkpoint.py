@@ -46,6 +46,7 @@ def restore(
 ) -> tuple[list[dict], int]:
     """Loads a ``state`` into freshly built networks, optimisers and scaler, and every RNG; returns (the history of
     the epochs done, the first epoch still to train)."""
+    _check_shapes(saved, nets)
     nets.load_state_dict(saved["networks"])
     for optimizer, optimizer_state in zip(optimizers, saved["optimizers"], strict=True):
         optimizer.load_state_dict(optimizer_state)
@@ -55,9 +56,39 @@ def restore(
     return saved["history"], saved["epoch"] + 1
 
 
+def _check_shapes(saved: dict, nets: torch.nn.Module) -> None:
+    """A one-line error when the networks built now differ in shape from the saved ones: the data's classes changed
+    (a class folder added or removed), which ``load_state_dict`` reports as pages of size mismatches."""
+    current = nets.state_dict()
+    differ = [
+        (key, list(value.shape), list(current[key].shape))
+        for key, value in saved["networks"].items()
+        if key in current and value.shape != current[key].shape
+    ]
+    if differ:
+        key, was, now = differ[0]
+        raise UserError(
+            f"cannot resume: the run was saved with {saved.get('num_classes', '?')} classes and its networks no longer "
+            f"fit the data ({key}: {was} saved, {now} now; {len(differ)} tensors differ): was a class folder added or "
+            "removed? Resume with the data the run trained on, or start a new run"
+        )
+
+
 def save_atomic(state: dict, path: str) -> None:
-    """``torch.save`` through :func:`write_atomic`."""
-    write_atomic(path, lambda fh: torch.save(state, fh))
+    """``torch.save`` through :func:`write_atomic`; a full disk or a folder that became read-only is a one-line
+    ``UserError`` (the previous checkpoint, if any, is still whole)."""
+    try:
+        write_atomic(path, lambda fh: torch.save(state, fh))
+    except OSError as error:
+        epoch = state.get("epoch")
+        last = (
+            f"the last good checkpoint (epoch {epoch - 1}) is still whole: free space and --resume {path}"
+            if isinstance(epoch, int) and epoch > 1 and os.path.isfile(path)
+            else "nothing of this run is saved yet: free space and start it again"
+        )
+        raise UserError(
+            f"cannot save the checkpoint of epoch {epoch} to {path}: {error.strerror or error}; {last}"
+        ) from None
 
 
 def resolve_path(path: str) -> str:
