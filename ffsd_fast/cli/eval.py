@@ -26,13 +26,14 @@ from ffsd_fast.data.common import DATASETS, LOADERS
 from ffsd_fast.errors import UserError
 from ffsd_fast.files import write_atomic
 from ffsd_fast.trainer.evaluate import evaluate_checkpoint
+from ffsd_fast.trainer.help_text import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ffsd-eval",
-        description=__doc__.splitlines()[0].replace("``", ""),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("checkpoint", help="a run directory, its checkpoint.pt, or a state dict from ffsd-export")
     parser.add_argument("--data-root", help="the dataset folder (default: the run's)")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image-size", type=int, help="default: the run's or the sidecar's; required for a state dict without one"
     )
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per evaluation batch")
     parser.add_argument(
         "--loader", choices=LOADERS, help="ImageNet folders: DALI or torchvision (default: the run's, else auto)"
     )
@@ -54,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (DALI: threads) reading images"
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the networks run (default here: cuda when available)",
+    )
     parser.add_argument("--json", help="also write the accuracies to this file")
     args = parser.parse_args(argv)
     try:

@@ -12,10 +12,13 @@ import sys
 
 from ffsd_fast.errors import UserError
 from ffsd_fast.trainer.export import export, sidecar_path
+from ffsd_fast.trainer.help_text import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ffsd-export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ffsd-export", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("run", help="a run directory (holding checkpoint.pt) or a checkpoint file")
     parser.add_argument(
         "--out", required=True, help="where to write the leader's state dict (.pt); its sidecar is this path plus .json"
