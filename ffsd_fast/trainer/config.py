@@ -20,6 +20,7 @@ from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, check_dat
 from ffsd_fast.errors import UserError
 from ffsd_fast.method.networks import METHODS, check_stackable
 from ffsd_fast.step.optimizers import OptimizerSpec
+from ffsd_fast.trainer.help_text import HelpFormatter, with_default
 from ffsd_fast.trainer.recipes import RECIPES, describe
 
 
@@ -223,13 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ffsd-train",
         description="Train FFSD (online knowledge distillation with feature fusion and self-distillation). "
         "With no arguments it trains ResNet-20 students on the embedded digits dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-c", "--config", help="YAML file of field: value pairs (flags given here override it)")
     parser.add_argument("--imagenet", action="store_true", help="short for --dataset imagenet")
     for f in FIELDS.values():
         kind = _base_type(f.type)
-        kwargs = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        kwargs = {"help": with_default(f.metadata["help"], f.default), "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
