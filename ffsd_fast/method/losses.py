@@ -1,4 +1,4 @@
-"""FFSD's loss terms for one batch, as ``ffsd-spec.md`` states them, in one forward over every network.
+"""FFSD's loss terms for one batch, as docs/method.md states them, in one forward over every network.
 
 ``ffsd_losses`` returns every term unweighted together with its weight, and the weighted total; weights are applied
 here and nowhere else. Every path between networks is cut by ``detach`` (the spec's ``sg``), so one backward of the
