@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from ffsd_fast import models
-from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, check_dataset
+from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, absolute_data_root, check_dataset
 from ffsd_fast.errors import UserError
 from ffsd_fast.method.networks import METHODS, check_stackable
 from ffsd_fast.step.optimizers import OptimizerSpec
@@ -362,6 +362,7 @@ def resolve(config: Config) -> Config:
     if c.lr_milestones is None:
         c.lr_milestones = recipe.milestones(c.epochs)
     data_spec(c)  # checks the data fields, naming the flag to fix
+    c.data_root = absolute_data_root(c.data_root)  # saved so: ffsd-eval and --resume work from any folder
     if c.device is None:
         import torch
 
