@@ -135,3 +135,10 @@ def eval_index(spec: DataSpec, left_out: Collection[str] = ()) -> ImageFolderInd
             flush=True,
         )
     return leave_out(index, corrupt)
+
+
+def smallest_train_batch(dataset: str, num_train: int, batch_size: int, drop_last: bool) -> int:
+    """The smallest training batch a rank's ``num_train`` samples give: the ImageNet loaders fill every batch by
+    wrapping around (``sampling.train_indices``), the in-memory ones keep a partial last batch unless ``drop_last``."""
+    last = num_train % batch_size
+    return last if dataset != "imagenet" and last and not drop_last else batch_size
