@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ffsd_fast import models
 from ffsd_fast.data.common import DatasetInfo, Loader
 from ffsd_fast.data.image_folder import ImageFolderIndex, find_images, index_images, leave_out
-from ffsd_fast.data.loaders import build_loaders
+from ffsd_fast.data.loaders import build_loaders, smallest_train_batch
 from ffsd_fast.errors import UserError
 from ffsd_fast.files import write_atomic
 from ffsd_fast.method.losses import LAMBDA_DIV, LAMBDA_F, LAMBDA_SD, LossOptions, kernel_ops
@@ -109,8 +109,7 @@ def training_device(cfg: Config, world: World) -> torch.device:
 def check_batchnorm_batches(cfg: Config, num_train: int) -> None:
     """BatchNorm cannot train on one value per channel: refuse a batch that would give it one, before training."""
     _, height, width = models.tap_shapes(cfg.model, cfg.image_size)[-1]
-    last = num_train % cfg.batch_size
-    smallest = last if last and not cfg.drop_last else cfg.batch_size
+    smallest = smallest_train_batch(cfg.dataset, num_train, cfg.batch_size, cfg.drop_last)  # ImageNet's wrap around
     if smallest * height * width == 1:
         raise UserError(
             f"--batch-size {cfg.batch_size} on {num_train} training images leaves a batch of 1, and the last stage of "
