@@ -8,6 +8,7 @@ the run's commit; ``ffsd-eval leader.pt`` reads it.
 """
 
 import argparse
+import json
 import sys
 
 from ffsd_fast.errors import UserError
@@ -29,8 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"ffsd-export: error: {error}", file=sys.stderr)
         return 2
-    print(f"leader backbone written to {path}, its description to {sidecar_path(path)}")
+    print(f"{written(path)} written to {path}, its description to {sidecar_path(path)}")
     return 0
+
+
+def written(path: str) -> str:
+    """What the export holds, as its sidecar says: the leader's backbone, or a baseline's student 0 (no leader)."""
+    with open(sidecar_path(path), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if meta.get("network") == "leader":
+        return "leader backbone"
+    return f"student 0's backbone (a {meta.get('method')} run has no leader)"
 
 
 if __name__ == "__main__":
