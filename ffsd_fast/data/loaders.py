@@ -118,8 +118,8 @@ def eval_index(spec: DataSpec, left_out: Collection[str] = ()) -> ImageFolderInd
     loader = spec.loader if spec.loader != "auto" else ("dali" if dali_available() else "torchvision")
     if loader == "dali" and not spec.check_images:
         raise UserError(
-            f"--loader dali with --no-check-images: {DALI_NEEDS_CHECK}; drop --no-check-images, or use --loader "
-            "torchvision (which leaves an undecodable image out of the accuracy)"
+            f"--no-check-images with the DALI loader (--loader {spec.loader}): {DALI_NEEDS_CHECK}; drop "
+            "--no-check-images, or use --loader torchvision (which leaves an undecodable image out of the accuracy)"
         )
     index = find_images(spec.data_root)
     gone = set(left_out) & set(index.val.files)

@@ -71,7 +71,7 @@ def test_eval_takes_the_loader_asked_for(tmp_path, asked):
 def test_dali_without_the_image_check_is_refused_in_one_line(capsys, tmp_path):
     _, run = imagenet_run(tmp_path, loader="dali")
     err = refused(capsys, eval_main, [str(run), "--device", "cpu", "--no-check-images"])
-    assert "--loader dali with --no-check-images" in err and "segmentation fault" in err
+    assert "--no-check-images with the DALI loader (--loader dali)" in err and "segmentation fault" in err
 
 
 def test_dali_on_a_truncated_jpeg_at_batch_256_does_not_crash(tmp_path):
