@@ -19,8 +19,8 @@ STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 def interrupted_message() -> str:
     """What Ctrl-C leaves: the epoch in progress is lost; the run continues from its last checkpoint."""
     run_dir = last_claimed_run_dir()
-    if run_dir is None:
-        return "ffsd-train: interrupted before the run started training: nothing was saved"
+    if run_dir is None:  # before the run folder was claimed, or a rank other than 0 (rank 0 names it)
+        return "ffsd-train: interrupted: the partial epoch is not saved (the last checkpoint, if any, is kept)"
     try:
         _, done = read_config(os.path.join(run_dir, CHECKPOINT_NAME))
     except UserError:
