@@ -8,14 +8,18 @@ the run's commit; ``ffsd-eval leader.pt`` reads it.
 """
 
 import argparse
+import json
 import sys
 
 from ffsd_fast.errors import UserError
 from ffsd_fast.trainer.export import export, sidecar_path
+from ffsd_fast.trainer.help_text import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ffsd-export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ffsd-export", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("run", help="a run directory (holding checkpoint.pt) or a checkpoint file")
     parser.add_argument(
         "--out", required=True, help="where to write the leader's state dict (.pt); its sidecar is this path plus .json"
@@ -26,8 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"ffsd-export: error: {error}", file=sys.stderr)
         return 2
-    print(f"deployed network written to {path}, its description to {sidecar_path(path)}")
+    print(f"{written(path)} written to {path}, its description to {sidecar_path(path)}")
     return 0
+
+
+def written(path: str) -> str:
+    """What the export holds, as its sidecar says: the run's deployed network (FFSD's leader, a baseline's first
+    student), named as the method names it."""
+    with open(sidecar_path(path), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    return f"the {meta.get('method')} run's deployed network ({meta.get('network')}'s backbone)"
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ processes (``world_size``: the global batch is ``batch_size`` × ``world_size``)
 one run and not another (a newer or older version of the code) splits the group too; its value shows as ``?``.
 Each row gives n (the runs) and their seeds, and mean ± std over them of the number the paper reports, each
 network's *best* top-1 over epochs (the leader's for FFSD, the students' mean for the baselines), and of the
-final-epoch one, next to the paper's top-1 (the method's ``published``, FFSD's leader) and the difference from the
-middle of its range. The *settings* column names only the fields on which the rows of one (dataset, model, method,
-m) differ, so a lone row shows ``–``.
+final-epoch one, next to the paper's top-1 (the method's ``published``: FFSD's leader) and the difference from the
+middle of its range, unless the runs trained fewer epochs than the recipe or on fewer classes than the dataset has:
+then the row says "not comparable" and why. The *settings* column names only the fields on which the rows of one
+(dataset, model, method, m) differ, so a lone row shows ``–``.
 
 Two runs with the same seed in a row are not independent samples (a rerun, or the same run under two output
 folders): they stay in the mean, since the report cannot tell which one to drop, but the seeds cell says
@@ -26,9 +27,11 @@ import statistics
 import sys
 from pathlib import Path
 
+from ffsd_fast.cli.comparable import not_comparable
 from ffsd_fast.errors import UserError
 from ffsd_fast.method import registry
 from ffsd_fast.trainer.config import FIELDS, RESULT_NEUTRAL
+from ffsd_fast.trainer.help_text import HelpFormatter
 
 
 def load_summaries(runs_dir: Path) -> list[dict]:
@@ -164,7 +167,8 @@ def rows(summaries: list[dict]) -> list[dict]:
         best, best_std = _mean_std([headline(s, best=True) for s in runs])
         final, final_std = _mean_std([headline(s, best=False) for s in runs])
         paper = published(dataset, model, method)
-        middle = sum(paper) / 2 if paper else None
+        caveat = not_comparable(runs) if paper else ""
+        middle = sum(paper) / 2 if paper and not caveat else None
         table.append(
             {
                 "dataset": dataset,
@@ -183,6 +187,7 @@ def rows(summaries: list[dict]) -> list[dict]:
                 "final_std": final_std,
                 "published": paper,
                 "difference": best - middle if middle is not None else None,
+                "not_comparable": caveat,
             }
         )
     return table
@@ -205,6 +210,8 @@ def markdown(table: list[dict]) -> str:
             )
         )
         difference = "–" if r["difference"] is None else f"{r['difference']:+.2f}"
+        if r.get("not_comparable"):
+            difference = f"not comparable: {r['not_comparable']}"
         lines.append(
             f"| {r['dataset']} | {r['model']} | {r['method']} | {r['m']} | {r['n']} | {r['seeds']} | {r['epochs']} | "
             f"{r['settings']} | "
@@ -214,7 +221,8 @@ def markdown(table: list[dict]) -> str:
     note = (
         "\nTop-1 in %: the leader's for FFSD, the students' mean for the baselines; *best* is each run's best "
         "over epochs (what the paper reports), *final* its last epoch. Published: the paper's leader, three "
-        "runs (`ffsd-spec.md`); the difference is from the middle of that range.\n\n"
+        "runs (docs/models-and-recipes.md); the difference is from the middle of that range, for runs of the "
+        "recipe's epochs on every class only.\n\n"
         "A row is the n runs that differ only in their seed. *settings* names the fields on which the rows of "
         "one dataset, model, method and m differ (`?`: that run's code did not record the field). *repeated*: "
         "two runs share a seed, so they are not independent samples and the std understates the spread over "
@@ -260,7 +268,9 @@ def bar_chart(table: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ffsd_fast.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ffsd_fast.report", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("runs", help="a folder searched recursively for summary.json")
     parser.add_argument("--out", help="where report.md and report.png go (default: the runs folder)")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@ slice of a run's configuration (checked here, once, for the trainer and for ever
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +29,12 @@ FIXED_STATISTICS = {
 
 # What --data-root must hold, by dataset: named in the error when it is missing.
 DATA_ROOT_HOLDS = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "imagenet": "train/ and val/"}
+
+
+def absolute_data_root(data_root: str | None) -> str | None:
+    """``--data-root`` as an absolute path (``~`` expanded): what a run saves, so that ``ffsd-eval RUN`` and
+    ``--resume`` find the data from any working folder."""
+    return os.path.abspath(os.path.expanduser(data_root)) if data_root else data_root
 
 
 def check_dataset(name: str) -> None:

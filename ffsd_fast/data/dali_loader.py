@@ -81,7 +81,7 @@ class DaliLoader:
                 if bad:  # bad input, not a bug: one line, without DALI's operator trace
                     raise UserError(
                         f"DALI cannot read {'; '.join(bad)}: DALI cannot skip a file; remove it, or train with "
-                        "--check-images (the default), which leaves undecodable images out"
+                        "--check-images (the default of ffsd-train and ffsd-eval)"
                     ) from None
                 raise RuntimeError(
                     f"DALI failed on batch {step}, although PIL decodes all its files ({files[step * size]}, ...); "

@@ -71,7 +71,10 @@ def find_images(root: str) -> ImageFolderIndex:
     """The tree's classes and file lists; a one-line ``UserError`` for a missing or inconsistent tree."""
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
-        raise UserError(f"imagenet: data root {root} does not exist or is not a directory")
+        raise UserError(
+            f"imagenet: data root {root} does not exist or is not a directory (if the dataset is elsewhere on this "
+            "machine, give --data-root: the folder that holds train/ and val/)"
+        )
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     for directory in (train_dir, val_dir):
         if not os.path.isdir(directory):

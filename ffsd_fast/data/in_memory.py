@@ -20,7 +20,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from ffsd_fast.data.common import FIXED_STATISTICS, DatasetInfo, DataSpec
 from ffsd_fast.data.sampling import AUGMENTATION, PERMUTATION, generator, shard, train_batches
@@ -162,29 +161,79 @@ def digits_loaders(
     return train_loader, test_loader, DatasetInfo("digits", 10, len(train), len(test))
 
 
-class _ExistenceCheckOnly:
-    """Accept any tree in the official CIFAR python format: torchvision's md5 checks only pass the real files."""
-
-    def _check_integrity(self) -> bool:
-        files = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-        return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name in files)
-
-    def _load_meta(self) -> None:
-        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-
-class _CIFAR10(_ExistenceCheckOnly, torchvision.datasets.CIFAR10):
-    pass
-
-
-class _CIFAR100(_ExistenceCheckOnly, torchvision.datasets.CIFAR100):
-    pass
+# The official python format: each file a pickled dict; ``data`` a uint8 [N, 3072] array (the red, green and blue
+# 32x32 planes of each image, row by row) and the labels a list of N integers under ``labels`` (CIFAR-10) or
+# ``fine_labels`` (CIFAR-100).
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta"),
+}
+CIFAR_LABEL_KEYS = {"cifar10": "labels", "cifar100": "fine_labels"}
+CIFAR_PIXELS = 3 * 32 * 32
 
 
 def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def read_cifar_file(path: str, dataset: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the official python format: ``(images uint8 [N, 3, 32, 32], labels int64 [N])``, checked once.
+
+    Refused, in one line naming the file and the key: a file that is no pickled dict, a missing key, pixels that
+    are not uint8 (float pixels in 0–255 were used unscaled, NaN ones reached the loss), data not of shape
+    [N, 3072], labels that are not integers (79.7 became 79) or outside 0..num_classes-1, and a number of labels
+    that differs from the number of images (extra images were dropped, extra labels failed mid-epoch)."""
+    key = CIFAR_LABEL_KEYS[dataset]
+    try:
+        with open(path, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        EOFError,
+        AttributeError,
+        ImportError,
+        pickle.UnpicklingError,
+    ) as e:
+        raise UserError(f"{dataset}: cannot read {path} as the official python format ({_one_line(e)})") from None
+    if not isinstance(entry, dict):
+        raise UserError(f"{dataset}: {path} holds a {type(entry).__name__}, not the official format's dict")
+    for needed in ("data", key):
+        if needed not in entry:
+            raise UserError(f"{dataset}: {path}: has no key {needed!r} (keys: {', '.join(map(str, entry)) or 'none'})")
+    data = np.asarray(entry["data"])
+    if data.dtype != np.uint8:
+        raise UserError(
+            f"{dataset}: {path}: key 'data' holds {data.dtype} pixels; the official format's are uint8 (0–255)"
+        )
+    if data.ndim != 2 or data.shape[1] != CIFAR_PIXELS:
+        raise UserError(
+            f"{dataset}: {path}: key 'data' has shape {list(data.shape)}; expected [N, {CIFAR_PIXELS}] (3x32x32 each)"
+        )
+    try:
+        labels = np.asarray(entry[key])
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{dataset}: {path}: key {key!r} is not a list of integers ({_one_line(e)})") from None
+    if labels.ndim != 1 or labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
+        example = labels.ravel()[:1].tolist() if labels.size else []
+        raise UserError(
+            f"{dataset}: {path}: key {key!r} holds {labels.dtype} values"
+            + (f" (e.g. {example[0]!r})" if example else "")
+            + "; the labels must be integers"
+        )
+    if len(labels) != len(data):
+        raise UserError(
+            f"{dataset}: {path}: key 'data' has {len(data)} images and key {key!r} {len(labels)} labels; they must "
+            "agree"
+        )
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        raise UserError(
+            f"{dataset}: {path}: key {key!r} has labels outside 0..{num_classes - 1} (e.g. {int(outside[0])})"
+        )
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def cifar_loaders(
@@ -193,26 +242,27 @@ def cifar_loaders(
     """CIFAR-10/100 from the official python-format tree; the reference augmentation, done on the device."""
     name, root = spec.dataset, os.path.expanduser(spec.data_root)
     common = dict(seed=spec.seed, drop_last=spec.drop_last, rank=rank, world_size=world_size)
-    cls, num_classes = (_CIFAR10, 10) if name == "cifar10" else (_CIFAR100, 100)
+    num_classes = 10 if name == "cifar10" else 100
     mean, std = FIXED_STATISTICS[name]
-    folder = os.path.join(root, cls.base_folder)
-    expected = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    base, train_files, test_files, meta = CIFAR_FILES[name]
+    folder = os.path.join(root, base)
+    expected = [*train_files, *test_files, meta]
     missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
     if missing:
+        elsewhere = "" if os.path.isdir(folder) else "; if the dataset is elsewhere on this machine, give --data-root"
         raise UserError(
             f"{name}: {folder} is missing {', '.join(missing)} (expected the official python-format "
-            f"files {', '.join(expected)} in {folder})"
+            f"files {', '.join(expected)} in {folder}){elsewhere}"
         )
 
     def load(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            data = cls(root, train=train, download=False)
-        except (OSError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-            raise UserError(f"{name}: cannot read {folder} as the official python format ({_one_line(e)})") from e
-        labels = torch.as_tensor(np.asarray(data.targets, dtype=np.int64))
-        if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
-            raise UserError(f"{name}: {folder} has no images or labels outside 0..{num_classes - 1}")
-        images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW, still uint8
+        parts = [
+            read_cifar_file(os.path.join(folder, f), name, num_classes) for f in (train_files if train else test_files)
+        ]
+        images = torch.from_numpy(np.concatenate([x for x, _ in parts]))
+        labels = torch.from_numpy(np.concatenate([y for _, y in parts]))
+        if len(labels) == 0:
+            raise UserError(f"{name}: {folder} has no {'training' if train else 'test'} images")
         return images.to(device), labels.to(device)
 
     (train_x, train_y), (test_x, test_y) = load(True), load(False)

@@ -1,17 +1,20 @@
 """``build_loaders``: the train and eval loaders of a ``DataSpec`` for this rank, from whichever backend serves it
 (tensors on the device for digits and CIFAR, DALI or torchvision for ImageNet folders)."""
 
+import sys
+from collections.abc import Collection
+
 import torch
 
 from ffsd_fast.data.common import DatasetInfo, DataSpec, Loader
 from ffsd_fast.data.dali_loader import dali_available, dali_loaders
-from ffsd_fast.data.image_folder import ImageFolderIndex, index_images
+from ffsd_fast.data.image_folder import ImageFolderIndex, check_images, find_images, index_images, leave_out
 from ffsd_fast.data.in_memory import cifar_loaders, digits_loaders
 from ffsd_fast.data.sampling import samples_per_rank
 from ffsd_fast.data.torchvision_loader import torchvision_loaders
 from ffsd_fast.errors import UserError
 
-__all__ = ["build_loaders", "dali_available"]
+__all__ = ["build_loaders", "dali_available", "eval_index"]
 
 
 def _imagenet(
@@ -92,3 +95,50 @@ def build_loaders(
     loaders = make(spec, device, rank, world_size)
     _check_shard(loaders[2].num_train, spec.batch_size, spec.drop_last, world_size)
     return loaders
+
+
+# DALI's JPEG decoder crashes the process (a segmentation fault, in native code: nothing to catch) on some truncated
+# JPEGs at large batches (seen on the CPU at batch 256 with a file cut to 30 %), so it never reads a file that PIL
+# has not decoded first.
+DALI_NEEDS_CHECK = (
+    "DALI can crash the process (a segmentation fault) on a truncated JPEG, which no error handling can catch, so it "
+    "reads only images decoded once beforehand"
+)
+
+
+def eval_index(spec: DataSpec, left_out: Collection[str] = ()) -> ImageFolderIndex | None:
+    """For evaluating a saved network (``ffsd-eval``) on an ImageNet folder: the tree's file lists for
+    ``build_loaders(spec, device, index=…)``; None for the other datasets.
+
+    Only ``val/`` is read: the files in ``left_out`` (those the run left out) are dropped, and with
+    ``spec.check_images`` every other val image is decoded once and the undecodable ones are dropped too, all of them
+    in ``index.corrupt``. DALI without the check is refused (``DALI_NEEDS_CHECK``)."""
+    if spec.dataset != "imagenet":
+        return None
+    loader = spec.loader if spec.loader != "auto" else ("dali" if dali_available() else "torchvision")
+    if loader == "dali" and not spec.check_images:
+        raise UserError(
+            f"--no-check-images with the DALI loader (--loader {spec.loader}): {DALI_NEEDS_CHECK}; drop "
+            "--no-check-images, or use --loader torchvision (which leaves an undecodable image out of the accuracy)"
+        )
+    index = find_images(spec.data_root)
+    gone = set(left_out) & set(index.val.files)
+    corrupt = {path: "left out by the run" for path in gone}
+    if spec.check_images:
+        corrupt.update(check_images([f for f in index.val.files if f not in gone], spec.workers))
+    if corrupt:
+        shown = ", ".join(sorted(corrupt)[:5]) + (f" and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
+        print(
+            f"warning: {len(corrupt)} val image(s) left out of the accuracy (undecodable, or left out by the run): "
+            f"{shown}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return leave_out(index, corrupt)
+
+
+def smallest_train_batch(dataset: str, num_train: int, batch_size: int, drop_last: bool) -> int:
+    """The smallest training batch a rank's ``num_train`` samples give: the ImageNet loaders fill every batch by
+    wrapping around (``sampling.train_indices``), the in-memory ones keep a partial last batch unless ``drop_last``."""
+    last = num_train % batch_size
+    return last if dataset != "imagenet" and last and not drop_last else batch_size

@@ -23,27 +23,29 @@ class _Images(Dataset):
     torchvision transforms draw from the global torch RNG; seeding it per sample (inside ``fork_rng``, so the
     caller's state survives when there are no workers) makes the crops independent of worker count and
     scheduling, which is what lets a resumed run reproduce an epoch exactly.
+
+    A file that no longer decodes (the start-up check passed it, or was skipped): training takes the next image
+    instead, so that a multi-day run does not die on it; evaluation (``train=False``) turns it into a pad, which is
+    not counted, rather than counting the next image twice.
     """
 
-    def __init__(self, images: ImageList, transform: transforms.Compose) -> None:
-        self.images, self.transform = images, transform
+    def __init__(self, images: ImageList, transform: transforms.Compose, train: bool = True) -> None:
+        self.images, self.transform, self.train = images, transform, train
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, index: int) -> Image.Image:
+    def _load(self, index: int) -> Image.Image | None:
+        """The image at ``index`` (the next decodable one in training); None for an undecodable one in evaluation."""
         path = self.images.files[index]
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
         except Exception:  # noqa: BLE001
-            # The start-up check decoded every file; one that fails now changed during the run. A multi-day run
-            # must not die on it: say which, and train on the next file instead.
-            print(
-                f"ffsd-train: warning: cannot decode {path} ({decode_error(path)}); using the next image",
-                file=sys.stderr,
-                flush=True,
-            )
+            what = "using the next image" if self.train else "left out of the accuracy"
+            print(f"warning: cannot decode {path} ({decode_error(path)}); {what}", file=sys.stderr, flush=True)
+            if not self.train:
+                return None
             return self._load((index + 1) % len(self.images))
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
@@ -51,7 +53,19 @@ class _Images(Dataset):
         label = self.images.labels[index] if index >= 0 else PAD_LABEL
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed)
-            return self.transform(self._load(max(index, 0))), label
+            image = self._load(max(index, 0))
+            if image is None:  # evaluation: a pad of any pixels (the first image's), never counted
+                image, label = self._load_first(), PAD_LABEL
+            return self.transform(image), label
+
+    def _load_first(self) -> Image.Image:
+        for index in range(len(self.images)):
+            try:
+                with Image.open(self.images.files[index]) as image:
+                    return image.convert("RGB")
+            except Exception:  # noqa: BLE001 - undecodable too: try the next
+                continue
+        return Image.new("RGB", (1, 1))
 
 
 class _EpochSampler(Sampler):
@@ -130,6 +144,7 @@ def torchvision_loaders(
         transforms.Compose(
             [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size), *normalize]
         ),
+        train=False,
     )
     options = dict(
         num_workers=workers,

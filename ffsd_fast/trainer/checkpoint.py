@@ -46,6 +46,7 @@ def restore(
 ) -> tuple[list[dict], int]:
     """Loads a ``state`` into freshly built networks, optimisers and scaler, and every RNG; returns (the history of
     the epochs done, the first epoch still to train)."""
+    _check_shapes(saved, nets)
     nets.load_state_dict(saved["networks"])
     for optimizer, optimizer_state in zip(optimizers, saved["optimizers"], strict=True):
         optimizer.load_state_dict(optimizer_state)
@@ -55,9 +56,39 @@ def restore(
     return saved["history"], saved["epoch"] + 1
 
 
+def _check_shapes(saved: dict, nets: torch.nn.Module) -> None:
+    """A one-line error when the networks built now differ in shape from the saved ones: the data's classes changed
+    (a class folder added or removed), which ``load_state_dict`` reports as pages of size mismatches."""
+    current = nets.state_dict()
+    differ = [
+        (key, list(value.shape), list(current[key].shape))
+        for key, value in saved["networks"].items()
+        if key in current and value.shape != current[key].shape
+    ]
+    if differ:
+        key, was, now = differ[0]
+        raise UserError(
+            f"cannot resume: the run was saved with {saved.get('num_classes', '?')} classes and its networks no longer "
+            f"fit the data ({key}: {was} saved, {now} now; {len(differ)} tensors differ): was a class folder added or "
+            "removed? Resume with the data the run trained on, or start a new run"
+        )
+
+
 def save_atomic(state: dict, path: str) -> None:
-    """``torch.save`` through :func:`write_atomic`."""
-    write_atomic(path, lambda fh: torch.save(state, fh))
+    """``torch.save`` through :func:`write_atomic`; a full disk or a folder that became read-only is a one-line
+    ``UserError`` (the previous checkpoint, if any, is still whole)."""
+    try:
+        write_atomic(path, lambda fh: torch.save(state, fh))
+    except OSError as error:
+        epoch = state.get("epoch")
+        last = (
+            f"the last good checkpoint (epoch {epoch - 1}) is still whole: free space and --resume {path}"
+            if isinstance(epoch, int) and epoch > 1 and os.path.isfile(path)
+            else "nothing of this run is saved yet: free space and start it again"
+        )
+        raise UserError(
+            f"cannot save the checkpoint of epoch {epoch} to {path}: {error.strerror or error}; {last}"
+        ) from None
 
 
 def resolve_path(path: str) -> str:
@@ -75,6 +106,17 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _why_unreadable(path: str, error: BaseException) -> str:
+    """Why ``torch.load`` failed on ``path``, in words: a file torch.save never wrote (text, an image) says so rather
+    than the unpickler's own message ("101", "pop from empty list")."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive (PK\x03\x04), or with the legacy format a pickle (protocol 2+: 0x80).
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        return "not a file written by torch.save (expected a run's checkpoint.pt or weights from ffsd-export)"
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
 def read(path: str, device: torch.device | str = "cpu", *, mmap: bool = False) -> dict:
     """Whatever dict a ``.pt`` file holds (a training checkpoint or an exported state dict), read safely. With
     ``mmap`` the tensors stay on disk until touched: reading a checkpoint's config costs no weight I/O."""
@@ -85,7 +127,7 @@ def read(path: str, device: torch.device | str = "cpu", *, mmap: bool = False) -
         # mmap needs torch.save's zip format; anything else is read whole, to report what is wrong with it.
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # a truncated, empty or foreign file: say which, in one line
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {_why_unreadable(path, error)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds no state dict")
     return state

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import yaml
 
 from ffsd_fast import models
-from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, check_dataset
+from ffsd_fast.data.common import DATASETS, DEFAULT_DATASET, DataSpec, absolute_data_root, check_dataset
 from ffsd_fast.errors import UserError
 from ffsd_fast.method import registry
 from ffsd_fast.method.base import Method, check_stackable
 from ffsd_fast.step.optimizers import OptimizerSpec
+from ffsd_fast.trainer.help_text import HelpFormatter, with_default
 from ffsd_fast.trainer.recipes import RECIPES, describe
 
 
@@ -250,13 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ffsd-train",
         description="Train FFSD (online knowledge distillation with feature fusion and self-distillation). "
         "With no arguments it trains ResNet-20 students on the embedded digits dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-c", "--config", help="YAML file of field: value pairs (flags given here override it)")
     parser.add_argument("--imagenet", action="store_true", help="short for --dataset imagenet")
     for f in FIELDS.values():
         kind = _base_type(f.type)
-        kwargs = {"help": _now(f.metadata["help"]), "default": argparse.SUPPRESS}
+        kwargs = {"help": with_default(_now(f.metadata["help"]), f.default), "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
             kwargs["choices"] = _now(f.metadata["choices"])
         if kind is bool:
@@ -386,6 +387,7 @@ def resolve(config: Config) -> Config:
     if c.lr_milestones is None:
         c.lr_milestones = recipe.milestones(c.epochs)
     data_spec(c)  # checks the data fields, naming the flag to fix
+    c.data_root = absolute_data_root(c.data_root)  # saved so: ffsd-eval and --resume work from any folder
     if c.device is None:
         import torch
 

@@ -5,12 +5,13 @@ import torch
 
 from ffsd_fast import models
 from ffsd_fast.data.common import DataSpec
-from ffsd_fast.data.loaders import build_loaders
+from ffsd_fast.data.loaders import build_loaders, eval_index
 from ffsd_fast.errors import UserError
 from ffsd_fast.method import registry
 from ffsd_fast.method.base import Method
 from ffsd_fast.step.distributed import SINGLE_PROCESS, World, all_reduce_sum
 from ffsd_fast.trainer import checkpoint, export
+from ffsd_fast.trainer.eval_data import eval_data
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -103,6 +104,9 @@ def evaluate_checkpoint(
     image_size: int | None,
     batch_size: int,
     device: torch.device,
+    loader: str | None = None,
+    check_images: bool = True,
+    workers: int = 0,
 ) -> dict[str, float]:
     """Test accuracies of a run's checkpoint (every network) or of weights from ``ffsd-export`` (model, dataset and
     image size from their sidecar; a bare state dict needs all three given)."""
@@ -124,9 +128,9 @@ def evaluate_checkpoint(
                 f"{path} is a single network's weights without a sidecar ({export.sidecar_path(path)}): "
                 f"give its {', '.join(missing)}"
             )
-    # No start-up decode of every image (the training tree is listed, not read): evaluation reads val/ only.
-    spec = DataSpec(dataset, data_root, image_size, batch_size, batch_size, workers=0, check_images=False)
-    _, test_loader, info = build_loaders(spec, device)
+    loader, check_images, left_out = eval_data(path, state, loader, check_images)  # the run's loader, its left-out
+    spec = DataSpec(dataset, data_root, image_size, batch_size, batch_size, 0, False, workers, loader, check_images)
+    _, test_loader, info = build_loaders(spec, device, index=eval_index(spec, left_out))
     topk = topk_for(dataset, info.num_classes)
     if checkpoint.is_training_checkpoint(state):
         settings = {**cfg, "quirk_probe_forward": False}

@@ -84,7 +84,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[dict[str, float], float, int]:
         loader,
         total=steps,
         desc=f"epoch {epoch}/{cfg.epochs}",
-        disable=not (cfg.progress and world.is_main),
+        disable=None if cfg.progress and world.is_main else True,  # None: off when stderr is not a terminal
         leave=False,
         dynamic_ncols=True,
     )

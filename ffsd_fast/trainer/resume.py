@@ -84,8 +84,19 @@ def find_auto(cfg: Config, given: Collection[str] = FIELDS) -> str | None:
             saved, epochs_done = checkpoint.read_config(path)
         except UserError:
             continue  # damaged: an older checkpoint of this run, or a fresh start, is what remains
-        if not conflicts(saved, cfg, compared) and (cfg.epochs is None or cfg.epochs >= epochs_done):
+        differ = conflicts(saved, cfg, compared)
+        if not differ and (cfg.epochs is None or cfg.epochs >= epochs_done):
             return path
+        if cfg.run_name is not None:
+            # The run named is not continued, and a fresh start there would train over it: say which field differs
+            # (the suggestion "--resume auto" is the flag already given).
+            if not differ:
+                check_epochs(epochs_done, cfg.epochs, path)
+            raise UserError(
+                f"--resume auto: run {os.path.dirname(path)} was trained with other settings ({'; '.join(differ)}, "
+                "saved → this command's), so it is not continued: run the command with the run's values to continue "
+                "it, or choose another --run-name for a new run"
+            )
     return None
 
 

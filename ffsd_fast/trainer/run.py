@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ffsd_fast import models
 from ffsd_fast.data.image_folder import ImageFolderIndex, find_images, index_images, leave_out
-from ffsd_fast.data.loaders import build_loaders
+from ffsd_fast.data.loaders import build_loaders, smallest_train_batch
 from ffsd_fast.errors import UserError
 from ffsd_fast.files import write_atomic
 from ffsd_fast.method import registry
@@ -42,7 +42,13 @@ from ffsd_fast.trainer.config import FIELDS, Config, data_spec, optimizer_spec, 
 from ffsd_fast.trainer.evaluate import evaluate, topk_for
 from ffsd_fast.trainer.loop import learning_rates, train_epoch
 from ffsd_fast.trainer.resume import AUTO, changes, check_resumable, find_auto
-from ffsd_fast.trainer.run_dir import new_run_dir, prepare_output_dir, remove_partial_files
+from ffsd_fast.trainer.run_dir import (
+    claim_new_run_dir,
+    lock_run_dir,
+    prepare_output_dir,
+    release_run_dirs,
+    remove_partial_files,
+)
 from ffsd_fast.trainer.runlog import RunLog, code_version, environment
 from ffsd_fast.trainer.state import Run
 from ffsd_fast.trainer.summary import curves, epoch_line, print_table, summarize
@@ -68,8 +74,7 @@ def training_device(cfg: Config, world: World) -> torch.device:
 def check_batchnorm_batches(cfg: Config, num_train: int) -> None:
     """BatchNorm cannot train on one value per channel: refuse a batch that would give it one, before training."""
     _, height, width = models.tap_shapes(cfg.model, cfg.image_size)[-1]
-    last = num_train % cfg.batch_size
-    smallest = last if last and not cfg.drop_last else cfg.batch_size
+    smallest = smallest_train_batch(cfg.dataset, num_train, cfg.batch_size, cfg.drop_last)  # ImageNet's wrap around
     if smallest * height * width == 1:
         raise UserError(
             f"--batch-size {cfg.batch_size} on {num_train} training images leaves a batch of 1, and the last stage of "
@@ -100,6 +105,7 @@ def read_resume(
     if not resume:
         return cfg, None, None
     path = checkpoint.resolve_path(resume)
+    on_main(world, lambda: lock_run_dir(os.path.dirname(os.path.abspath(path))))  # before reading: one writer
     saved = checkpoint.load(path, device)
     if cfg.resume == AUTO:  # what the command left to the defaults stays the run's (see ``resume``)
         kept = {k: saved["config"][k] for k in ("epochs", "lr_milestones") if k not in given and k in saved["config"]}
@@ -126,7 +132,7 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
     )
     check_batchnorm_batches(cfg, info.num_train // world.world_size)
     if run_dir is None:
-        run_dir = on_main(world, lambda: new_run_dir(cfg))
+        run_dir = on_main(world, lambda: claim_new_run_dir(cfg))
 
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, info.num_classes, device, world)
@@ -317,4 +323,5 @@ def train(cfg: Config, given: Collection[str] = FIELDS) -> dict:
             run.log.close()
         return finish(run)
     finally:
+        release_run_dirs()
         close_world(world)

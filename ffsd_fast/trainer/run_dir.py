@@ -1,7 +1,10 @@
-"""The run directory: a new one for a fresh run (never another run's), and the cleaning a resumed one gets."""
+"""The run directory: a new one for a fresh run (never another run's), the lock that keeps one writer in it, and the
+cleaning a resumed one gets."""
 
+import fcntl
 import glob
 import os
+import socket
 import time
 
 from ffsd_fast.errors import UserError
@@ -51,3 +54,77 @@ def remove_partial_files(run_dir: str) -> list[str]:
     for path in stale:
         os.unlink(path)
     return stale
+
+
+# One writer per run directory: the process that trains or resumes a run holds an exclusive ``flock`` on this file
+# for the whole run. The kernel drops the lock when the process ends however it ends (kill -9, a crash), so a stale
+# file left by a killed process never blocks a resume; the pid written into it only names the holder in the error.
+LOCK_NAME = ".ffsd-train.lock"
+_held: dict[str, int] = {}  # run directory (real path) -> the descriptor holding its lock, in this process
+_last_claimed: list[str] = []  # the run directories this process claimed, oldest first (for the Ctrl-C message)
+
+
+def _holder(lock_path: str) -> str:
+    """Who holds the lock, as its file says ("process 1234 on host"), or a plain "another process"."""
+    try:
+        with open(lock_path, encoding="utf-8") as fh:
+            words = fh.read().split()
+    except OSError:
+        words = []
+    return f"process {words[0]}" + (f" on {words[1]}" if len(words) > 1 else "") if words else "another process"
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """Takes the run directory's exclusive lock for this process until :func:`release_run_dir` or its exit; a
+    one-line ``UserError`` naming the holder when another process trains in it, or saying why it cannot be written.
+    Taking a lock this process holds already does nothing."""
+    key = os.path.realpath(run_dir)
+    if key in _held:
+        return
+    lock_path = os.path.join(run_dir, LOCK_NAME)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # 0o666: the umask decides
+    except OSError as error:  # a read-only folder, no permission: nothing could be saved there either
+        raise UserError(f"cannot write in run directory {run_dir}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(
+            f"run directory {run_dir} is in use by {_holder(lock_path)}, which is training in it: wait for it to end "
+            "(or stop it, then --resume), or choose another --run-name"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    _held[key] = fd
+    _last_claimed.append(run_dir)
+
+
+def release_run_dir(run_dir: str) -> None:
+    """Gives up this process's lock on ``run_dir`` (nothing when it holds none); the file stays, unlocked."""
+    fd = _held.pop(os.path.realpath(run_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor of the open file releases the flock
+
+
+def release_run_dirs() -> None:
+    """Gives up every run directory lock this process holds (a run's end; a later run in this process may take
+    them again)."""
+    for key in list(_held):
+        release_run_dir(key)
+
+
+def last_claimed_run_dir() -> str | None:
+    """The run directory this process last locked, if any: what an interrupted command names for ``--resume``."""
+    return _last_claimed[-1] if _last_claimed else None
+
+
+def claim_new_run_dir(cfg: Config) -> str:
+    """:func:`new_run_dir`, locked. A named folder is checked again once locked: another run may have finished its
+    first epoch there between the check and the lock, and its work is never trained over."""
+    path = new_run_dir(cfg)
+    lock_run_dir(path)
+    if os.path.isfile(os.path.join(path, CHECKPOINT_NAME)):
+        release_run_dir(path)
+        new_run_dir(cfg)  # raises the "holds a run already" error
+    return path

@@ -1,4 +1,4 @@
-"""A deliberately plain, sequential transcription of ffsd-spec.md, to hold the fast step to.
+"""A deliberately plain, sequential transcription of FFSD as docs/method.md states it, to hold the fast step to.
 
 It follows the reference implementation's structure: forward everything, then for each network its own loss, its
 own backward and its own optimiser step (students, fusion module, leader), then each decoder's training pass with its

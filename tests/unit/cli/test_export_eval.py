@@ -106,9 +106,11 @@ def test_export_of_digits_records_the_pipelines_statistics_and_the_exporting_cod
     assert (meta["mean"], meta["std"]) == ([loader.mean.item()] * 3, [loader.std.item()] * 3)
 
 
-def test_export_of_a_baseline_names_its_first_student(tmp_path):
+def test_export_of_a_baseline_names_its_first_student(tmp_path, capsys):
     run = make_run(tmp_path, method="dml", dataset="cifar10", data_root=str(tmp_path), image_size=8)
     assert export_main([str(run), "--out", str(tmp_path / "student.pt")]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("the dml run's deployed network (student0's backbone) written to"), said
     meta = json.loads((tmp_path / "student.pt.json").read_text())
     assert (meta["method"], meta["network"]) == ("dml", "student0")
     networks = checkpoint.load(str(run))["networks"]

@@ -2,6 +2,7 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,40 @@ def test_report_errors_are_one_line(tmp_path, capsys, make):
     assert main([str(runs)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("report: error: ") and "\n" not in err
+
+
+def test_runs_shorter_than_the_recipe_or_on_fewer_classes_are_not_compared_with_the_paper(tmp_path):
+    _ffsd(tmp_path, "one-epoch", config={"epochs": 1})
+    _summary(tmp_path, "four-classes", best_leader_top1=90.0, leader_top1=90.0, config={"seed": 5})
+    summary = json.loads((tmp_path / "four-classes" / "summary.json").read_text())
+    (tmp_path / "four-classes" / "summary.json").write_text(json.dumps({**summary, "num_classes": 4}))
+    rows_by_epochs = {r["epochs"]: r for r in _table(tmp_path)}
+    assert rows_by_epochs["1"]["best − published"] == "not comparable: 1 of the recipe's 299 epochs"
+    assert rows_by_epochs["299"]["best − published"] == "not comparable: 4 of cifar100's 100 classes"
+    assert rows_by_epochs["299"]["published"] == "74.82–74.92"  # still shown, for reference
+
+
+def test_nothing_cites_a_file_outside_the_repository(tmp_path):
+    _ffsd(tmp_path, "a")
+    assert "ffsd-spec.md" not in _markdown(tmp_path)
+    root = Path(__file__).resolve().parents[3]
+    citing = [
+        str(path.relative_to(root))
+        for folder in ("ffsd_fast", "kernels", "tests", "docs", "configs", "benchmarks")
+        for path in (root / folder).rglob("*")
+        if path.suffix in (".py", ".md", ".yaml")
+        and path != Path(__file__).resolve()
+        and "ffsd-spec" in path.read_text(encoding="utf-8")
+    ]
+    assert not citing and "ffsd-spec" not in (root / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_classes_come_from_the_runs_checkpoint_when_the_summary_lacks_them(tmp_path):
+    import torch
+
+    from ffsd_fast.cli.comparable import not_comparable
+
+    torch.save({"num_classes": 4, "config": {}, "networks": {}}, tmp_path / "checkpoint.pt")
+    run = {"dataset": "imagenet", "epochs": 89, "run_dir": str(tmp_path)}
+    assert not_comparable([run]) == "4 of imagenet's 1000 classes"
+    assert not_comparable([{**run, "run_dir": str(tmp_path / "gone")}]) == ""  # unknown: not claimed either way

@@ -288,3 +288,32 @@ def test_imagefolder_errors(tmp_path):
     (root / "val").mkdir()
     with pytest.raises(UserError, match="no class folders"):
         imagenet(root)
+
+
+def test_imagefolder_without_the_check_never_counts_an_image_twice(tmp_path):
+    # An undecodable val image used to be replaced by the next one, which was then counted twice (4/17 over 16 real
+    # images); it is now a pad, which evaluation does not count.
+    root = write_folder(tmp_path)
+    (root / "val" / "bee" / "0.jpg").write_bytes(b"not an image")
+    _, val, info = imagenet(root, check_images=False)
+    assert info.num_test == 6 and not info.corrupt
+    labels = torch.cat([y for _, y in val])
+    assert labels.tolist() == [0, 0, -1, 1, 2, 2]  # PAD_LABEL where the bad file was
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_smallest_train_batch_is_the_smallest_the_loaders_give(tmp_path, drop_last):
+    # 25 images at batch 8: the ImageNet loaders wrap around to fill the last batch, so BatchNorm never sees a batch
+    # of 1 there (such a run was refused); the in-memory loaders keep a last batch of 1 unless drop_last.
+    from ffsd_fast.data.loaders import smallest_train_batch
+
+    root = write_folder(tmp_path / "tree", classes=[f"c{i}" for i in range(5)], train=5, val=1)
+    train, _, info = build_loaders(
+        "imagenet", str(root), 32, 8, 8, CPU, 0, workers=0, loader="torchvision", drop_last=drop_last
+    )
+    sizes = [len(y) for _, y in batches(train)]
+    assert min(sizes) == smallest_train_batch("imagenet", info.num_train, 8, drop_last) == 8
+    write_cifar(tmp_path / "cifar", 10, train_per_file=5, test=2)  # 25 training images
+    cifar = build_loaders("cifar10", str(tmp_path / "cifar"), 32, 8, 8, CPU, 0, drop_last=drop_last)[0]
+    sizes = [len(y) for _, y in batches(cifar)]
+    assert min(sizes) == smallest_train_batch("cifar10", 25, 8, drop_last) == (8 if drop_last else 1)

@@ -29,3 +29,13 @@ def test_gpu_defaults_are_the_measured_fastest_and_cpu_gets_none(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert resolve(Config(device="cuda")).cuda_graph is False  # capture across processes: not measured yet
     assert resolve(Config(device="cuda", cuda_graph=True, amp="off")).amp == "off"  # a flag given wins
+
+
+def test_the_data_root_is_saved_absolute(tmp_path, monkeypatch):
+    # A relative --data-root saved as given made `ffsd-eval RUN` and `--resume` from another folder fail.
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(Config(dataset="cifar100", data_root="data/cifar", device="cpu"))
+    assert cfg.data_root == str(tmp_path / "data" / "cifar")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve(Config(dataset="cifar100", data_root="~/c", device="cpu")).data_root == str(tmp_path / "home/c")
+    assert resolve(Config(device="cpu")).data_root is None  # digits needs none

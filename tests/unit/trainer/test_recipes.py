@@ -11,7 +11,7 @@ from ffsd_fast.trainer.config import Config, parse_args, resolve
 from ffsd_fast.trainer.recipes import RECIPES
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[3] / "configs").glob("*.yaml"))
-PAPER = {  # ffsd-spec.md: the reference's training recipes
+PAPER = {  # docs/models-and-recipes.md: the reference's training recipes
     "cifar100": dict(epochs=299, batch_size=128, lr_schedule="multistep", lr_milestones=[150, 225], image_size=32),
     "imagenet": dict(epochs=89, batch_size=256, lr_schedule="imagenet", image_size=224),
 }
