@@ -12,9 +12,9 @@ import torch
 
 from ffsd_fast.cli import train as train_cli
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.networks import build_networks
 from ffsd_fast.trainer import checkpoint
 from tests.helpers import FAST
+from tests.helpers.methods import build
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
@@ -58,10 +58,10 @@ def test_a_full_disk_anywhere_in_a_run_is_one_line(capsys, monkeypatch):
 
 
 def test_a_resume_after_a_class_folder_was_added_is_one_line():
-    saved_nets = build_networks("resnet20", 3, 2, 8, False)
+    saved_nets = build("resnet20", 3, 2, 8, False)
     state = checkpoint.state({}, 3, 1, saved_nets, [], None, [])
     with pytest.raises(UserError) as error:
-        checkpoint.restore(state, build_networks("resnet20", 4, 2, 8, False), [], None)
+        checkpoint.restore(state, build("resnet20", 4, 2, 8, False), [], None)
     text = str(error.value)
     assert "\n" not in text and text.startswith("cannot resume: the run was saved with 3 classes"), text
     assert "[3, 64] saved, [4, 64] now" in text and "class folder added or removed" in text, text
