@@ -423,10 +423,9 @@ def _resolve_step(c: Config, gpu: bool) -> None:
 
 def _check_stackable(c: Config) -> None:
     check_stackable(registry.get(c.method), c.model)
-    for flag, on in (("--sync-bn", c.sync_bn), ("--compile", c.compile)):
-        if on:
-            # SyncBatchNorm layers and compiled modules are not the plain layers the stack is built from.
-            raise UserError(f"--stack-networks with {flag}: not supported together; drop one of them")
+    if c.sync_bn:
+        # SyncBatchNorm layers are not the plain BatchNorm layers a stack is built from.
+        raise UserError("--stack-networks with --sync-bn: not supported together; drop one of them")
 
 
 def method_of(config: dict) -> type[Method]:

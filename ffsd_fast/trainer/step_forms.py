@@ -50,8 +50,8 @@ def _stacking_blocker(cfg: Config, world: World) -> str | None:
         return f"the {cfg.method} method does not stack"
     if (reason := stack_blocker(cfg.model)) is not None:
         return f"{cfg.model}: {reason}"
-    if cfg.sync_bn or cfg.compile:
-        return "--sync-bn" if cfg.sync_bn else "--compile"
+    if cfg.sync_bn:
+        return "--sync-bn: SyncBatchNorm layers do not stack"
     return None
 
 
