@@ -1,8 +1,8 @@
 """What a method is: an ``nn.Module`` that holds its networks and whose forward turns a batch into named loss terms.
 
 The trainer, evaluation, export, summary, run log, report and CLI read a method through this declaration alone and
-never name one. A method subclasses ``Method``, sets the class attributes below, implements ``build_networks``'s
-counterpart (its ``__init__``), ``forward``, ``parameter_groups`` and ``eval_logits``, and registers itself
+never name one. A method subclasses ``Method``, sets the class attributes below, builds its networks in its
+``__init__``, implements ``forward``, ``parameter_groups`` and ``eval_logits``, and registers itself
 (``registry.register``): that is the whole of adding one (``tests/integration/test_method_plugin.py`` does it in a
 test file).
 
