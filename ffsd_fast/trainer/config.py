@@ -401,12 +401,17 @@ def resolve(config: Config) -> Config:
         # Capture across processes puts NCCL inside the graph, with its own constraints (cuda_graph.py): opt-in.
         c.cuda_graph = gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not c.compile
     _resolve_step(c, gpu)
+    check_combination(c)
+    return c
+
+
+def check_combination(c: Config) -> None:
+    """Settings that cannot run together (also asked of each form ``--step auto`` would try)."""
     if c.sync_bn and c.fusion_kernel == "triton":
         raise UserError(
             "--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
             "batch statistics; use --fusion-kernel torch"
         )
-    return c
 
 
 def _resolve_step(c: Config, gpu: bool) -> None:
