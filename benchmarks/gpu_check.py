@@ -13,7 +13,10 @@ run keeps within ``--budget``. Stages:
 1. ``cuda-step`` (30 s): the CUDA tests of the training step (the captured step against the eager one, stacked
    on the Triton kernels too; the Triton step against the PyTorch one), alone, so that the step reports even if
    the rest runs out;
-   ``cuda-tests`` (60 s): every other ``pytest -m cuda`` test, on 8 pytest-xdist workers where xdist imports.
+   ``cuda-tests`` (60 s): every other ``pytest -m cuda`` test, on 8 pytest-xdist workers where xdist imports;
+   ``grouped-conv`` (20 s): ``grouped_conv.py``, one grouped convolution against its groups as dense ones at the
+   stacked step's shapes (CIFAR ResNet-32, ImageNet ResNet-18), forward, input and weight gradient, bf16
+   channels-last and fp32: whether stacking can pay on this GPU.
 2. ``trainer-cifar`` (40 s) and ``trainer-stacked`` (25 s, ``--stack-networks``): ``ffsd-train`` with the device's
    defaults (on CUDA: Triton losses, bf16, channels-last, the captured step) on a CIFAR-100 tree in the official
    python format generated on the spot (``tests.helpers.write_cifar``): 2 epochs with evaluation and checkpoint,
@@ -23,7 +26,8 @@ run keeps within ``--budget``. Stages:
    ``trainer-imagenet`` (25 s): an ImageNet-style JPEG tree with one truncated file, trained one epoch through DALI
    (``mixed`` decoding on CUDA) where it imports, else torchvision; the corrupt file must be left out and named.
 3. ``throughput-cifar`` (45 s) and ``throughput-imagenet`` (35 s): ``train_throughput.py`` over reference, fast,
-   fast-cudnn-blocks, stacked, stacked-cudnn-blocks, backbones-only and (CIFAR) the ablation ``BASE-no-LEVER``.
+   fast-cudnn-blocks, stacked, stacked-cudnn-blocks, auto (``--step auto``'s own pick among the four before it),
+   backbones-only and (CIFAR) the ablation ``BASE-no-LEVER``.
 4. ``kernel-sweep`` (30 s): ``kernel_sweep.py --shapes ffsd,llm --variants triton,eager``: eager time and GPU time
    inside a CUDA graph (``graph_ms``), at FFSD's shapes and three LLM ones.
 5. ``step-kernels`` (15 s): the CPU count of the kernels one step launches, by phase (``step_kernels.py``, at batch
@@ -75,7 +79,15 @@ DALI_SITE = Path(tempfile.gettempdir()) / "ffsd-gpu-check-dali"
 GRACE_S = 5.0
 # The training step's CUDA tests, run first: a step that is wrong on the GPU makes every later stage's numbers moot.
 STEP_TESTS = ("tests/unit/step/test_train_step.py", "tests/integration/test_step_parity.py")
-THROUGHPUT_VARIANTS = ("reference", "fast", "fast-cudnn-blocks", "stacked", "stacked-cudnn-blocks", "backbones-only")
+THROUGHPUT_VARIANTS = (
+    "reference",
+    "fast",
+    "fast-cudnn-blocks",
+    "stacked",
+    "stacked-cudnn-blocks",
+    "auto",
+    "backbones-only",
+)
 PROFILED = ("fast", "stacked", "fast-cudnn-blocks")
 TINY_BUDGET_S = 180.0  # per stage on a CPU, where a shared machine can be slow; the sizes keep each to seconds
 
@@ -284,6 +296,20 @@ def stage_cuda_tests(ctx: Context, timeout: float) -> dict:
     return pytest_stage(ctx, "cuda-tests", timeout, ["tests", "-m", "cuda", *ignored, *workers])
 
 
+def stage_grouped_conv(ctx: Context, timeout: float) -> dict:
+    """Grouped against dense convolution at the stacked step's shapes (``benchmarks/grouped_conv.py``)."""
+    stage = "grouped-conv"
+    ctx.log(stage).write_text("")
+    written = ctx.work / "grouped_conv.jsonl"
+    argv = [ctx.python, str(ROOT / "benchmarks" / "grouped_conv.py"), "--device", ctx.args.device]
+    argv += ["--output", str(written), *(["--tiny", "--steps", "2", "--repeats", "1"] if ctx.tiny else [])]
+    rc, timed_out = ctx.run(stage, argv, timeout)
+    rows = adopt_rows(ctx, written, ctx.results / "grouped_conv.jsonl")
+    slower = sorted({f"{r['channels']}ch {r['dtype']}" for r in rows if r["ratio"] > 1})
+    reason = f"{len(rows)} shapes×passes timed; grouped slower than dense at: {', '.join(slower) or 'none'}"
+    return {"status": status_of(rc, timed_out), "reason": reason, "detail": {"rows": len(rows)}}
+
+
 def trainer_stage(ctx: Context, stage: str, timeout: float) -> dict:
     ctx.log(stage).write_text("")
     rc, timed_out = ctx.worker(stage, stage, timeout)
@@ -376,7 +402,7 @@ def stage_throughput_cifar(ctx: Context, timeout: float) -> dict:
 
     ablation = [v for v in train_throughput.VARIANTS if "-no-" in v]
     if ctx.tiny:  # one of each kind: the levers are off on a CPU, so every ablation is fast there
-        variants = ["reference", "fast", "stacked", "backbones-only", "fast-no-kl-kernel", "stacked-no-graph"]
+        variants = ["reference", "fast", "stacked", "auto", "backbones-only", "fast-no-kl-kernel", "stacked-no-graph"]
         return throughput_stage(ctx, "throughput-cifar", timeout, "cifar100-resnet20-m2-b4", variants, _steps(2, 1, 1))
     variants = [*THROUGHPUT_VARIANTS, *ablation]
     return throughput_stage(ctx, "throughput-cifar", timeout, "cifar100-resnet32-m2-b128", variants, _steps(30, 5, 10))
@@ -464,6 +490,7 @@ def stage_profile(ctx: Context, timeout: float) -> dict:
 STAGES: list[tuple[str, float, bool, Callable[[Context, float], dict]]] = [
     ("cuda-step", 30, True, stage_cuda_step),
     ("cuda-tests", 60, True, stage_cuda_tests),
+    ("grouped-conv", 20, False, stage_grouped_conv),
     ("trainer-cifar", 40, False, stage_trainer_cifar),
     ("trainer-stacked", 25, False, stage_trainer_stacked),
     ("dali-wheels", 40, True, stage_dali_wheels),

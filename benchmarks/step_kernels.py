@@ -107,6 +107,7 @@ DIRECTIONS = ("forward", "backward", "update")
 NOT_COUNTED = {
     "cuda-graph": "the kernels of one-backward, replayed as one graph",
     "compile": "Inductor decides its kernels, and on a CPU it emits C++, not its CUDA Triton kernels",
+    "auto": "the kernels of the form it picks, each of which is counted as its own variant",
 }
 VARIANTS = tuple(v for v in throughput.VARIANTS if v not in NOT_COUNTED)
 DEFAULT_VARIANTS = ("reference", "one-backward", "fast")

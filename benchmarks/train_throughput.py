@@ -19,6 +19,8 @@ workload is ``DATASET-MODEL-mM-bB`` (CIFAR: 32 px, 100 classes; ImageNet: 224 px
   is the trainer's CUDA default;
 * ``stacked``, ``stacked-cudnn-blocks``: ``fast`` and ``fast-cudnn-blocks`` with the ``m + 1`` backbones run as one
   stacked network (``--stack-networks``: grouped convolutions, channels network by network);
+* ``auto``: ``--step auto``'s own pick among ``fast``, ``fast-cudnn-blocks``, ``stacked`` and ``stacked-cudnn-blocks``
+  (the trainer's candidates), timed as the trainer times them; its row records what was timed and chosen (``auto``);
 * ``backbones-only``: the same ``m + 1`` backbones trained with plain CE (``--method independent``) with the fast
   flags: the floor for FFSD's overhead;
 * the ablation, ``BASE-no-LEVER``: ``fast`` or ``stacked`` with one lever removed, so that what each buys inside the
@@ -60,7 +62,9 @@ import triton  # noqa: E402
 
 import ffsd_kernels  # noqa: E402
 import ffsd_kernels.reference  # noqa: E402
+from ffsd_fast import models  # noqa: E402
 from ffsd_fast.method import registry  # noqa: E402
+from ffsd_fast.step import tuning  # noqa: E402
 from ffsd_fast.step.cuda_graph import CapturedStep  # noqa: E402
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates  # noqa: E402
 from ffsd_fast.step.train_step import TrainStep  # noqa: E402
@@ -79,8 +83,11 @@ VARIANTS = (
     "fast-cudnn-blocks",
     "stacked",
     "stacked-cudnn-blocks",
+    "auto",
     "backbones-only",
 )
+# What ``--step auto`` chooses among, as the trainer does: per-network or stacked, Triton or cuDNN fusion blocks.
+AUTO_CANDIDATES = ("fast", "fast-cudnn-blocks", "stacked", "stacked-cudnn-blocks")
 # One lever of ``fast`` or ``stacked`` removed: the flags it overrides. ``torch_ops``: op files (``kernels/<file>.py``)
 # whose functions run their PyTorch references while the other kernels stay on.
 ABLATIONS = {
@@ -162,8 +169,39 @@ def ops_without(op_files: tuple[str, ...]) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{**vars(ffsd_kernels), **swapped})
 
 
+def auto_step(workload: dict, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``--step auto``'s pick among ``AUTO_CANDIDATES``, timed as the trainer times them (``step.tuning``) on a batch
+    of the workload; the step returned carries the tuning's record (``.tuning``). A CPU has no CUDA clock: there the
+    host's clock times them, which only checks the script."""
+    images, labels = batch(workload, device)
+    stackable = models.stack_blocker(workload["model"]) is None
+    candidates = [v for v in AUTO_CANDIDATES if stackable or not v.startswith("stacked")]
+    builders = {v: (lambda v=v: make_step(workload, v, device)) for v in candidates}
+    clock = tuning.clock_for(device, steps=10) or host_clock(steps=10)
+    result = tuning.choose(builders, images, labels, clock)
+    step = make_step(workload, result.choice, device)
+    step.tuning = result
+    return step
+
+
+def host_clock(steps: int) -> tuning.Clock:
+    def clock(name: str, run: Callable[[], None]) -> float:
+        started = time.perf_counter()
+        run()
+        return (time.perf_counter() - started) / steps
+
+    return clock
+
+
+def batch(workload: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(workload["batch"], 3, workload["size"], workload["size"], device=device)
+    return images, torch.randint(0, workload["classes"], (workload["batch"],), device=device)
+
+
 def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A function of one batch that runs one training step of the variant (and nothing else)."""
+    if variant == "auto":
+        return auto_step(workload, device)
     torch.manual_seed(0)
     if variant == "reference":
         nets = registry.create("ffsd", workload["model"], workload["classes"], workload["m"], workload["size"])
@@ -306,9 +344,10 @@ def main(argv: list[str] | None = None) -> None:
             # A variant that fails (a compile or capture error) is recorded, and the others still get measured:
             # a GPU is rare here, and one run has to bring back every number it can.
             try:
-                row |= measure(
-                    make_step(workload, variant, device), workload, device, args.steps, args.warmup, args.window
-                )
+                step = make_step(workload, variant, device)
+                row |= measure(step, workload, device, args.steps, args.warmup, args.window)
+                if hasattr(step, "tuning"):  # auto: what it timed and chose
+                    row["auto"] = step.tuning.record()
                 print(f"{workload['name']} {variant}: {row['images_per_s']:.1f} images/s", file=sys.stderr)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]

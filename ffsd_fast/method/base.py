@@ -1,8 +1,8 @@
 """What a method is: an ``nn.Module`` that holds its networks and whose forward turns a batch into named loss terms.
 
 The trainer, evaluation, export, summary, run log, report and CLI read a method through this declaration alone and
-never name one. A method subclasses ``Method``, sets the class attributes below, implements ``build_networks``'s
-counterpart (its ``__init__``), ``forward``, ``parameter_groups`` and ``eval_logits``, and registers itself
+never name one. A method subclasses ``Method``, sets the class attributes below, builds its networks in its
+``__init__``, implements ``forward``, ``parameter_groups`` and ``eval_logits``, and registers itself
 (``registry.register``): that is the whole of adding one (``tests/integration/test_method_plugin.py`` does it in a
 test file).
 
@@ -216,11 +216,25 @@ class Method(nn.Module):
         return self
 
     def compile_networks(self) -> None:
-        """``torch.compile`` every network in place (``nn.Module.compile``: the state-dict keys stay as they are, so
-        checkpoints and exports do not change)."""
-        for child in self.children():
-            for network in child if isinstance(child, nn.ModuleList) else [child]:
-                network.compile()
+        """``torch.compile`` in place (``nn.Module.compile``: the state-dict keys stay as they are, so checkpoints and
+        exports do not change) every module the forward calls: the networks of ``stack_groups()`` (or, stacked,
+        their stacks: zero graph breaks, ``tests/unit/models/test_stacking.py``) and every other network, down to
+        the part of one that holds a grouped network (FFSD's leader: its backbone is grouped, its head is not)."""
+        stacks = list(getattr(self.form, "stacks", {}).values())
+        grouped = [network for networks in self.stack_groups().values() for network in networks]
+        ids = {id(network) for network in grouped}
+
+        def others(module: nn.Module) -> list[nn.Module]:
+            found = []
+            for child in module.children():
+                if id(child) in ids:
+                    continue
+                holds_grouped = any(id(m) in ids for m in child.modules())
+                found += others(child) if holds_grouped or isinstance(child, nn.ModuleList) else [child]
+            return found
+
+        for network in [*(stacks or grouped), *others(self)]:
+            network.compile()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor) -> LossTerms:
         raise NotImplementedError

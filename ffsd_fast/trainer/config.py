@@ -403,12 +403,17 @@ def resolve(config: Config) -> Config:
         # Capture across processes puts NCCL inside the graph, with its own constraints (cuda_graph.py): opt-in.
         c.cuda_graph = gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not c.compile
     _resolve_step(c, gpu)
+    check_combination(c)
+    return c
+
+
+def check_combination(c: Config) -> None:
+    """Settings that cannot run together (also asked of each form ``--step auto`` would try)."""
     if c.sync_bn and c.fusion_kernel == "triton":
         raise UserError(
             "--sync-bn with --fusion-kernel triton: the Triton fusion block normalises with its own "
             "batch statistics; use --fusion-kernel torch"
         )
-    return c
 
 
 def _resolve_step(c: Config, gpu: bool) -> None:
@@ -425,10 +430,9 @@ def _resolve_step(c: Config, gpu: bool) -> None:
 
 def _check_stackable(c: Config) -> None:
     check_stackable(registry.get(c.method), c.model)
-    for flag, on in (("--sync-bn", c.sync_bn), ("--compile", c.compile)):
-        if on:
-            # SyncBatchNorm layers and compiled modules are not the plain layers the stack is built from.
-            raise UserError(f"--stack-networks with {flag}: not supported together; drop one of them")
+    if c.sync_bn:
+        # SyncBatchNorm layers are not the plain BatchNorm layers a stack is built from.
+        raise UserError("--stack-networks with --sync-bn: not supported together; drop one of them")
 
 
 def method_of(config: dict) -> type[Method]:

@@ -8,6 +8,7 @@ statistics copied, so nothing changes but the kernels), then stacked when the fo
 """
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from ffsd_fast.step.cuda_graph import DDP_WARMUP_STEPS, CapturedStep
 from ffsd_fast.step.distributed import World, data_parallel
 from ffsd_fast.step.optimizers import make_optimizers
 from ffsd_fast.step.train_step import TrainStep
-from ffsd_fast.trainer.config import Config, optimizer_spec
+from ffsd_fast.trainer.config import Config, check_combination, optimizer_spec
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ def _stacking_blocker(cfg: Config, world: World) -> str | None:
         return f"the {cfg.method} method does not stack"
     if (reason := stack_blocker(cfg.model)) is not None:
         return f"{cfg.model}: {reason}"
-    if cfg.sync_bn or cfg.compile:
-        return "--sync-bn" if cfg.sync_bn else "--compile"
+    if cfg.sync_bn:
+        return "--sync-bn: SyncBatchNorm layers do not stack"
     return None
 
 
@@ -67,7 +68,14 @@ def candidates(cfg: Config, world: World, given: Collection[str]) -> tuple[list[
         StepForm(s, tuple(sorted({**fixed, **dict(zip(levers, values, strict=True))}.items())))
         for s, values in itertools.product(stacked, itertools.product(*levers.values()))
     ]
-    return forms, ({"stacked": blocker} if blocker else {})
+    left_out = {"every stacked form": blocker} if blocker else {}
+    for form in list(forms):
+        try:
+            check_combination(dataclasses.replace(cfg, **dict(form.settings)))
+        except UserError as error:
+            forms.remove(form)
+            left_out[form.name] = str(error)
+    return forms, left_out
 
 
 def fixed_form(cfg: Config, stacked: bool) -> StepForm:
@@ -140,7 +148,7 @@ def tune(
     images, labels = next(iter(loader))
     builders = {form.name: _candidate(cfg, method, form, lambdas, amp, world) for form in forms}
     result = tuning.choose(builders, images, labels, clock, cfg.step_tuning_seconds, world=world)
-    result.dropped.update({f"every {k} form": why for k, why in left_out.items()})
+    result.dropped.update(left_out)
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
         torch.cuda.set_rng_state_all(rng[1])

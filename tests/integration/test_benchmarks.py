@@ -257,7 +257,8 @@ def test_gpu_check_runs_every_stage_on_a_cpu(tmp_path, capsys):
     assert commit != "unknown"
     written = {
         "gpu_trainer.jsonl": 3,  # cifar, stacked, imagenet
-        "train_throughput.jsonl": 7,  # six CIFAR variants, one ImageNet
+        "train_throughput.jsonl": 8,  # seven CIFAR variants, one ImageNet
+        "grouped_conv.jsonl": 12,  # two stages, two dtypes, three passes
         f"kernels-cpu-{commit[:12]}-gpu-check.jsonl": 8,  # two ops, two modes, two variants
         "step_kernels.jsonl": 1,
     }

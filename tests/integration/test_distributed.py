@@ -188,3 +188,11 @@ def test_a_two_process_run_resumed_gives_the_weights_of_running_straight_through
             for key, value in state.items():
                 assert torch.equal(value, sb["state"][pid][key]), (pid, key)
     assert [h["leader_top1"] for h in a["history"]] == [h["leader_top1"] for h in b["history"]]
+
+
+@pytest.mark.slow
+def test_every_rank_chooses_the_same_step_form_from_the_slowest_ranks_times(tmp_path):
+    result = torchrun(str(ROOT / "tests" / "helpers" / "tuning_worker.py"), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"tuning{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] == {"choice": "b", "seconds": {"a": 5.0, "b": 4.0, "c": 6.0}}

@@ -11,7 +11,9 @@ from ffsd_fast.cli.train import main
 from ffsd_fast.step import tuning
 from ffsd_fast.trainer.config import Config, resolve
 
+# A budget no CPU step overruns: the forms are dropped by the clock's verdict alone (the budget has a test of its own).
 RUN = ["--method", "dml", "--epochs", "1", "--no-progress", "--workers", "0", "--batch-size", "64"]
+RUN += ["--step-tuning-seconds", "3600"]
 
 
 def favouring(favoured: str, seen: list | None = None):
@@ -76,3 +78,28 @@ def test_on_a_cpu_auto_is_the_fixed_per_network_default_and_stack_networks_is_st
     assert stacked.step == "stacked" and stacked.stack_networks
     with pytest.raises(Exception, match="--stack-networks is --step stacked"):
         resolve(Config(device="cpu", stack_networks=True, step="per-network"))
+
+
+def test_the_forms_are_every_allowed_combination_of_stacking_and_the_methods_levers(monkeypatch):
+    from ffsd_fast.step.distributed import SINGLE_PROCESS
+    from ffsd_fast.trainer import step_forms
+    from ffsd_fast.trainer.step_forms import candidates
+
+    cfg = resolve(Config(device="cpu"))
+    forms, left_out = candidates(cfg, SINGLE_PROCESS, given=set())
+    assert [f.name for f in forms] == [
+        "per-network fusion_kernel=torch",
+        "per-network fusion_kernel=triton",
+        "stacked fusion_kernel=torch",
+        "stacked fusion_kernel=triton",
+    ]
+    assert left_out == {}
+    # A lever the command sets is not varied; an architecture that does not stack leaves the stacked forms out.
+    monkeypatch.setattr(step_forms, "stack_blocker", lambda model: "it concatenates channels")
+    forms, left_out = candidates(cfg, SINGLE_PROCESS, {"fusion_kernel"})
+    assert [f.name for f in forms] == ["per-network fusion_kernel=torch"]
+    assert left_out == {"every stacked form": "resnet20: it concatenates channels"}
+    monkeypatch.undo()
+    # A baseline without levers: per-network and stacked.
+    forms, _ = candidates(resolve(Config(device="cpu", method="dml")), SINGLE_PROCESS, set())
+    assert [f.name for f in forms] == ["per-network", "stacked"]

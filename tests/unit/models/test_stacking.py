@@ -161,3 +161,26 @@ def test_stacked_evaluation_gives_the_per_network_logits(method):
         assert not any(m.training for s in stacked.form.stacks.values() for m in s.modules())
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("method", ["ffsd", "dml"])
+def test_stacks_compile_without_a_graph_break(method):
+    """``--compile`` with stacked networks compiles each stack (``Method.compile_networks``): one graph each, under
+    bf16 autocast too. ``torch._dynamo.explain`` traces without Inductor, so no C++ compiler is needed."""
+    import torch._dynamo as dynamo
+
+    nets = build("resnet20", num_classes=5, num_students=2, image_size=16, method=method)
+    nets.stack()
+    x = torch.randn(4, 3, 16, 16)
+    stacks = nets.form.stacks
+    inputs = {"backbones": x, "students": x, "decoders": torch.randn(4, 2 * 64, 4, 4)}
+    for name, stack in stacks.items():
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                explained = dynamo.explain(stack)(inputs[name])
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
+    compiled = []
+    for stack in stacks.values():
+        stack.compile = lambda stack=stack: compiled.append(stack)
+    nets.compile_networks()
+    assert compiled == list(stacks.values())
