@@ -68,16 +68,15 @@ def create(name: str, num_classes: int) -> nn.Module:
     return ImageNetResNet(depth, num_classes)
 
 
-# Why an architecture cannot run as stacked networks (``models.stacking``): its forward concatenates channels.
-_STACK_BLOCKERS = {
-    "densenet": "each dense layer concatenates its output after its input (torch.cat over channels)",
-    "googlenet": "each inception module concatenates its four branches (torch.cat over channels)",
-}
+# Why an architecture cannot run as stacked networks (``models.stacking``), by architecture: e.g. a forward that
+# concatenates channels with a plain torch.cat rather than ``models.channels.cat_channels``. None in the zoo today.
+_STACK_BLOCKERS: dict[str, str] = {}
 
 
 def stack_blocker(name: str) -> str | None:
-    """Why ``name`` cannot be stacked (``models.stacking``), or None when it can: a concatenation over channels
-    would interleave the stacked networks' channels, which a grouped convolution needs network by network."""
+    """Why ``name`` cannot be stacked (``models.stacking``), or None when it can: a plain concatenation over
+    channels, say, would interleave the stacked networks' channels, which a grouped convolution needs network by
+    network."""
     return _STACK_BLOCKERS.get(_lookup(name)[1])
 
 

@@ -4,11 +4,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ffsd_fast.models.channels import cat_channels
 from ffsd_fast.models.init import reference_conv_init_
 
 
 class _DenseLayer(nn.Module):
-    """BN-ReLU-conv3×3 producing ``growth`` channels, concatenated after its input."""
+    """BN-ReLU-conv3×3 producing ``growth`` channels, concatenated after its input (``cat_channels``: the same
+    ``torch.cat``, kept network by network when stacked)."""
 
     def __init__(self, in_channels: int, growth: int) -> None:
         super().__init__()
@@ -17,7 +19,7 @@ class _DenseLayer(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, growth, kernel_size=3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.conv1(self.relu(self.bn1(x)))], 1)
+        return cat_channels([x, self.conv1(self.relu(self.bn1(x)))])
 
 
 class _Transition(nn.Module):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ffsd_fast.models.channels import cat_channels
 from ffsd_fast.models.init import reference_conv_init_
 
 
@@ -36,7 +37,8 @@ class Inception(nn.Module):
         self.out_channels = n1 + n3 + n5 + pool_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.branch1x1(x), self.branch3x3(x), self.branch5x5(x), self.branch_pool(x)], 1)
+        # torch.cat over channels, kept network by network when stacked (models.channels)
+        return cat_channels([self.branch1x1(x), self.branch3x3(x), self.branch5x5(x), self.branch_pool(x)])
 
 
 # (in, 1×1, 3×3 reduce, 3×3, "5×5" reduce, "5×5", pool projection): the standard GoogLeNet numbers.

@@ -4,8 +4,10 @@
 (which reads the shared input) becomes one dense convolution to ``G·C`` channels, every later one a grouped
 convolution with ``G`` times the groups, every BatchNorm one over ``G·C`` channels, every classifier one batched
 matmul. The networks' own forward code runs unchanged on the stacked tensors (every op between those layers is
-per channel: ReLU, pooling, residual additions), so a tap of the stack is the networks' taps side by side, and
-network ``g``'s tap is the channel slice ``[g·C, (g+1)·C)``: a view, no copy.
+per channel: ReLU, pooling, residual additions; a concatenation over channels goes through
+``models.channels.cat_channels``, which the stack's forward makes join the channels network by network), so a tap
+of the stack is the networks' taps side by side, and network ``g``'s tap is the channel slice ``[g·C, (g+1)·C)``:
+a view, no copy.
 
 Why: a small CIFAR network is bound by the number of kernels it launches, not by its arithmetic. Stacked, ``G``
 networks launch the kernels of one, each ``G`` times larger.
@@ -17,9 +19,9 @@ of the stack's tensors, so that the two always hold the same values. After a bac
 where their optimisers read them. Stack after the last ``.to(...)``: moving or converting a network gives it new
 tensors, which the stack no longer sees.
 
-Architectures whose forward concatenates channels (DenseNet, GoogLeNet) cannot be stacked this way: their
+An architecture whose forward concatenates channels with a plain ``torch.cat`` cannot be stacked this way: the
 concatenation would interleave the networks' channels, and a grouped convolution needs each group's channels
-contiguous. ``models.stack_blocker`` says which.
+contiguous. ``models.stack_blocker`` names any such architecture (none in the zoo today).
 """
 
 import copy
@@ -28,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ffsd_fast.models.channels import stacked_groups
 
 
 class StackingError(ValueError):
@@ -281,6 +285,10 @@ class StackedNetworks(nn.Module):
     def forward(self, x: torch.Tensor):  # noqa: ANN201 - what the networks' forward returns, stacked
         if self.training and self.counters.numel():
             self.counters.add_(1)
+        with stacked_groups(self.count):  # the networks' concatenations over channels, network by network
+            return self._forward_body(x)
+
+    def _forward_body(self, x: torch.Tensor):  # noqa: ANN202 - as forward
         device = x.device.type
         self._flat_used = self.flat is not None and torch.is_autocast_enabled(device)
         if not self._flat_used:

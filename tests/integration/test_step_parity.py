@@ -37,11 +37,13 @@ def _max_relative_error(fast, reference):
 @pytest.mark.parametrize(
     "model,image_size,clean_student_sd",
     # resnet18 (K = 4 taps) costs much more in float64 on a CPU (6-8 s): the default variant only, and slow. Three
-    # students (2-3 s with resnet20) are slow too: the quick tier checks two.
+    # students (2-3 s with resnet20) are slow too: the quick tier checks two. densenet40: a network that concatenates
+    # channels (stacked, each network's concatenations stay in its channels), at 8 px and still slow.
     [
         ("resnet20", 16, False),
         ("resnet20", 16, True),
         pytest.param("resnet18", 32, False, marks=pytest.mark.slow),
+        pytest.param("densenet40", 8, False, marks=pytest.mark.slow),
     ],
 )
 def test_parity_fast_step_equals_sequential_reference(model, image_size, clean_student_sd, num_students, stacked):
