@@ -141,7 +141,7 @@ class _RunConfig:
     step: str | None = _field(
         None,
         "the training step's form, the same arithmetic either way: per-network | stacked (the networks of one "
-        "architecture as one grouped network: fewer, larger kernels; not DenseNet or GoogLeNet) | auto (time every "
+        "architecture as one grouped network: fewer, larger kernels) | auto (time every "
         "form the run allows on its first batch and keep the fastest); default auto on CUDA, per-network on a CPU "
         "(nothing is timed there)",
         choices=("auto", "per-network", "stacked"),
