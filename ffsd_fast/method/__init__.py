@@ -6,5 +6,6 @@ methods shows them (FFSD, then its baselines)."""
 # isort: off
 from ffsd_fast.method import ffsd  # noqa: F401
 from ffsd_fast.method import dml, independent  # noqa: F401
+from ffsd_fast.method import one  # noqa: F401
 
 # isort: on

@@ -1,0 +1,50 @@
+"""Plain, sequential transcriptions of the branch methods' specifications (``docs/methods/*.md``), to hold the fast
+step to. They share no loss code with ``ffsd_fast`` or ``ffsd_kernels``: each network's forward is written out from
+the stock backbone's layers, each loss as the public code computes it, one backward, one plain SGD step.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def trunk(nets, x):
+    """The stock backbone's forward up to the last stage, from its own layers (CIFAR ResNet or WRN)."""
+    t = nets.trunk
+    if hasattr(t, "bn1"):  # CIFAR ResNet
+        return t.layer2(t.layer1(F.relu(t.bn1(t.conv1(x)))))
+    return t.layer2(t.layer1(t.conv1(x)))  # WRN
+
+
+def branch(b, h):
+    """The stock backbone's last stage and classifier on the trunk's output ``h``."""
+    if hasattr(b, "fc"):  # CIFAR ResNet
+        return b.fc(b.layer3(h).mean((2, 3)))
+    return b.linear(F.relu(b.bn1(b.layer3(h))).mean((2, 3)))  # WRN
+
+
+def make_sgd(nets, nesterov):
+    return torch.optim.SGD(nets.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=nesterov, foreach=False)
+
+
+def one_kl(pred, ensemble, t, epsilon):
+    """ONE's KLLoss (loss/kl_loss.py): T² · Σ target (log target − log_softmax(pred/T)) / B, target the ensemble's
+    detached softmax plus ε."""
+    target = F.softmax(ensemble.detach() / t, dim=1) + epsilon
+    return t * t * (target * (target.log() - F.log_softmax(pred / t, dim=1))).sum(1).sum() / target.size(0)
+
+
+def one_step(nets, optimizer, x, y, weight, t=3.0, epsilon=1e-7, gate_relu=True):
+    h = trunk(nets, x)
+    outputs = [branch(b, h) for b in nets.students]
+    g = nets.gate.bn(nets.gate.fc(h.mean((2, 3))))
+    g = F.softmax(F.relu(g) if gate_relu else g, dim=1)
+    ensemble = outputs[0] * g[:, 0:1]
+    for i in range(1, len(outputs)):
+        ensemble = ensemble + outputs[i] * g[:, i : i + 1]
+    loss = F.cross_entropy(ensemble, y)
+    for out in outputs:
+        loss = loss + F.cross_entropy(out, y) + weight * one_kl(out, ensemble, t, epsilon)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
