@@ -25,6 +25,8 @@ from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
 FLAGS = {
     # The code ramps the KL weight over 80 of its 300 epochs; over the digits' 20 epochs, 5 is that share.
     "one": ["--one-rampup-epochs", "5"],
+    # The same share of CL-ILR's 80 of 300.
+    "cl-ilr": ["--clilr-rampup-epochs", "5"],
 }
 
 

@@ -6,7 +6,10 @@ dict, which is what ``ffsd-export`` writes (``deployed_prefix``). The trunk runs
 ``branches`` group of ``stack_groups``, run one by one or stacked like any other networks.
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ffsd_fast import models
@@ -52,10 +55,15 @@ class BranchedMethod(Method):
     def branches(self, images: torch.Tensor) -> tuple[torch.Tensor, Group, Group]:
         """The trunk once, then every branch on its output: ``(trunk output, logits, last maps)`` by branch."""
         shared, _ = self.trunk(images)
+        to_branches = self.to_branches(shared)
         # A branch whose first layer is a BatchNorm cannot read the one shared tensor stacked: copies, side by side.
-        given = shared if self.students[0].shared_input else Group([shared] * len(self.students))
+        given = to_branches if self.students[0].shared_input else Group([to_branches] * len(self.students))
         logits, (last,) = self.form("branches", given)
         return shared, logits, last
+
+    def to_branches(self, shared: torch.Tensor) -> torch.Tensor:
+        """What the branches read of the trunk's output ``shared`` in training: itself, unless a method says."""
+        return shared
 
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         shared, _ = self.trunk(images)
@@ -65,3 +73,28 @@ class BranchedMethod(Method):
 def stacked_logits(logits: Group) -> torch.Tensor:
     """The branches' logits as one ``[m, B, K]`` tensor: stacked, the stack's own (no copy)."""
     return logits.joined if logits.joined is not None else torch.stack(logits.parts)
+
+
+def sigmoid_rampup(epoch: int, length: int) -> float:
+    """``exp(−5 (1 − e/L)²)`` for the 0-based epoch ``e`` clipped to ``[0, L]``; 1 when ``L`` is 0: the KL weight's
+    ramp of ONE's and OKDDip's code (Laine & Aila's, arXiv 1610.02242)."""
+    if length == 0:
+        return 1.0
+    phase = 1.0 - min(max(epoch, 0), length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def soft_kl(logits: torch.Tensor, teacher: torch.Tensor, temperature: float, epsilon: float) -> torch.Tensor:
+    """``T² · mean over images of Σ_k q_k (log q_k − log p_k)`` for every branch at once: ``logits`` ``[m, B, K]``,
+    ``teacher`` ``[B, K]`` or ``[m, B, K]``, ``q = softmax(teacher / T) + ε`` (not renormalised: the public code's
+    quirk when ``ε > 0``), ``p = softmax(logits / T)``. The teacher is used as given (detach it for a target).
+    Returns ``[m]``."""
+    target = F.softmax(teacher / temperature, dim=-1) + epsilon
+    log_p = F.log_softmax(logits / temperature, dim=-1)
+    return temperature * temperature * (target * (target.log() - log_p)).sum(-1).mean(-1)
+
+
+def branch_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Every branch's CE in one op over the ``[m·B, K]`` rows, then a mean per branch: ``[m]``."""
+    m, batch = logits.shape[0], labels.shape[0]
+    return F.cross_entropy(logits.flatten(0, 1), labels.repeat(m), reduction="none").view(m, batch).mean(1)

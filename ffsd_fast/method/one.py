@@ -3,15 +3,19 @@ weighs them, and the gated ensemble of their logits as the teacher of every bran
 kept. The loss terms, their defaults and where the public code departs from the paper: ``docs/methods/one.md``.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ffsd_fast import models
 from ffsd_fast.method.base import LossTerms, Method, NetworkSpec, TermTable, option
-from ffsd_fast.method.branched import BranchedMethod, stacked_logits
+from ffsd_fast.method.branched import (
+    BranchedMethod,
+    branch_cross_entropy,
+    sigmoid_rampup,
+    soft_kl,
+    stacked_logits,
+)
 from ffsd_fast.method.registry import register
 
 
@@ -30,23 +34,6 @@ class Gate(nn.Module):
         # A whole-map average pool, as the code's fixed AvgPool2d(16) is at 32 px.
         scores = self.bn(self.fc(torch.flatten(F.avg_pool2d(x, x.shape[-2:]), 1)))
         return F.softmax(F.relu(scores) if self.relu else scores, dim=1)
-
-
-def sigmoid_rampup(epoch: int, length: int) -> float:
-    """``exp(−5 (1 − e/L)²)`` for the 0-based epoch ``e`` clipped to ``[0, L]``; 1 when ``L`` is 0."""
-    if length == 0:
-        return 1.0
-    phase = 1.0 - min(max(epoch, 0), length) / length
-    return math.exp(-5.0 * phase * phase)
-
-
-def soft_kl(logits: torch.Tensor, teacher: torch.Tensor, temperature: float, epsilon: float) -> torch.Tensor:
-    """``T² · mean over images of Σ_k q_k (log q_k − log p_k)`` for every branch at once, ``logits`` ``[m, B, K]``,
-    ``q = softmax(teacher / T) + ε`` (not renormalised: the code's quirk when ``ε > 0``), ``p = softmax(z / T)``.
-    Returns ``[m]``."""
-    target = F.softmax(teacher.detach() / temperature, dim=-1) + epsilon
-    log_p = F.log_softmax(logits / temperature, dim=-1)
-    return temperature * temperature * (target * (target.log() - log_p)).sum(-1).mean(-1)
 
 
 @register
@@ -105,12 +92,10 @@ class ONE(BranchedMethod):
         # The teacher is not detached where it is trained: its CE reaches the branches, the gate and the trunk.
         ensemble = torch.einsum("bm,mbk->bk", gate, z)
         epsilon = 1e-7 if self.settings["quirk_one_target_epsilon"] else 0.0
-        kl = soft_kl(z, ensemble, self.settings["one_temperature"], epsilon)
-        # Every branch's CE in one op over the [m·B, K] rows, then a mean per branch.
-        m, batch = z.shape[0], labels.shape[0]
-        ce = F.cross_entropy(z.flatten(0, 1), labels.repeat(m), reduction="none").view(m, batch).mean(1)
+        kl = soft_kl(z, ensemble.detach(), self.settings["one_temperature"], epsilon)
+        ce = branch_cross_entropy(z, labels)
         terms = TermTable(self.form.distances())
-        for i in range(m):
+        for i in range(len(logits)):
             terms.add(f"student{i}.ce", ce[i])
             terms.add(f"student{i}.kl", kl[i], lambdas[0])
         terms.add("ensemble.ce", F.cross_entropy(ensemble, labels))

@@ -48,3 +48,30 @@ def one_step(nets, optimizer, x, y, weight, t=3.0, epsilon=1e-7, gate_relu=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def clilr_kl(pred, teacher, t, epsilon):
+    """OKDDip-AAAI2020's ``utils.KL_Loss``: T² · KLDivLoss(batchmean) of log_softmax(pred/T) against
+    softmax(teacher/T) + ε; the teacher as given (not detached)."""
+    target = F.softmax(teacher / t, dim=1) + epsilon
+    return t * t * F.kl_div(F.log_softmax(pred / t, dim=1), target, reduction="batchmean")
+
+
+def clilr_step(nets, optimizer, x, y, weight, t=3.0, epsilon=1e-7, teacher_gradient=True):
+    m = len(nets.students)
+    h = trunk(nets, x)
+    h.register_hook(lambda grad: grad / m)  # backpropagation rescaling of the shared trunk
+    outputs = [branch(b, h) for b in nets.students]
+    loss = 0.0
+    for i, out in enumerate(outputs):
+        teacher = 0.0
+        for j in range(m):
+            if j != i:
+                teacher = teacher + outputs[j] / (m - 1)
+        if not teacher_gradient:
+            teacher = teacher.detach()
+        loss = loss + F.cross_entropy(out, y) + weight * clilr_kl(out, teacher, t, epsilon)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()

@@ -81,3 +81,34 @@ def test_one_parity_detects_the_epsilon_quirk():
         branch_reference.one_step(nets, optimizer, x, y, 0.7, epsilon=0.0)
 
     assert _run("one", "resnet20", False, reference, (0.7,)) > 1e-10
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked"])
+@pytest.mark.parametrize("model", ["resnet20", "wrn16_2"])
+@pytest.mark.parametrize("quirks", [True, False], ids=["code", "clean"])
+def test_cl_ilr_step_equals_sequential_reference(model, stacked, quirks):
+    weight = 0.7
+    settings = {"quirk_clilr_teacher_gradient": quirks, "quirk_clilr_target_epsilon": quirks}
+
+    def reference(nets, optimizer, x, y):
+        epsilon = 1e-7 if quirks else 0.0
+        branch_reference.clilr_step(nets, optimizer, x, y, weight, epsilon=epsilon, teacher_gradient=quirks)
+
+    error = _run("cl-ilr", model, stacked, reference, (weight,), **settings)
+    print(f"parity cl-ilr {model} {stacked=} {quirks=}: worst error {error:.2e}")
+    assert error < 1e-10
+
+
+def test_cl_ilr_parity_detects_the_rescaling_and_the_teacher_gradient():
+    """With the teachers detached the reference drifts past the tolerance; the trunk's gradient is scaled by 1/m."""
+
+    def detached(nets, optimizer, x, y):
+        branch_reference.clilr_step(nets, optimizer, x, y, 0.7, teacher_gradient=False)
+
+    assert _run("cl-ilr", "resnet20", False, detached, (0.7,)) > 1e-6
+    # The rescaling itself: what the branches read of the trunk passes back a third of their gradient (m = 3).
+    torch.manual_seed(0)
+    nets = build("resnet20", 10, 3, 16, method="cl-ilr")
+    shared = torch.randn(2, 16, 8, 8, requires_grad=True)
+    nets.to_branches(shared).sum().backward()
+    assert torch.equal(shared.grad, torch.full_like(shared, 1 / 3))
