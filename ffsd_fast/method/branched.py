@@ -57,7 +57,8 @@ class BranchedMethod(Method):
         shared, _ = self.trunk(images)
         to_branches = self.to_branches(shared)
         # A branch whose first layer is a BatchNorm cannot read the one shared tensor stacked: copies, side by side.
-        given = to_branches if self.students[0].shared_input else Group([to_branches] * len(self.students))
+        count = len(self.stack_groups()["branches"])
+        given = to_branches if self.students[0].shared_input else Group([to_branches] * count)
         logits, (last,) = self.form("branches", given)
         return shared, logits, last
 

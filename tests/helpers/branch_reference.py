@@ -75,3 +75,42 @@ def clilr_step(nets, optimizer, x, y, weight, t=3.0, epsilon=1e-7, teacher_gradi
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def branch_features(b, h):
+    """The stock backbone's last stage on ``h``, average-pooled, and its classifier's logits."""
+    if hasattr(b, "fc"):  # CIFAR ResNet
+        pooled = b.layer3(h).mean((2, 3))
+        return pooled, b.fc(pooled)
+    pooled = F.relu(b.bn1(b.layer3(h))).mean((2, 3))  # WRN
+    return pooled, b.linear(pooled)
+
+
+def okddip_step(nets, optimizer, x, y, weight, t=3.0, epsilon=1e-7, target_gradient=True, self_attention=True):
+    """DefangChen/OKDDip-AAAI2020 ``train_GL.py``'s step on ``models/model_cifar/resnet_GL.py``'s forward: the peers'
+    logits ``pro`` [B, K, P], their attention-mixed targets ``x_m``, the leader's output and its target, the peers'
+    mean."""
+    h = trunk(nets, x)
+    outputs, queries, keys = [], [], []
+    for b in nets.students:
+        pooled, logits = branch_features(b, h)
+        outputs.append(logits)
+        queries.append(nets.query(pooled)[:, None, :])
+        keys.append(nets.key(pooled)[:, None, :])
+    pro = torch.stack(outputs, dim=-1)  # B x K x P
+    energy = torch.bmm(torch.cat(queries, 1), torch.cat(keys, 1).permute(0, 2, 1))
+    if not self_attention:
+        energy = energy - torch.diag(torch.full((energy.size(1),), float("inf")))
+    attention = F.softmax(energy, dim=-1)
+    source = pro if target_gradient else pro.detach()
+    x_m = torch.bmm(source, attention.permute(0, 2, 1))
+    _, leader = branch_features(nets.leader, h)
+    loss_true, loss_group = 0.0, 0.0
+    for i in range(pro.size(2)):
+        loss_true = loss_true + F.cross_entropy(pro[:, :, i], y)
+        loss_group = loss_group + clilr_kl(pro[:, :, i], x_m[:, :, i], t, epsilon)
+    loss = loss_true + F.cross_entropy(leader, y) + weight * (loss_group + clilr_kl(leader, source.mean(2), t, epsilon))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()

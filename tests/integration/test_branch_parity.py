@@ -112,3 +112,29 @@ def test_cl_ilr_parity_detects_the_rescaling_and_the_teacher_gradient():
     shared = torch.randn(2, 16, 8, 8, requires_grad=True)
     nets.to_branches(shared).sum().backward()
     assert torch.equal(shared.grad, torch.full_like(shared, 1 / 3))
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked"])
+@pytest.mark.parametrize("model", ["resnet20", "wrn16_2"])
+@pytest.mark.parametrize("quirks", [True, False], ids=["code", "clean"])
+def test_okddip_step_equals_sequential_reference(model, stacked, quirks):
+    weight = 0.7
+    names = ("quirk_okddip_target_gradient", "quirk_okddip_target_epsilon", "quirk_okddip_self_attention")
+    settings = dict.fromkeys(names, quirks)
+
+    def reference(nets, optimizer, x, y):
+        epsilon = 1e-7 if quirks else 0.0
+        branch_reference.okddip_step(
+            nets, optimizer, x, y, weight, epsilon=epsilon, target_gradient=quirks, self_attention=quirks
+        )
+
+    error = _run("okddip", model, stacked, reference, (weight,), **settings)
+    print(f"parity okddip {model} {stacked=} {quirks=}: worst error {error:.2e}")
+    assert error < 1e-10
+
+
+def test_okddip_parity_detects_detached_targets():
+    def detached(nets, optimizer, x, y):
+        branch_reference.okddip_step(nets, optimizer, x, y, 0.7, target_gradient=False)
+
+    assert _run("okddip", "resnet20", False, detached, (0.7,)) > 1e-6
