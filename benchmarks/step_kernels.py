@@ -357,7 +357,9 @@ def phase_modules(method: Method) -> dict[str, list[nn.Module]]:
     groups, stacks = method.stack_groups(), getattr(method.form, "stacks", {})
     leader = getattr(method, "leader", None)
     trunk = getattr(method, "trunk", None)  # a branch method's shared trunk: backbone layers, run once
-    helpers = method.helpers() if hasattr(method, "helpers") else []  # a branch method's gate and the like
+    # A branch method's gate and the like: its helpers that are not networks of a group (OKDDip's leader is both).
+    grouped = {id(m) for group in groups.values() for m in group}
+    helpers = [m for m in (method.helpers() if hasattr(method, "helpers") else []) if id(m) not in grouped]
     return {
         "backbones": [m for name, group in groups.items() if name != "decoders" for m in group]
         + [stack for name, stack in stacks.items() if name != "decoders"]
