@@ -4,7 +4,8 @@
 
 Each run is ``python -m ffsd_fast.train --method M --seed S`` on the embedded digits with the digits recipe (20
 epochs, batch 32, lr ×0.1 after epochs 16 and 18) unless ``--epochs``/``--milestones`` shorten it,
-``--num-students 3`` (the public code's three branches) and the method's flags below. The runs go side by side, one
+``--num-students 3`` (the public code's three branches; OKDDip's three peers and its leader) and the method's
+flags below. The runs go side by side, one
 thread each (``--parallel``, default all). One JSON line per run (the command, the deployed network's final and
 best top-1) is appended to ``benchmarks/results/branch_methods_digits.jsonl``.
 """
@@ -29,6 +30,8 @@ FLAGS = {
     "one": ["--one-rampup-epochs", "5"],
     # The same share of CL-ILR's 80 of 300.
     "cl-ilr": ["--clilr-rampup-epochs", "5"],
+    # OKDDip: three peers and the leader (the code's four branches), the same ramp share.
+    "okddip": ["--okddip-rampup-epochs", "5"],
 }
 
 
