@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/step_kernels.py --workload cifar100-resnet32-m2-b128 --variants reference,fast
     .venv/bin/python benchmarks/step_kernels.py --workload imagenet-resnet18-m2-b256 --variants fast --batch 8
+    .venv/bin/python benchmarks/step_kernels.py --method one --workload cifar100-resnet32-m3-b128 --variants stacked
+
+``--method`` counts another method's step (its λ's at their defaults; the ``reference`` variant is FFSD's alone).
 
 Why: on a GPU the step runs as one CUDA graph, and the small CIFAR networks are bound by how many kernels it
 launches, not by their arithmetic. This counts them without a GPU, for the workloads and variants of
@@ -29,9 +32,11 @@ data- and weight-gradient kernels; a multi-tensor ``_foreach_*``/``_fused_*`` op
 tensors), so the count is a lower bound on what ``nsys`` would list, and a like-for-like measure of what the code
 asks for.
 
-Phases: ``backbones`` (the students and the leader's backbone; with ``--stack-networks``, the stack that runs them),
+Phases: ``backbones`` (the students and the leader's backbone, or a branch method's trunk and branches; with
+``--stack-networks``, the stack that runs them),
 ``decoders`` (the self-distillation decoders, their no-grad target passes included; stacked, their stack),
-``fusion`` (the fusion module and the leader's trans-fusion head), ``optimisers`` (``step`` and ``zero_grad``;
+``fusion`` (the fusion module and the leader's trans-fusion head; a branch method's helpers, as ONE's gate),
+``optimisers`` (``step`` and ``zero_grad``;
 direction ``update``) and ``losses`` (everything else: the loss terms and their sum, the backward's seed gradient
 and, with channels-last, the one copy of the batch into that layout). Forward ops are
 attributed by forward pre/post hooks on those modules; backward ops by the autograd node that runs them
@@ -352,11 +357,17 @@ def phase_modules(method: Method) -> dict[str, list[nn.Module]]:
     their stacks), the decoders (and their stack), and FFSD's fusion module and trans-fusion head."""
     groups, stacks = method.stack_groups(), getattr(method.form, "stacks", {})
     leader = getattr(method, "leader", None)
+    trunk = getattr(method, "trunk", None)  # a branch method's shared trunk: backbone layers, run once
+    # A branch method's gate and the like: its helpers that are not networks of a group (OKDDip's leader is both).
+    grouped = {id(m) for group in groups.values() for m in group}
+    helpers = [m for m in (method.helpers() if hasattr(method, "helpers") else []) if id(m) not in grouped]
     return {
         "backbones": [m for name, group in groups.items() if name != "decoders" for m in group]
-        + [stack for name, stack in stacks.items() if name != "decoders"],
+        + [stack for name, stack in stacks.items() if name != "decoders"]
+        + ([trunk] if trunk is not None else []),
         "decoders": [*groups.get("decoders", []), *([stacks["decoders"]] if "decoders" in stacks else [])],
-        "fusion": [m for m in (getattr(method, "fusion", None), getattr(leader, "head", None)) if m is not None],
+        "fusion": [m for m in (getattr(method, "fusion", None), getattr(leader, "head", None)) if m is not None]
+        + helpers,
     }
 
 
@@ -563,6 +574,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", default="cifar100-resnet32-m2-b128")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--method", default="ffsd", help="the method whose step is counted (default ffsd; reference: ffsd's only)"
+    )
     parser.add_argument("--batch", type=int, help="count this batch instead of the workload's (the same count)")
     parser.add_argument(
         "--run-triton", action="store_true", help="run the Triton kernels in the interpreter (slow; the same count)"
@@ -581,6 +595,10 @@ def main(argv: list[str] | None = None) -> None:
     if not INTERPRETER:  # triton was imported before this module set TRITON_INTERPRET
         raise SystemExit("step_kernels: Triton's interpreter is off (TRITON_INTERPRET=1 before triton is imported)")
     workloads = [throughput.parse_workload(name) for name in args.workload.split(",")]
+    if args.method != "ffsd":
+        if "reference" in variants:
+            raise SystemExit("step_kernels: the reference variant is FFSD's sequential step; drop it for --method")
+        workloads = [{**w, "method": args.method, "name": f"{w['name']}-{args.method}"} for w in workloads]
     meta = {
         "device": "cpu (counted)",
         "run_id": uuid.uuid4().hex[:12],

@@ -198,6 +198,12 @@ def batch(workload: dict, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return images, torch.randint(0, workload["classes"], (workload["batch"],), device=device)
 
 
+def method_lambdas(name: str) -> tuple[float, ...]:
+    """A method's λ's at their defaults (its ``options``), in its ``lambdas`` order."""
+    cls = registry.get(name)
+    return tuple(float(cls.options[n][1].default) for n in cls.lambdas)
+
+
 def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A function of one batch that runs one training step of the variant (and nothing else)."""
     if variant == "auto":
@@ -214,7 +220,9 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
 
         return reference
     flags = levers(variant, device)
-    method, students = ("independent", workload["m"] + 1) if variant == "backbones-only" else ("ffsd", workload["m"])
+    # workload["method"] (step_kernels.py --method): another method's step, FFSD's by default.
+    chosen = workload.get("method", "ffsd")
+    method, students = ("independent", workload["m"] + 1) if variant == "backbones-only" else (chosen, workload["m"])
     kernels = "triton" if flags.get("triton") else "torch"
     if flags.get("triton") and flags.get("torch_ops"):
         kernels = ops_without(flags["torch_ops"])
@@ -237,7 +245,7 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
     optimizers = make_optimizers(nets)
     set_learning_rates(optimizers, 0.1, 1e-3)
     amp = torch.bfloat16 if flags.get("amp") else None
-    lambdas = torch.tensor(LAMBDAS if method == "ffsd" else (), device=device)
+    lambdas = torch.tensor(LAMBDAS if method == "ffsd" else method_lambdas(method), device=device)
     stepper = TrainStep(nets.train(), optimizers, lambdas, amp, channels_last=flags.get("channels_last", False))
     return CapturedStep(stepper) if flags.get("cuda_graph") else stepper
 

@@ -6,5 +6,8 @@ methods shows them (FFSD, then its baselines)."""
 # isort: off
 from ffsd_fast.method import ffsd  # noqa: F401
 from ffsd_fast.method import dml, independent  # noqa: F401
+from ffsd_fast.method import one  # noqa: F401
+from ffsd_fast.method import cl_ilr  # noqa: F401
+from ffsd_fast.method import okddip  # noqa: F401
 
 # isort: on

@@ -145,8 +145,11 @@ class Method(nn.Module):
         peers: the evaluated networks whose average and ensembles are reported (the students).
         labels: what tables call each evaluated network that is not a peer (peer ``i`` is "student i+1").
         deployed: the evaluated network that is kept and exported; ``deployed_prefix`` its backbone's keys in the
-            state dict. reported: the report's number: the deployed network's top-1, or ``students``, their mean.
+            state dict (a tuple of prefixes for one assembled from parts, as a trunk and a branch: the keys under
+            each, each stripped of its prefix, make the stock backbone's state dict).
+        reported: the report's number: the deployed network's top-1, or ``students``, their mean.
         stackable: whether ``--stack-networks`` can run its networks as one.
+        nesterov: whether its SGD uses Nesterov momentum (the reference FFSD's does; some baselines' code does not).
         recipe: per dataset, defaults it sets beside the dataset's (``trainer.recipes``).
         published: (dataset, model) → the paper's (low, high) top-1 of the reported network.
         options: the configuration fields it adds (``option``), by name; they join the run's fields when the
@@ -163,9 +166,10 @@ class Method(nn.Module):
     lambdas: ClassVar[tuple[str, ...]] = ()
     labels: ClassVar[dict[str, str]] = {}
     deployed: ClassVar[str] = "student0"
-    deployed_prefix: ClassVar[str] = "students.0."
+    deployed_prefix: ClassVar[str | tuple[str, ...]] = "students.0."
     reported: ClassVar[str] = "students"
     stackable: ClassVar[bool] = True
+    nesterov: ClassVar[bool] = True
     recipe: ClassVar[dict[str, dict[str, Any]]] = {}
     published: ClassVar[dict[tuple[str, str], tuple[float, float]]] = {}
     options: ClassVar[dict[str, tuple[type, Field]]] = {}
@@ -235,6 +239,11 @@ class Method(nn.Module):
 
         for network in [*(stacks or grouped), *others(self)]:
             network.compile()
+
+    def epoch_lambdas(self, epoch: int) -> dict[str, float] | None:
+        """The ``lambdas`` of a 1-based epoch, by name, for a method whose weights follow a schedule of its own
+        (its paper's code); None, the default: each is warmed up over ``--lambda-warmup-epochs``."""
+        return None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor) -> LossTerms:
         raise NotImplementedError

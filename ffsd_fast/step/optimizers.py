@@ -34,8 +34,8 @@ class OptimizerSpec:
 
 
 def make_optimizers(method: Method, spec: OptimizerSpec = OptimizerSpec()) -> list[torch.optim.Optimizer]:
-    """One SGD (Nesterov) over the method's ``sgd`` parameter groups, then one Adam (L2, not AdamW) over its
-    ``adam`` groups when it has any (FFSD's decoders).
+    """One SGD (Nesterov, unless the method says otherwise) over the method's ``sgd`` parameter groups, then one
+    Adam (L2, not AdamW) over its ``adam`` groups when it has any (FFSD's decoders).
 
     The reference has one optimiser per network; since every update is element-wise, parameter groups of one
     multi-tensor optimiser per kind are the same arithmetic in fewer launches. ``impl``: PyTorch's ``fused`` (the
@@ -68,7 +68,8 @@ def make_optimizers(method: Method, spec: OptimizerSpec = OptimizerSpec()) -> li
         # fused included (measured on an H100), and foreach Adam takes a tensor lr only then.
         adam_kind = {**sgd_kind, "capturable": True} if device.type == "cuda" else sgd_kind
     sgd_groups, adam_groups = groups("sgd", spec.lr), groups("adam", spec.decoder_lr)
-    sgd = sgd_class(sgd_groups, lr=sgd_groups[0]["lr"], momentum=spec.momentum, nesterov=True, **sgd_kind)
+    nesterov = method.nesterov
+    sgd = sgd_class(sgd_groups, lr=sgd_groups[0]["lr"], momentum=spec.momentum, nesterov=nesterov, **sgd_kind)
     if not adam_groups:
         return [sgd]
     return [sgd, adam_class(adam_groups, lr=adam_groups[0]["lr"], **adam_kind)]

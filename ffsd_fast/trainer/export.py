@@ -41,9 +41,10 @@ def deployed_state_dict(state: dict) -> dict[str, torch.Tensor]:
     """The deployed network's parameters and buffers (FFSD's leader backbone, a baseline's first student) out of a
     full checkpoint."""
     prefix = method_of(state["config"]).deployed_prefix
+    prefixes = (prefix,) if isinstance(prefix, str) else prefix  # several: a network assembled from parts
     # Cloned: a run with --stack-networks saves its networks as views into shared tensors, and torch.save would
     # write those whole (every student's weights) beside the leader's.
-    weights = {k[len(prefix) :]: v.clone() for k, v in state["networks"].items() if k.startswith(prefix)}
+    weights = {k[len(p) :]: v.clone() for k, v in state["networks"].items() for p in prefixes if k.startswith(p)}
     # Build the backbone to prove that the weights are complete and of the right shapes before writing anything.
     backbone = models.create(state["config"]["model"], state["num_classes"])
     backbone.load_state_dict(weights, strict=True)

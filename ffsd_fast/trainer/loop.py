@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ffsd_fast.errors import UserError
-from ffsd_fast.method.base import LossTerms
+from ffsd_fast.method.base import LossTerms, Method
 from ffsd_fast.step.distributed import World, all_reduce_sum
 from ffsd_fast.step.optimizers import set_learning_rates
 from ffsd_fast.step.schedules import imagenet_sgd_lr, multistep_lr, warmed_up_lambda
@@ -32,9 +32,13 @@ def learning_rates(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> 
     return multistep_lr(cfg.lr, epoch, cfg.lr_milestones), multistep_lr(cfg.decoder_lr, epoch, cfg.lr_milestones)
 
 
-def lambdas_for(cfg: Config, names: tuple[str, ...], epoch: int) -> dict[str, float]:
-    """The method's λ's (configuration fields ``names``) for a 1-based epoch, each warmed up."""
-    return {name: warmed_up_lambda(getattr(cfg, name), epoch, cfg.lambda_warmup_epochs) for name in names}
+def lambdas_for(cfg: Config, method: Method, epoch: int) -> dict[str, float]:
+    """The method's λ's (configuration fields ``method.lambdas``) for a 1-based epoch: its own schedule's, when it
+    has one, else each warmed up."""
+    own = method.epoch_lambdas(epoch)
+    if own is not None:
+        return {name: own[name] for name in method.lambdas}
+    return {name: warmed_up_lambda(getattr(cfg, name), epoch, cfg.lambda_warmup_epochs) for name in method.lambdas}
 
 
 class LossMeter:
@@ -69,7 +73,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[dict[str, float], float, int]:
     """The epoch's λ's written to the device, then its steps; losses are read back every ``--log-every`` steps.
     Returns (λ's, seconds, images)."""
     cfg, world, loader = run.cfg, run.world, run.train_loader
-    lambdas = lambdas_for(cfg, run.method.lambdas, epoch)
+    lambdas = lambdas_for(cfg, run.method, epoch)
     run.lambdas.copy_(torch.tensor(list(lambdas.values()), dtype=run.lambdas.dtype))
     last_good = (
         f"the last good checkpoint is {run.checkpoint_path} (epoch {epoch - 1})"
