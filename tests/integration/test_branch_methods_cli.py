@@ -1,5 +1,5 @@
 """Each branch method trains end to end through the CLI on the embedded digits data (one by one and stacked),
-exports its deployed network (trunk + branch 1) as the stock backbone, evaluates and reports."""
+exports its deployed network (the trunk and its deployed branch) as the stock backbone, evaluates and reports."""
 
 import json
 import math
@@ -19,6 +19,7 @@ METHODS = {
     # A ramp of one epoch: the code's 0-based ramp gives exp(−5) in the first epoch, 1 from the second.
     "one": (["--one-rampup-epochs", "1"], {"ensemble"}, {"one_consistency": math.exp(-5.0)}),
     "cl-ilr": (["--clilr-rampup-epochs", "1"], set(), {"clilr_consistency": math.exp(-5.0)}),
+    "okddip": (["--okddip-rampup-epochs", "1"], {"leader"}, {"okddip_consistency": math.exp(-5.0)}),
 }
 
 
@@ -44,18 +45,20 @@ def test_branch_method_trains_exports_evaluates_and_reports(tmp_path, capsys, me
     out = tmp_path / "student.pt"
     assert export_main([str(run), "--out", str(out)]) == 0
     sidecar = json.loads((tmp_path / "student.pt.json").read_text())
-    assert (sidecar["method"], sidecar["network"]) == (method, registry.get(method).deployed)
+    declared = registry.get(method)
+    assert (sidecar["method"], sidecar["network"]) == (method, declared.deployed)
     weights = torch.load(out)
     stock = create("resnet20", 10)
     stock.load_state_dict(weights, strict=True)  # trunk + branch 1 is the stock backbone
     networks = torch.load(run / "checkpoint.pt", weights_only=False)["networks"]
     assert torch.equal(weights["conv1.weight"], networks["trunk.conv1.weight"])
-    assert torch.equal(weights["fc.weight"], networks["students.0.fc.weight"])
+    branch = declared.deployed_prefix[1]  # the deployed branch's keys: students.0. or leader.
+    assert torch.equal(weights["fc.weight"], networks[f"{branch}fc.weight"])
 
     capsys.readouterr()
-    assert eval_main([str(out), "--device", "cpu"]) == 0  # the stock network scores what the run's branch 1 did
-    assert f"{summary['students_top1'][0]:.2f}%" in capsys.readouterr().out
+    assert eval_main([str(out), "--device", "cpu"]) == 0  # the stock network scores what the run's deployed one did
+    assert f"{summary[f'{declared.deployed}_top1']:.2f}%" in capsys.readouterr().out
 
     assert report_main([str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if method in line)
-    assert f"{summary['best_student0_top1']:.2f}" in row
+    assert f"{summary[f'best_{declared.deployed}_top1']:.2f}" in row

@@ -20,10 +20,22 @@ METHOD = dict(
 )
 
 
+# The branch methods' configs: their public code's CIFAR recipes (docs/methods/*.md), on the CIFAR image size.
+BRANCH_METHODS = {
+    "one": dict(epochs=300, lr_milestones=[151, 225], num_students=3, weight_decay=1e-4, one_temperature=3.0),
+    "cl-ilr": dict(epochs=300, lr_milestones=[150, 225], num_students=4, weight_decay=5e-4, clilr_temperature=3.0),
+    "okddip": dict(epochs=300, lr_milestones=[150, 225], num_students=3, weight_decay=5e-4, okddip_temperature=3.0),
+}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_resolves_to_the_papers_recipe(path):
     cfg = resolve(parse_args(["-c", str(path), "--data-root", "/data", "--device", "cpu"]))
-    for field, value in {**PAPER[cfg.dataset], **METHOD}.items():
+    if cfg.method in BRANCH_METHODS:
+        expected = {"batch_size": 128, "lr": 0.1, "momentum": 0.9, "image_size": 32, **BRANCH_METHODS[cfg.method]}
+    else:
+        expected = {**PAPER[cfg.dataset], **METHOD}
+    for field, value in expected.items():
         assert getattr(cfg, field) == value, field
 
 
