@@ -9,8 +9,6 @@ from ffsd_fast.method import registry
 from ffsd_fast.method.base import LossTerms, Method
 from ffsd_fast.step.train_step import TrainStep
 
-LAMBDAS = (1e-5, 1000.0, 10.0)  # FFSD's (λ_div, λ_sd, λ_f) after the warm-up
-
 
 def build(
     model: str,
