@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 
 def trunk(nets, x):
-    """The stock backbone's forward up to the last stage, from its own layers (CIFAR ResNet or WRN)."""
+    """The stock backbone's forward up to the last stage, from its own layers (CIFAR or ImageNet ResNet, or WRN)."""
     t = nets.trunk
+    if hasattr(t, "maxpool"):  # ImageNet ResNet: the stem, then layer1-3
+        return t.layer3(t.layer2(t.layer1(t.maxpool(F.relu(t.bn1(t.conv1(x)))))))
     if hasattr(t, "bn1"):  # CIFAR ResNet
         return t.layer2(t.layer1(F.relu(t.bn1(t.conv1(x)))))
     return t.layer2(t.layer1(t.conv1(x)))  # WRN
@@ -17,6 +19,8 @@ def trunk(nets, x):
 
 def branch(b, h):
     """The stock backbone's last stage and classifier on the trunk's output ``h``."""
+    if hasattr(b, "layer4"):  # ImageNet ResNet
+        return b.fc(b.layer4(h).mean((2, 3)))
     if hasattr(b, "fc"):  # CIFAR ResNet
         return b.fc(b.layer3(h).mean((2, 3)))
     return b.linear(F.relu(b.bn1(b.layer3(h))).mean((2, 3)))  # WRN
@@ -79,6 +83,9 @@ def clilr_step(nets, optimizer, x, y, weight, t=3.0, epsilon=1e-7, teacher_gradi
 
 def branch_features(b, h):
     """The stock backbone's last stage on ``h``, average-pooled, and its classifier's logits."""
+    if hasattr(b, "layer4"):  # ImageNet ResNet
+        pooled = b.layer4(h).mean((2, 3))
+        return pooled, b.fc(pooled)
     if hasattr(b, "fc"):  # CIFAR ResNet
         pooled = b.layer3(h).mean((2, 3))
         return pooled, b.fc(pooled)
