@@ -219,10 +219,11 @@ def markdown(table: list[dict]) -> str:
             f"{published} | {difference} |"
         )
     note = (
-        "\nTop-1 in %: the leader's for FFSD, the students' mean for the baselines; *best* is each run's best "
-        "over epochs (what the paper reports), *final* its last epoch. Published: the paper's leader, three "
-        "runs (docs/models-and-recipes.md); the difference is from the middle of that range, for runs of the "
-        "recipe's epochs on every class only.\n\n"
+        "\nTop-1 in %: each method's reported network's (its kept network, or the students' mean); *best* is "
+        "each run's best over epochs (what the paper reports), *final* its last epoch. Published: the method's "
+        "paper's number for that network (FFSD: the leader's three runs, docs/models-and-recipes.md; the "
+        "baselines: docs/methods/); the difference is from the middle of that range, for runs of the recipe's "
+        "epochs on every class only.\n\n"
         "A row is the n runs that differ only in their seed. *settings* names the fields on which the rows of "
         "one dataset, model, method and m differ (`?`: that run's code did not record the field). *repeated*: "
         "two runs share a seed, so they are not independent samples and the std understates the spread over "
@@ -256,7 +257,7 @@ def bar_chart(table: list[dict], path: Path) -> None:
     )
     published = [(x, sum(r["published"]) / 2) for x, r in zip(xs, table, strict=True) if r["published"]]
     if published:
-        ax.bar([x + 0.2 for x, _ in published], [v for _, v in published], 0.4, label="paper (leader)")
+        ax.bar([x + 0.2 for x, _ in published], [v for _, v in published], 0.4, label="paper")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("top-1 (%)")
     ax.set_ylim(bottom=0)

@@ -41,6 +41,10 @@ class OKDDip(BranchedMethod):
         "cifar10": {"epochs": 300, "lr_milestones": [150, 225]},
         "cifar100": {"epochs": 300, "lr_milestones": [150, 225]},
     }
+    # The paper's group leader, branch-based, CIFAR-100 ResNet-32: 25.65 ± 0.15 % top-1 error, the mean as the range
+    # (Chen et al., AAAI 2020, Table 2, as quoted in DefangChen/OKDDip issue #1; docs/methods/okddip.md, "Published
+    # numbers").
+    published = {("cifar100", "resnet32"): (74.35, 74.35)}
     options = {
         "okddip_temperature": option(float, 3.0, "OKDDip: temperature of both levels' KL", above=0),
         "okddip_consistency": option(float, 1.0, "OKDDip: weight of both levels' KL", at_least=0),

@@ -187,3 +187,15 @@ def test_the_classes_come_from_the_runs_checkpoint_when_the_summary_lacks_them(t
     run = {"dataset": "imagenet", "epochs": 89, "run_dir": str(tmp_path)}
     assert not_comparable([run]) == "4 of imagenet's 1000 classes"
     assert not_comparable([{**run, "run_dir": str(tmp_path / "gone")}]) == ""  # unknown: not claimed either way
+
+
+def test_a_baseline_row_shows_its_papers_number_for_its_reported_network(tmp_path):
+    """OKDDip reports its group leader: the row takes the leader's best top-1 and the method's ``published``."""
+    from ffsd_fast.method import registry
+
+    low, high = registry.get("okddip").published[("cifar100", "resnet32")]
+    config = {"method": "okddip", "num_students": 3, "epochs": 300}
+    _summary(tmp_path, "okddip-0", config, best_leader_top1=74.0, leader_top1=73.5, best_students_top1=[1.0] * 3)
+    (row,) = _table(tmp_path)
+    assert row["method"] == "okddip" and row["published"] == (f"{low:.2f}" if low == high else f"{low:.2f}–{high:.2f}")
+    assert row["best − published"] == f"{74.0 - (low + high) / 2:+.2f}"
