@@ -199,3 +199,14 @@ def test_a_baseline_row_shows_its_papers_number_for_its_reported_network(tmp_pat
     (row,) = _table(tmp_path)
     assert row["method"] == "okddip" and row["published"] == (f"{low:.2f}" if low == high else f"{low:.2f}–{high:.2f}")
     assert row["best − published"] == f"{74.0 - (low + high) / 2:+.2f}"
+
+
+def test_a_run_is_held_to_its_methods_recipe_epochs():
+    """ONE's recipe trains 300 epochs where the dataset's (the reference FFSD's) trains 299: a 299-epoch ONE run is
+    one short of its paper's."""
+    from ffsd_fast.cli.comparable import not_comparable
+
+    one = {"dataset": "cifar100", "method": "one", "num_classes": 100}
+    assert not_comparable([{**one, "epochs": 299}]) == "299 of the recipe's 300 epochs"
+    assert not_comparable([{**one, "epochs": 300}]) == ""
+    assert not_comparable([{**one, "method": "ffsd", "epochs": 299}]) == ""
