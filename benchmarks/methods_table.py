@@ -17,7 +17,8 @@ recipe (80 of 300 epochs: 5 of 20). CIFAR-100 (``--data-root``): each method's p
 
 One JSON line per run (the command, its seconds, the commit, the deployed network's last and best top-1) is
 appended to ``OUT/methods-<dataset>.jsonl``; the table, from ``python -m ffsd_fast.report``'s statistics over the
-runs of each form, is written to ``OUT/methods-<dataset>.md`` and, for digits, between the README's markers.
+runs of each form, is written to ``OUT/methods-<dataset>.md`` and, for digits with the default ``--out``, between the
+README's markers.
 """
 
 import argparse
@@ -42,6 +43,7 @@ METHODS = ("independent", "dml", "ffsd", "one", "cl-ilr", "okddip", "kdcl", "pcl
 FORMS = ("per-network", "stacked")
 NUM_STUDENTS = 3  # digits: the same m for every method (the branch methods' public code runs three branches)
 README_BEGIN, README_END = "<!-- methods-digits:begin -->", "<!-- methods-digits:end -->"
+RESULTS = ROOT / "benchmarks" / "results"
 CIFAR_CONFIG = ROOT / "configs" / "cifar100-resnet32.yaml"
 
 
@@ -132,6 +134,7 @@ def row(method: str, form: str, seed: int, seconds: float, args: argparse.Namesp
         "deployed_macs": macs,
         "device": summary["device"],
         "threads": summary["threads"],
+        "lr_milestones": summary["config"]["lr_milestones"],
         "commit": args.commit,
     }
 
@@ -179,14 +182,35 @@ def table(runs: Path, forms: list[str], results: list[dict]) -> list[str]:
     return lines
 
 
+RECIPE_NOTE = {
+    "digits": "Each run (S: the seed), on the digits recipe; a `--*-rampup-epochs` flag is the method's ramp-up at the "
+    "share of the run that its default takes of its CIFAR-100 recipe (80 of 300 epochs: 5 of 20):\n",
+    "cifar100": "Each run (S: the seed): the method's paper recipe, its configuration file (m included), on "
+    "CIFAR-100:\n",
+}
 NOTE = (
     "Top-1 in % of the network each method keeps (`deployed`: what `ffsd-export` writes), mean ± std over the seeds. "
     "*Last epoch*: after the final epoch, the network exported; *best epoch*: its best over epochs on the test split, "
     "as several papers report (chosen on the test set, so it reads high). img/s: training images a second, every "
     "network's step included; s/run: each run's wall time, start-up and evaluation included. Parameters and "
     "multiply-adds: the deployed stock backbone on one image. per-network and stacked (`--step`) compute the same "
-    "maths; their numbers differ by floating-point order alone."
+    "maths (the parity tests); their numbers differ through floating-point rounding, which compounds over epochs."
 )
+
+
+def setup(results: list[dict]) -> str:
+    """One line: what every run of the table shared, read from their rows."""
+
+    def values(key: str) -> str:
+        shown = {r[key] if isinstance(r[key], str) else json.dumps(r[key]) for r in results}
+        return ", ".join(sorted(shown)) or "–"
+
+    hours = sum(r["seconds"] for r in results) / 3600
+    return (
+        f"Epochs {values('epochs')} (lr ×0.1 after epochs {values('lr_milestones')}), seeds {values('seed')}, "
+        f"m {values('num_students')}, {values('model')}, device {values('device')}, {values('threads')} thread(s) a "
+        f"run; {hours:.2f} hours of runs in all."
+    )
 
 
 def markdown(args: argparse.Namespace, lines: list[str], results: list[dict], skipped: list[str]) -> str:
@@ -198,13 +222,12 @@ def markdown(args: argparse.Namespace, lines: list[str], results: list[dict], sk
     text = [
         f"# Online-distillation methods on {dataset}\n",
         f"Written by `benchmarks/methods_table.py {shown}` at commit `{args.commit}` "
-        f"({len(results)} runs; rows in `methods-{args.dataset}.jsonl`).\n",
+        f"({len(results)} runs; rows in `methods-{args.dataset}.jsonl`). {setup(results)}\n",
         *lines,
         "",
         NOTE,
         "",
-        "Each run (S: the seed; the `--*-rampup-epochs` flags are each method's ramp-up at the share of the run that "
-        "its default is of its CIFAR recipe, 80 of 300 epochs):\n",
+        RECIPE_NOTE[args.dataset],
         *[f"    {commands[key]}" for key in sorted(commands, key=lambda k: (order(k[0]), FORMS.index(k[1])))],
     ]
     if skipped:
@@ -212,7 +235,7 @@ def markdown(args: argparse.Namespace, lines: list[str], results: list[dict], sk
     return "\n".join(text) + "\n"
 
 
-def update_readme(path: Path, lines: list[str], md_name: str) -> None:
+def update_readme(path: Path, lines: list[str], results: list[dict], md_name: str) -> None:
     """Rewrites what lies between the README's markers: the table and where it comes from."""
     text = path.read_text(encoding="utf-8")
     if README_BEGIN not in text or README_END not in text:
@@ -220,7 +243,7 @@ def update_readme(path: Path, lines: list[str], md_name: str) -> None:
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     source = f"Written by `benchmarks/methods_table.py`: [{md_name}](benchmarks/results/{md_name})."
-    block = "\n".join([*lines, "", source])
+    block = "\n".join([setup(results), "", *lines, "", source])
     path.write_text(f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}", encoding="utf-8")
 
 
@@ -234,13 +257,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, help="runs side by side (default: the CPU cores; 1 on a GPU)")
     parser.add_argument("--data-root", help="the CIFAR-100 comparison: the folder holding cifar-100-python/")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu for digits, cuda for CIFAR-100")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the .jsonl and .md go")
+    parser.add_argument("--out", default=str(RESULTS), help="where the .jsonl and .md go")
     parser.add_argument("--runs-dir", help="keep the run directories here (default: a temporary folder)")
-    parser.add_argument("--readme", default=str(ROOT / "README.md"), help="digits: the README whose block to rewrite")
+    parser.add_argument("--readme", help="digits: the README whose block to rewrite (default: with the default --out)")
     parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.dataset = "cifar100" if args.data_root else "digits"
+    # The README's block links the default results folder: it shows a table written elsewhere only when asked.
+    args.readme = args.readme or (str(ROOT / "README.md") if Path(args.out).resolve() == RESULTS else None)
     args.device = args.device or ("cuda" if args.data_root else "cpu")
     args.jobs = args.jobs or (os.cpu_count() or 1 if args.device == "cpu" else 1)
     unknown = set(args.methods.split(",")) - set(METHODS) - set(registry.names())
@@ -281,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         fh.writelines(json.dumps(r) + "\n" for r in results)
     md_name = f"methods-{args.dataset}.md"
     (out / md_name).write_text(markdown(args, lines, results, skipped + [f"failed: {f}" for f in failed]))
-    if args.dataset == "digits" and not args.no_readme:
-        update_readme(Path(args.readme), lines, md_name)
+    if args.dataset == "digits" and args.readme and not args.no_readme:
+        update_readme(Path(args.readme), lines, results, md_name)
     print(f"written: {out / md_name}, {out / f'methods-{args.dataset}.jsonl'}", flush=True)
     return 1 if failed else 0
 
