@@ -15,7 +15,7 @@ def cost(name: str, num_classes: int, image_size: int) -> tuple[int, int]:
     Built on the meta device: no weights are drawn (the global random state is untouched) and nothing is computed,
     so it takes well under a second even for an ImageNet model. The multiply-adds are those of its convolutions and
     matrix products (``FlopCounterMode`` counts 2 FLOPs each); BatchNorm, activations and pooling are left out, as
-    papers count them."""
+    model cards count them (torchvision's ResNet-18: 1.81 G)."""
     models.check_image_size(name, image_size)
     with torch.device("meta"):
         network = models.create(name, num_classes).eval()
