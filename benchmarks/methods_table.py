@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from ffsd_fast.cli import report  # noqa: E402
 from ffsd_fast.method import registry  # noqa: E402
+from ffsd_fast.trainer.recipes import RECIPES  # noqa: E402
 from ffsd_fast.trainer.runlog import commit_label  # noqa: E402
 
 # Every method of the comparison, in the order of the table; a method this installation does not register is skipped.
@@ -71,10 +72,10 @@ def rampup_flags(method: str, epochs: int) -> list[str]:
     """Each ``*_rampup_epochs`` option of the method at the share of ``epochs`` that its default is of the method's
     CIFAR-100 recipe (80 of 300 → 5 of 20); nothing for a method without one."""
     cls = registry.get(method)
-    reference = cls.recipe.get("cifar100", {}).get("epochs")
+    reference = cls.recipe.get("cifar100", {}).get("epochs", RECIPES["cifar100"].epochs)
     flags = []
     for name, (_, field) in cls.options.items():
-        if name.endswith("_rampup_epochs") and reference:
+        if name.endswith("_rampup_epochs"):
             flags += [f"--{name.replace('_', '-')}", str(round(field.default * epochs / reference))]
     return flags
 
@@ -163,7 +164,7 @@ def table(runs: Path, forms: list[str], results: list[dict]) -> list[str]:
     for method in methods:
         first = next(stats[form][method] for form in forms if method in stats[form])
         params, macs = ("?", "?") if first["cost"] is None else map(report.short_count, first["cost"])
-        cells = [method, str(first["m"]), report.network_label(first["deployed"]), params, macs]
+        cells = [method, str(first["m"]), first["deployed"], params, macs]
         for form in forms:
             r = stats[form].get(method)
             seconds = [x["seconds"] for x in results if x["method"] == method and x["form"] == form]

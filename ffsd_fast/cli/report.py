@@ -116,7 +116,7 @@ def _deployed(runs: list[dict]) -> dict:
     costs = {deployed_cost(s) for s in runs}
     speeds = [s["images_per_s"] for s in runs if "images_per_s" in s]
     return {
-        "deployed": registry.get(name).deployed if name in registry.names() else None,
+        "deployed": deployed_label(name),
         "deployed_final": None if None in final else _mean_std(final),
         "deployed_best": None if None in best else _mean_std(best),
         "images_per_s": statistics.fmean(speeds) if len(speeds) == len(runs) else None,
@@ -288,11 +288,14 @@ def short_count(value: int) -> str:
     return f"{value / 1e9:.2f} G" if value >= 1e9 else f"{value / 1e6:.2f} M"
 
 
-def network_label(name: str | None) -> str:
-    if name is None:
+def deployed_label(method: str) -> str:
+    """What tables call the method's deployed network (``leader``, ``student 1``); ``?`` for a method this process
+    does not know."""
+    if method not in registry.names():
         return "?"
-    peer = name.removeprefix("student")
-    return f"student {int(peer) + 1}" if peer.isdigit() else name
+    cls = registry.get(method)
+    peer = cls.deployed.removeprefix("student")
+    return cls.labels.get(cls.deployed) or (f"student {int(peer) + 1}" if peer.isdigit() else cls.deployed)
 
 
 def by_method(table: list[dict]) -> list[dict]:
@@ -314,7 +317,7 @@ def deployed_markdown(table: list[dict]) -> str:
         params, macs = ("?", "?") if r["cost"] is None else map(short_count, r["cost"])
         lines.append(
             f"| {r['dataset']} | {r['model']} | {r['method']} | {r['m']} | {r['n']} | {r['seeds']} | {r['epochs']} | "
-            f"{r['settings']} | {network_label(r['deployed'])} | {mean_std_cell(r['deployed_final'])} | "
+            f"{r['settings']} | {r['deployed']} | {mean_std_cell(r['deployed_final'])} | "
             f"{mean_std_cell(r['deployed_best'])} | {speed} | {params} | {macs} |"
         )
     note = (
