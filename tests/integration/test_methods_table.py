@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 
+from ffsd_fast.cli.report import main as report_main
 from ffsd_fast.method import registry
 from ffsd_fast.models.cost import cost
 from ffsd_fast.trainer.config import Config, parse_command, resolve, to_dict
@@ -121,7 +122,8 @@ def test_a_tiny_table_writes_its_rows_its_table_and_the_readme_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{table_script.README_BEGIN}\nold\n{table_script.README_END}\nafter\n")
     argv = ["--methods", "independent,dml", "--forms", "per-network", "--seeds", "0", "--epochs", "1", "--jobs", "2"]
-    assert table_script.main([*argv, "--out", str(tmp_path), "--readme", str(readme)]) == 0
+    runs = tmp_path / "runs"
+    assert table_script.main([*argv, "--out", str(tmp_path), "--readme", str(readme), "--runs-dir", str(runs)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "methods-digits.jsonl").read_text().splitlines()]
     assert [(r["method"], r["form"], r["seed"], r["epochs"]) for r in rows] == [
         ("independent", "per-network", 0, 1),
@@ -137,5 +139,9 @@ def test_a_tiny_table_writes_its_rows_its_table_and_the_readme_block(tmp_path):
     dml = next(line for line in text.splitlines() if line.startswith("| dml |"))
     assert f"| {rows[1]['deployed_top1']:.2f} ± 0.00 | {rows[1]['best_deployed_top1']:.2f} ± 0.00 | 1 |" in dml
     assert "--seed S --step per-network" in text and "*Last epoch*" in text
+    # The same runs through python -m ffsd_fast.report: its by-method table holds the same numbers.
+    assert report_main([str(runs / "per-network")]) == 0
+    report = (runs / "per-network" / "report.md").read_text()
+    assert f"| {rows[1]['deployed_top1']:.2f} ± 0.00 | {rows[1]['best_deployed_top1']:.2f} ± 0.00 |" in report
     block = readme.read_text()
     assert block.startswith("before\n") and block.endswith("after\n") and "old" not in block and dml in block
