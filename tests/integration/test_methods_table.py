@@ -47,12 +47,13 @@ def _resolved(args, method: str, form: str) -> Config:
 
 @pytest.mark.parametrize("method", [m for m in table_script.METHODS if m in registry.names()])
 def test_the_commands_are_the_ones_the_trainer_reads(tmp_path, method):
-    digits = _resolved(table_script.parse(["--epochs", "4", "--milestones", "2,3"]), method, "stacked")
+    form = "stacked" if registry.get(method).stackable else "per-network"
+    digits = _resolved(table_script.parse(["--epochs", "4", "--milestones", "2,3"]), method, form)
     assert (digits.dataset, digits.model, digits.image_size, digits.num_students) == ("digits", "resnet20", 16, 3)
     assert (digits.method, digits.seed, digits.step, digits.epochs, digits.lr_milestones) == (
         method,
         1,
-        "stacked",
+        form,
         4,
         [2, 3],
     )
