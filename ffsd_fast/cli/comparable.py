@@ -13,7 +13,7 @@ from ffsd_fast.trainer.recipes import RECIPES
 PAPER_CLASSES = {"cifar100": 100, "imagenet": 1000}
 
 
-def _num_classes(summary: dict) -> int | None:
+def num_classes(summary: dict) -> int | None:
     """The classes the run trained on: its summary's, else its checkpoint's (summaries do not all record them)."""
     if isinstance(summary.get("num_classes"), int):
         return summary["num_classes"]
@@ -46,7 +46,7 @@ def not_comparable(runs: list[dict]) -> str:
         epochs = summary.get("epochs")
         if isinstance(epochs, int) and epochs < wanted:
             reasons.append(f"{epochs} of the recipe's {wanted} epochs")
-        classes = _num_classes(summary)
+        classes = num_classes(summary)
         if classes is not None and classes != PAPER_CLASSES[dataset]:
             reasons.append(f"{classes} of {dataset}'s {PAPER_CLASSES[dataset]} classes")
     return "; ".join(dict.fromkeys(reasons))

@@ -18,6 +18,11 @@ folders): they stay in the mean, since the report cannot tell which one to drop,
 recorded is grouped by what it holds (dataset, model, method, m, epochs, world size); its settings and seed show as
 unknown and it never joins a group of runs that record their configuration.
 
+A second table, by method, gives each row's deployed network (the one ``ffsd-export`` keeps): mean ± std over the
+runs of its last-epoch and of its best-epoch top-1 (best on the test split, as several papers report), the training
+images/s, and its parameters and multiply-adds on one image (``summary.json``'s ``deployed_params`` and
+``deployed_macs``; counted from the model, classes and image size for a run that predates them).
+
 Writes ``report.md`` and ``report.png`` (a bar chart) into ``--out`` (default: RUNS_DIR) and prints the table.
 """
 
@@ -27,9 +32,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from ffsd_fast.cli.comparable import not_comparable
+from ffsd_fast.cli.comparable import not_comparable, num_classes
 from ffsd_fast.errors import UserError
 from ffsd_fast.method import registry
+from ffsd_fast.models.cost import cost
 from ffsd_fast.trainer.config import FIELDS, RESULT_NEUTRAL
 from ffsd_fast.trainer.help_text import HelpFormatter
 
@@ -77,6 +83,46 @@ def headline(summary: dict, best: bool) -> float:
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def deployed_top1(summary: dict, best: bool) -> float | None:
+    """The top-1 of the run's deployed network (the one ``ffsd-export`` keeps), at its best or its final epoch; None
+    for a method this process does not know."""
+    name = method_name(summary)
+    if name not in registry.names():
+        return None
+    prefix, deployed = "best_" if best else "", registry.get(name).deployed
+    if f"{prefix}{deployed}_top1" in summary:
+        return summary[f"{prefix}{deployed}_top1"]
+    # A summary from before the deployed network had a field of its own: a peer's is in the students' list.
+    peer = deployed.removeprefix("student")
+    return summary[f"{prefix}students_top1"][int(peer)] if peer.isdigit() else None
+
+
+def deployed_cost(summary: dict) -> tuple[int, int] | None:
+    """(parameters, multiply-adds on one image) of the deployed network, the stock backbone: as the run recorded
+    them, else counted from its model, classes (summary or checkpoint) and image size; None when those are unknown."""
+    if "deployed_macs" in summary:
+        return summary["deployed_params"], summary["deployed_macs"]
+    classes, size = num_classes(summary), (summary.get("config") or {}).get("image_size")
+    return cost(summary["model"], classes, size) if classes and size else None
+
+
+def _deployed(runs: list[dict]) -> dict:
+    """A row's deployed-network columns: mean ± std over its runs (None where a run lacks the number)."""
+    name = method_name(runs[0])
+    final = [deployed_top1(s, best=False) for s in runs]
+    best = [deployed_top1(s, best=True) for s in runs]
+    costs = {deployed_cost(s) for s in runs}
+    speeds = [s["images_per_s"] for s in runs if "images_per_s" in s]
+    return {
+        "deployed": deployed_label(name),
+        "deployed_final": None if None in final else _mean_std(final),
+        "deployed_best": None if None in best else _mean_std(best),
+        "images_per_s": statistics.fmean(speeds) if len(speeds) == len(runs) else None,
+        # One value when every run agrees (they share model and image size), else unknown.
+        "cost": costs.pop() if len(costs) == 1 else None,
+    }
 
 
 # Fields with a column of their own, so never repeated in the settings column.
@@ -188,6 +234,7 @@ def rows(summaries: list[dict]) -> list[dict]:
                 "published": paper,
                 "difference": best - middle if middle is not None else None,
                 "not_comparable": caveat,
+                **_deployed(runs),
             }
         )
     return table
@@ -229,6 +276,59 @@ def markdown(table: list[dict]) -> str:
         "two runs share a seed, so they are not independent samples and the std understates the spread over "
         "seeds. *unknown (no config)*: the summaries predate the recorded configuration; they are grouped by "
         "epochs and world size alone.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def mean_std_cell(value: tuple[float, float] | None) -> str:
+    return "?" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
+
+
+def short_count(value: int) -> str:
+    """``0.27 M``, ``1.81 G``."""
+    return f"{value / 1e9:.2f} G" if value >= 1e9 else f"{value / 1e6:.2f} M"
+
+
+def deployed_label(method: str) -> str:
+    """What tables call the method's deployed network (``leader``, ``student 1``); ``?`` for a method this process
+    does not know."""
+    if method not in registry.names():
+        return "?"
+    cls = registry.get(method)
+    peer = cls.deployed.removeprefix("student")
+    return cls.labels.get(cls.deployed) or (f"student {int(peer) + 1}" if peer.isdigit() else cls.deployed)
+
+
+def by_method(table: list[dict]) -> list[dict]:
+    """The rows in the order the methods are registered (FFSD, then its baselines), each dataset and model apart."""
+    order = {name: i for i, name in enumerate(registry.names())}
+    return sorted(table, key=lambda r: (r["dataset"], r["model"], order.get(r["method"], len(order)), r["method"]))
+
+
+def deployed_markdown(table: list[dict]) -> str:
+    """The deployed network of each row, by method: what a user of each method keeps and what it costs."""
+    lines = [
+        "## The deployed network, by method\n",
+        "| dataset | model | method | m | n | seeds | epochs | settings | deployed | last-epoch top-1 (mean ± std) "
+        "| best-epoch top-1 (mean ± std) | train images/s | parameters | multiply-adds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in by_method(table):
+        speed = "?" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}"
+        params, macs = ("?", "?") if r["cost"] is None else map(short_count, r["cost"])
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['method']} | {r['m']} | {r['n']} | {r['seeds']} | {r['epochs']} | "
+            f"{r['settings']} | {r['deployed']} | {mean_std_cell(r['deployed_final'])} | "
+            f"{mean_std_cell(r['deployed_best'])} | {speed} | {params} | {macs} |"
+        )
+    note = (
+        "\nThe network each method keeps (its declaration's `deployed`, the one `ffsd-export` writes), top-1 in %. "
+        "*Last epoch*: its top-1 after the final epoch, the network exported. "
+        "*Best epoch*: its best top-1 over epochs on the test split, as several papers report (a choice made on the "
+        "test set, so it reads high). Train images/s: training images a second, every network's step included (the "
+        "mean over the runs). Parameters and multiply-adds: the stock backbone, one image at the run's size, "
+        "convolutions and matrix products (BatchNorm, activations and pooling left out). Rows as in the table "
+        "above; `?`: a method this process does not know, or a run that did not record the number.\n"
     )
     return "\n".join(lines) + "\n" + note
 
@@ -283,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"report: error: {error}", file=sys.stderr)
         return 2
-    text = markdown(table)
+    text = markdown(table) + "\n" + deployed_markdown(table)
     (out / "report.md").write_text(text)
     bar_chart(table, out / "report.png")
     print(text)

@@ -26,6 +26,7 @@ from ffsd_fast.data.loaders import build_loaders, smallest_train_batch
 from ffsd_fast.errors import UserError
 from ffsd_fast.files import write_atomic
 from ffsd_fast.method import registry
+from ffsd_fast.models.cost import cost
 from ffsd_fast.step.cuda_graph import check_capturable
 from ffsd_fast.step.distributed import (
     World,
@@ -274,6 +275,9 @@ def finish(run: Run) -> dict:
     cfg, world, history = run.cfg, run.world, run.history
     train_seconds = sum(h["train_seconds"] for h in history)
     images_seen = sum(h["train_images"] for h in history)
+    # The deployed network is the stock backbone (what ffsd-export writes): its cost, counted once here so that the
+    # report reads it from the file.
+    params, macs = cost(cfg.model, run.info.num_classes, cfg.image_size)
     summary = {
         **summarize(history, run.method, run.topk),
         "method": cfg.method,
@@ -282,6 +286,10 @@ def finish(run: Run) -> dict:
         "num_students": cfg.num_students,
         "epochs": cfg.epochs,
         "world_size": world.world_size,
+        "num_classes": run.info.num_classes,
+        "image_size": cfg.image_size,
+        "deployed_params": params,
+        "deployed_macs": macs,
         "train_seconds": train_seconds,
         "images_per_s": images_seen / max(train_seconds, 1e-9),
         "step": {"form": run.form.name, **(run.tuning.record() if run.tuning is not None else {})},

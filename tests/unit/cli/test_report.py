@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ffsd_fast.cli.report import load_summaries, main, markdown, rows
+from ffsd_fast.cli.report import deployed_markdown, load_summaries, main, markdown, rows
 from ffsd_fast.trainer.config import Config, to_dict
 
 _RUN = {"dataset": "cifar100", "model": "resnet32", "method": "ffsd", "num_students": 2, "epochs": 299}
@@ -36,6 +36,84 @@ def _table(tmp_path) -> list[dict[str, str]]:
     lines = [line for line in _markdown(tmp_path).splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
+
+
+def _deployed_table(tmp_path) -> list[dict[str, str]]:
+    """The by-method table of the deployed network, one dict per row."""
+    lines = [line for line in deployed_markdown(rows(load_summaries(tmp_path))).splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
+
+
+def _cell(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def test_the_deployed_network_by_method_last_and_best_apart(tmp_path):
+    ffsd_last, ffsd_best = [70.0, 72.0, 74.0], [71.0, 73.0, 78.0]
+    for seed in range(3):
+        _summary(
+            tmp_path,
+            f"ffsd-{seed}",
+            {"seed": seed, "image_size": 32},
+            leader_top1=ffsd_last[seed],
+            best_leader_top1=ffsd_best[seed],
+            images_per_s=100.0 * (seed + 1),
+            deployed_params=123_000,
+            deployed_macs=4_560_000_000,
+        )
+    # DML keeps its first student: its numbers, not the students' mean (the other two are far off).
+    dml_last, dml_best = [60.0, 64.0], [61.0, 66.0]
+    for seed in range(2):
+        _summary(
+            tmp_path,
+            f"dml-{seed}",
+            {"method": "dml", "seed": seed, "image_size": 32},
+            student0_top1=dml_last[seed],
+            best_student0_top1=dml_best[seed],
+            students_top1=[dml_last[seed], 90.0, 90.0],
+            best_students_top1=[dml_best[seed], 95.0, 95.0],
+            images_per_s=50.0 + 20 * seed,
+            num_classes=100,  # no recorded cost: counted from the model, the classes and the image size
+        )
+    ffsd, dml = _deployed_table(tmp_path)  # the registry's order: FFSD first
+    assert (ffsd["method"], ffsd["deployed"], ffsd["n"], ffsd["seeds"]) == ("ffsd", "leader", "3", "0,1,2")
+    assert ffsd["last-epoch top-1 (mean ± std)"] == _cell(ffsd_last) == "72.00 ± 2.00"
+    assert ffsd["best-epoch top-1 (mean ± std)"] == _cell(ffsd_best)
+    assert (ffsd["train images/s"], ffsd["parameters"], ffsd["multiply-adds"]) == ("200", "0.12 M", "4.56 G")
+    assert (dml["method"], dml["deployed"], dml["n"]) == ("dml", "student 1", "2")
+    assert dml["last-epoch top-1 (mean ± std)"] == _cell(dml_last) == "62.00 ± 2.83"
+    assert dml["best-epoch top-1 (mean ± std)"] == _cell(dml_best)
+    # ResNet-32, 100 classes, 32 px: 0.47 M parameters, 69.13 M multiply-adds (tests/unit/models/test_cost.py).
+    assert (dml["train images/s"], dml["parameters"], dml["multiply-adds"]) == ("60", "0.47 M", "69.13 M")
+    assert main([str(tmp_path)]) == 0
+    assert "## The deployed network, by method" in (tmp_path / "report.md").read_text()
+
+
+def test_the_deployed_table_splits_settings_and_marks_what_it_cannot_know(tmp_path):
+    # An older summary of the first student has only the students' list; an unknown method has no deployed network.
+    _summary(tmp_path, "old", {"method": "dml"}, students_top1=[61.0, 70.0], best_students_top1=[62.0, 71.0])
+    _summary(
+        tmp_path,
+        "wd",
+        {"method": "dml", "weight_decay": 5e-4},
+        student0_top1=50.0,
+        best_student0_top1=51.0,
+        students_top1=[50.0, 80.0],
+        best_students_top1=[51.0, 81.0],
+    )
+    _summary(tmp_path, "plugin", {"method": "nosuch"}, students_top1=[40.0, 41.0], best_students_top1=[42.0, 43.0])
+    table = {(row["method"], row["settings"]): row for row in _deployed_table(tmp_path)}
+    old, wd = table[("dml", "weight_decay=0.0001")], table[("dml", "weight_decay=0.0005")]
+    assert (
+        old["last-epoch top-1 (mean ± std)"] == "61.00 ± 0.00"
+        and old["best-epoch top-1 (mean ± std)"] == "62.00 ± 0.00"
+    )
+    assert wd["last-epoch top-1 (mean ± std)"] == "50.00 ± 0.00"
+    assert old["train images/s"] == old["parameters"] == "?"  # no images/s, no classes, no image size recorded
+    plugin = table[("nosuch", "–")]
+    assert plugin["deployed"] == plugin["last-epoch top-1 (mean ± std)"] == "?"
+    assert list(table)[-1] == ("nosuch", "–")  # after the registered methods
 
 
 def test_report_groups_runs_and_compares_with_the_paper(tmp_path, capsys):
