@@ -18,12 +18,14 @@ recipe (80 of 300 epochs: 5 of 20). CIFAR-100 (``--data-root``): each method's p
 One JSON line per run (the command, its seconds, the commit, the deployed network's last and best top-1) is
 appended to ``OUT/methods-<dataset>.jsonl``; the table, from ``python -m ffsd_fast.report``'s statistics over the
 runs of each form, is written to ``OUT/methods-<dataset>.md`` and, for digits with the default ``--out``, between the
-README's markers.
+README's markers. With ``--runs-dir``, a run that folder already holds finished with the same command is not trained
+again (its row, with the commit that trained it, is reused): a table can be built in parts, or resumed.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,6 +109,7 @@ def command(method: str, form: str, seed: int, args: argparse.Namespace) -> list
 def run_one(method: str, form: str, seed: int, args: argparse.Namespace, runs: Path) -> tuple[int, float, str]:
     """Trains one run into ``runs/<form>/<method>-<seed>``: (exit status, seconds, its log's tail)."""
     cmd = [*command(method, form, seed, args), "--output-dir", str(runs / form), "--run-name", f"{method}-{seed}"]
+    shutil.rmtree(runs / form / f"{method}-{seed}", ignore_errors=True)  # an unfinished earlier try: start afresh
     # Side by side on a CPU: one thread each, so that the runs do not fight over the cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.device == "cpu" else dict(os.environ)
     start = time.perf_counter()
@@ -275,10 +278,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def finished_row(method: str, form: str, seed: int, args: argparse.Namespace, runs: Path) -> dict | None:
+    """The row of a run that ``--runs-dir`` already holds, finished, with this command (a table built in parts,
+    or one resumed after an interruption); None when it must run. The row keeps the commit that trained it."""
+    path = runs / form / f"{method}-{seed}" / "row.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved["command"] == " ".join(["python", *command(method, form, seed, args)[1:]]) else None
+
+
 def train_all(args: argparse.Namespace, pairs: list[tuple[str, str]], runs: Path) -> tuple[list[dict], list[str]]:
     """Every (method, form, seed) run, ``--jobs`` at a time: their rows, and a line for each that failed."""
     jobs = [(method, form, int(seed)) for method, form in pairs for seed in args.seeds.split(",")]
     results, failed = [], []
+    done = {job: finished_row(*job, args, runs) for job in jobs}
+    results += [{**r, "reused": True} for r in done.values() if r is not None]
+    jobs = [job for job in jobs if done[job] is None]
     with ThreadPoolExecutor(args.jobs) as pool:
         outcomes = pool.map(lambda job: (job, run_one(*job, args, runs)), jobs)
         for (method, form, seed), (status, seconds, tail) in outcomes:
@@ -287,6 +303,7 @@ def train_all(args: argparse.Namespace, pairs: list[tuple[str, str]], runs: Path
                 print(f"{method} {form} seed {seed} failed:\n{tail}", flush=True)
                 continue
             results.append(row(method, form, seed, seconds, args, runs))
+            (runs / form / f"{method}-{seed}" / "row.json").write_text(json.dumps(results[-1]))
             print(json.dumps(results[-1]), flush=True)
     return results, failed
 
@@ -303,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(args.runs_dir or tmp)
         results, failed = train_all(args, pairs, runs)
         lines = table(runs, args.forms.split(","), results)
-    with open(out / f"methods-{args.dataset}.jsonl", "a") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in results)
+    with open(out / f"methods-{args.dataset}.jsonl", "a") as fh:  # the rows this invocation trained
+        fh.writelines(json.dumps(r) + "\n" for r in results if not r.get("reused"))
     md_name = f"methods-{args.dataset}.md"
     (out / md_name).write_text(markdown(args, lines, results, skipped + [f"failed: {f}" for f in failed]))
     if args.dataset == "digits" and args.readme and not args.no_readme:
