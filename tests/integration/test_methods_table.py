@@ -146,3 +146,15 @@ def test_a_tiny_table_writes_its_rows_its_table_and_the_readme_block(tmp_path):
     assert f"| {rows[1]['deployed_top1']:.2f} ± 0.00 | {rows[1]['best_deployed_top1']:.2f} ± 0.00 |" in report
     block = readme.read_text()
     assert block.startswith("before\n") and block.endswith("after\n") and "old" not in block and dml in block
+
+
+def test_a_finished_run_in_the_runs_dir_is_reused_only_for_the_same_command(tmp_path):
+    args = table_script.parse(["--epochs", "4"])
+    folder = tmp_path / "per-network" / "dml-1"
+    folder.mkdir(parents=True)
+    assert table_script.finished_row("dml", "per-network", 1, args, tmp_path) is None  # unfinished: runs again
+    command = " ".join(["python", *table_script.command("dml", "per-network", 1, args)[1:]])
+    (folder / "row.json").write_text(json.dumps({"command": command, "commit": "abc", "seconds": 3.0}))
+    assert table_script.finished_row("dml", "per-network", 1, args, tmp_path)["commit"] == "abc"
+    longer = table_script.parse(["--epochs", "5"])
+    assert table_script.finished_row("dml", "per-network", 1, longer, tmp_path) is None
