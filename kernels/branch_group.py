@@ -504,7 +504,8 @@ def branch_distillation_losses_reference(
     term."""
     op = "branch_distillation_losses_reference"
     temperature, epsilon = _check_inputs(op, logits, teacher_logits, labels, temperature, epsilon)
-    dtype = torch.promote_types(compute_dtype(logits.dtype), compute_dtype(teacher_logits.dtype))
+    # float64 if either input is, else float32 (not torch.promote_types: an aten call of its own in a trace).
+    dtype = max(compute_dtype(logits.dtype), compute_dtype(teacher_logits.dtype), key=lambda d: d.itemsize)
     z, t = logits.to(dtype), teacher_logits.to(dtype)
     num_branches, batch = z.shape[0], labels.shape[0]
     ce = F.cross_entropy(z.flatten(0, 1), labels.repeat(num_branches), reduction="none").view(num_branches, batch)

@@ -79,8 +79,9 @@ class CLILR(BranchedMethod):
         epsilon = 1e-7 if self.settings["quirk_clilr_target_epsilon"] else 0.0
         # [2m]: every head's CE, then its KL to its teacher (one grouped op, the teacher's gradient when it has one).
         losses = self.ops.branch_distillation_losses(z, others, labels, self.settings["clilr_temperature"], epsilon)
+        parts = losses.unbind()  # views; the backward stacks their gradients in one op
         terms = TermTable(self.form.distances())
         for i in range(m):
-            terms.add(f"student{i}.ce", losses[i])
-            terms.add(f"student{i}.kl", losses[m + i], lambdas[0])
+            terms.add(f"student{i}.ce", parts[i])
+            terms.add(f"student{i}.kl", parts[m + i], lambdas[0])
         return terms.total(lambdas)

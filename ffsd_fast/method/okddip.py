@@ -113,10 +113,11 @@ class OKDDip(BranchedMethod):
         targets = torch.cat([self.peer_targets(sources, pooled), sources.mean(0, keepdim=True)])
         # [2(m + 1)]: every branch's CE, then its KL (one grouped op; the targets' gradient reaches the attention).
         losses = self.ops.branch_distillation_losses(z, targets, labels, temperature, epsilon)
+        parts = losses.unbind()  # views; the backward stacks their gradients in one op
         terms = TermTable(self.form.distances())
         for i in range(m):
-            terms.add(f"student{i}.ce", losses[i])
-            terms.add(f"student{i}.kl", losses[m + 1 + i], lambdas[0])
-        terms.add("leader.ce", losses[m])
-        terms.add("leader.kl", losses[2 * m + 1], lambdas[0])
+            terms.add(f"student{i}.ce", parts[i])
+            terms.add(f"student{i}.kl", parts[m + 1 + i], lambdas[0])
+        terms.add("leader.ce", parts[m])
+        terms.add("leader.kl", parts[2 * m + 1], lambdas[0])
         return terms.total(lambdas)

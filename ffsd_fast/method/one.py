@@ -94,10 +94,10 @@ class ONE(BranchedMethod):
         losses = self.ops.branch_distillation_losses(
             z, ensemble.detach(), labels, self.settings["one_temperature"], epsilon
         )
-        m = len(logits)
+        m, parts = len(logits), losses.unbind()  # views; the backward stacks their gradients in one op
         terms = TermTable(self.form.distances())
         for i in range(m):
-            terms.add(f"student{i}.ce", losses[i])
-            terms.add(f"student{i}.kl", losses[m + i], lambdas[0])
+            terms.add(f"student{i}.ce", parts[i])
+            terms.add(f"student{i}.kl", parts[m + i], lambdas[0])
         terms.add("ensemble.ce", F.cross_entropy(ensemble, labels))
         return terms.total(lambdas)
