@@ -92,8 +92,12 @@ def _target_terms(z, t, col_mask, inv_t, lse_zt, lse_tt, epsilon):
     log_p = z * inv_t - lse_zt[:, None]
     log_s = t * inv_t - lse_tt[:, None]
     s = tl.where(col_mask[None, :], tl.exp(log_s), 0.0)
-    r = epsilon / s  # NaN where s = ε = 0: the comparison fails and log(0) = −inf is taken, weighted by q = 0
-    log_q = tl.where(r < 1e-3, log_s + r * (1.0 - r * (0.5 - r / 3.0)), tl.log(s + epsilon))
+    # Where s = 0 (a masked class, or an underflow) log q = log ε; with ε = 0 too, q = 0 weighs it out, and the
+    # clamped log keeps every lane finite (no 0/0 or 0·(−inf) NaN to mask).
+    positive = s > 0.0
+    r = epsilon / tl.where(positive, s, 1.0)
+    series = log_s + r * (1.0 - r * (0.5 - r / 3.0))
+    log_q = tl.where(positive & (r < 1e-3), series, tl.log(tl.maximum(s + epsilon, 1e-30)))
     q = tl.where(col_mask[None, :], s + epsilon, 0.0)
     return s, q, log_q - log_p
 
