@@ -306,6 +306,7 @@ LABEL_CHECKS = (
     ("ffsd_kernels._rows", "check_label_range"),
     ("ffsd_kernels.fused_linear", "check_label_range"),
     ("ffsd_kernels.logit_group", "_check_label_range"),
+    ("ffsd_kernels.branch_group", "_check_label_range"),
 )
 
 

@@ -17,6 +17,11 @@ from ffsd_kernels.attention import (
     normalized_distance_reference,
 )
 from ffsd_kernels.attention_group import AttentionMaps, attention_maps, attention_maps_reference
+from ffsd_kernels.branch_group import (
+    BranchDistillationLosses,
+    branch_distillation_losses,
+    branch_distillation_losses_reference,
+)
 from ffsd_kernels.distance_group import NormalizedDistances, normalized_distances, normalized_distances_reference
 from ffsd_kernels.diversity import (
     DiversityLoss,
@@ -57,6 +62,7 @@ from ffsd_kernels.torch_kl_div import KLDivLoss, kl_div, kl_div_reference
 __all__ = [
     "AttentionDistance",
     "AttentionMaps",
+    "BranchDistillationLosses",
     "CrossEntropyKLLoss",
     "DistillationKLLoss",
     "DiversityLoss",
@@ -76,6 +82,8 @@ __all__ = [
     "attention_map_reference",
     "attention_maps",
     "attention_maps_reference",
+    "branch_distillation_losses",
+    "branch_distillation_losses_reference",
     "cross_entropy_kl_loss",
     "cross_entropy_kl_loss_reference",
     "diversity_loss",

@@ -8,6 +8,7 @@ from ffsd_kernels.attention import attention_distance_reference as attention_dis
 from ffsd_kernels.attention import attention_map_reference as attention_map
 from ffsd_kernels.attention import normalized_distance_reference as normalized_distance
 from ffsd_kernels.attention_group import attention_maps_reference as attention_maps
+from ffsd_kernels.branch_group import branch_distillation_losses_reference as branch_distillation_losses
 from ffsd_kernels.distance_group import normalized_distances_reference as normalized_distances
 from ffsd_kernels.diversity import diversity_loss_reference as diversity_loss
 from ffsd_kernels.diversity import diversity_shift_reference as diversity_shift
@@ -28,6 +29,7 @@ __all__ = [
     "attention_distance",
     "attention_map",
     "attention_maps",
+    "branch_distillation_losses",
     "cross_entropy_kl_loss",
     "diversity_loss",
     "diversity_shift",

@@ -9,7 +9,6 @@ dict, which is what ``ffsd-export`` writes (``deployed_prefix``). The trunk runs
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ffsd_fast import models
@@ -83,19 +82,3 @@ def sigmoid_rampup(epoch: int, length: int) -> float:
         return 1.0
     phase = 1.0 - min(max(epoch, 0), length) / length
     return math.exp(-5.0 * phase * phase)
-
-
-def soft_kl(logits: torch.Tensor, teacher: torch.Tensor, temperature: float, epsilon: float) -> torch.Tensor:
-    """``T² · mean over images of Σ_k q_k (log q_k − log p_k)`` for every branch at once: ``logits`` ``[m, B, K]``,
-    ``teacher`` ``[B, K]`` or ``[m, B, K]``, ``q = softmax(teacher / T) + ε`` (not renormalised: the public code's
-    quirk when ``ε > 0``), ``p = softmax(logits / T)``. The teacher is used as given (detach it for a target).
-    Returns ``[m]``."""
-    target = F.softmax(teacher / temperature, dim=-1) + epsilon
-    log_p = F.log_softmax(logits / temperature, dim=-1)
-    return temperature * temperature * (target * (target.log() - log_p)).sum(-1).mean(-1)
-
-
-def branch_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Every branch's CE in one op over the ``[m·B, K]`` rows, then a mean per branch: ``[m]``."""
-    m, batch = logits.shape[0], labels.shape[0]
-    return F.cross_entropy(logits.flatten(0, 1), labels.repeat(m), reduction="none").view(m, batch).mean(1)

@@ -10,9 +10,7 @@ import torch
 from ffsd_fast.method.base import LossTerms, Method, TermTable, option
 from ffsd_fast.method.branched import (
     BranchedMethod,
-    branch_cross_entropy,
     sigmoid_rampup,
-    soft_kl,
     stacked_logits,
 )
 from ffsd_fast.method.registry import register
@@ -79,10 +77,11 @@ class CLILR(BranchedMethod):
         if not self.settings["quirk_clilr_teacher_gradient"]:
             others = others.detach()
         epsilon = 1e-7 if self.settings["quirk_clilr_target_epsilon"] else 0.0
-        kl = soft_kl(z, others, self.settings["clilr_temperature"], epsilon)
-        ce = branch_cross_entropy(z, labels)
+        # [2m]: every head's CE, then its KL to its teacher (one grouped op, the teacher's gradient when it has one).
+        losses = self.ops.branch_distillation_losses(z, others, labels, self.settings["clilr_temperature"], epsilon)
+        parts = losses.unbind()  # views; the backward stacks their gradients in one op
         terms = TermTable(self.form.distances())
         for i in range(m):
-            terms.add(f"student{i}.ce", ce[i])
-            terms.add(f"student{i}.kl", kl[i], lambdas[0])
+            terms.add(f"student{i}.ce", parts[i])
+            terms.add(f"student{i}.kl", parts[m + i], lambdas[0])
         return terms.total(lambdas)

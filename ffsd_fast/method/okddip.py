@@ -12,9 +12,7 @@ from ffsd_fast import models
 from ffsd_fast.method.base import LossTerms, Method, NetworkSpec, TermTable, option
 from ffsd_fast.method.branched import (
     BranchedMethod,
-    branch_cross_entropy,
     sigmoid_rampup,
-    soft_kl,
     stacked_logits,
 )
 from ffsd_fast.method.registry import register
@@ -111,17 +109,19 @@ class OKDDip(BranchedMethod):
             pooled = last.joined.mean((2, 3)).view(batch, m + 1, channels)[:, :m].transpose(0, 1)
         else:
             pooled = torch.stack([f.mean((2, 3)) for f in last.parts[:m]])
-        peers, leader = z[:m], z[m]
+        peers = z[:m]  # the leader, z[m], is the last branch
         sources = peers if self.settings["quirk_okddip_target_gradient"] else peers.detach()
         temperature = self.settings["okddip_temperature"]
         epsilon = 1e-7 if self.settings["quirk_okddip_target_epsilon"] else 0.0
-        first = soft_kl(peers, self.peer_targets(sources, pooled), temperature, epsilon)
-        second = soft_kl(leader[None], sources.mean(0), temperature, epsilon)[0]
-        ce = branch_cross_entropy(z, labels)
+        # Each branch's teacher: a peer's its attention mix (first level), the leader's the peers' mean (second).
+        targets = torch.cat([self.peer_targets(sources, pooled), sources.mean(0, keepdim=True)])
+        # [2(m + 1)]: every branch's CE, then its KL (one grouped op; the targets' gradient reaches the attention).
+        losses = self.ops.branch_distillation_losses(z, targets, labels, temperature, epsilon)
+        parts = losses.unbind()  # views; the backward stacks their gradients in one op
         terms = TermTable(self.form.distances())
         for i in range(m):
-            terms.add(f"student{i}.ce", ce[i])
-            terms.add(f"student{i}.kl", first[i], lambdas[0])
-        terms.add("leader.ce", ce[m])
-        terms.add("leader.kl", second, lambdas[0])
+            terms.add(f"student{i}.ce", parts[i])
+            terms.add(f"student{i}.kl", parts[m + 1 + i], lambdas[0])
+        terms.add("leader.ce", parts[m])
+        terms.add("leader.kl", parts[2 * m + 1], lambdas[0])
         return terms.total(lambdas)

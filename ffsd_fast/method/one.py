@@ -11,9 +11,7 @@ from ffsd_fast import models
 from ffsd_fast.method.base import LossTerms, Method, NetworkSpec, TermTable, option
 from ffsd_fast.method.branched import (
     BranchedMethod,
-    branch_cross_entropy,
     sigmoid_rampup,
-    soft_kl,
     stacked_logits,
 )
 from ffsd_fast.method.registry import register
@@ -99,11 +97,14 @@ class ONE(BranchedMethod):
         # The teacher is not detached where it is trained: its CE reaches the branches, the gate and the trunk.
         ensemble = torch.einsum("bm,mbk->bk", gate, z)
         epsilon = 1e-7 if self.settings["quirk_one_target_epsilon"] else 0.0
-        kl = soft_kl(z, ensemble.detach(), self.settings["one_temperature"], epsilon)
-        ce = branch_cross_entropy(z, labels)
+        # [2m]: every branch's CE, then its KL to the detached ensemble (one grouped op: ffsd_kernels.branch_group).
+        losses = self.ops.branch_distillation_losses(
+            z, ensemble.detach(), labels, self.settings["one_temperature"], epsilon
+        )
+        m, parts = len(logits), losses.unbind()  # views; the backward stacks their gradients in one op
         terms = TermTable(self.form.distances())
-        for i in range(len(logits)):
-            terms.add(f"student{i}.ce", ce[i])
-            terms.add(f"student{i}.kl", kl[i], lambdas[0])
+        for i in range(m):
+            terms.add(f"student{i}.ce", parts[i])
+            terms.add(f"student{i}.kl", parts[m + i], lambdas[0])
         terms.add("ensemble.ce", F.cross_entropy(ensemble, labels))
         return terms.total(lambdas)

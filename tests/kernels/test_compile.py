@@ -179,6 +179,20 @@ CASES = {
     "online_distillation[3,256,1000]fp32": lambda: K.online_distillation_losses(
         _t((4, 256, 1000)), _t((256, 1000)), _labels(256, 1000), 2.0
     ),
+    # The branch methods' losses: ONE's (3 branches, one detached teacher), CL-ILR's (4 branches, per-branch
+    # teachers with their gradient, bf16), OKDDip's at ImageNet size (per-branch teachers, several chunks).
+    "branch_distillation[3,128,100]fp32,shared": lambda: K.branch_distillation_losses(
+        _t((3, 128, 100)), _t((128, 100), grad=False), _labels(128, 100), 3.0, 1e-7
+    ),
+    "branch_distillation[4,128,100]bf16,per-branch,teacher-grad": lambda: K.branch_distillation_losses(
+        _t((4, 128, 100), BF16), _t((4, 128, 100), BF16), _labels(128, 100), 3.0, 1e-7
+    ),
+    "branch_distillation[4,256,1000]fp32,per-branch,teacher-grad": lambda: K.branch_distillation_losses(
+        _t((4, 256, 1000)), _t((4, 256, 1000)), _labels(256, 1000), 3.0, 1e-7
+    ),
+    "branch_distillation[3,256,1000]bf16,shared,teacher-grad": lambda: K.branch_distillation_losses(
+        _t((3, 256, 1000), BF16), _t((256, 1000), BF16), _labels(256, 1000), 3.0, 0.0
+    ),
 }
 
 
