@@ -82,6 +82,8 @@ class DataSpec:
     workers: int = 4
     loader: str = "auto"
     check_images: bool = True
+    # Augmented copies of each training image, view-major (``in_memory``'s docstring): one per network for some methods.
+    views: int = 1
 
     def __post_init__(self) -> None:
         check_dataset(self.dataset)
@@ -97,6 +99,7 @@ class DataSpec:
             ("batch size", self.batch_size, 1),
             ("eval batch size", self.eval_batch_size, 1),
             ("number of workers", self.workers, 0),
+            ("number of views", self.views, 1),
         ):
             if value < low:
                 raise UserError(f"{name} must be at least {low}, got {value}")

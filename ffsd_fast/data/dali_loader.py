@@ -52,8 +52,9 @@ class DaliLoader:
         device: torch.device,
         dtype: torch.dtype,
         channels_last: bool,
+        views: int = 1,
     ) -> None:
-        self.make_pipeline, self.batches = make_pipeline, batches
+        self.make_pipeline, self.batches, self.views = make_pipeline, batches, views
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.epoch = 0
 
@@ -72,7 +73,8 @@ class DaliLoader:
         pipeline, files = self.make_pipeline(self.epoch)
         size = len(files) // self.batches
         # No first batch in the constructor: its errors would escape the naming below.
-        iterator = DALIGenericIterator(pipeline, ["images", "labels"], reader_name=READER, prepare_first_batch=False)
+        names = [f"view{v}" for v in range(self.views)]
+        iterator = DALIGenericIterator(pipeline, [*names, "labels"], reader_name=READER, prepare_first_batch=False)
         for step in range(self.batches):
             try:
                 (batch,) = next(iterator)
@@ -87,7 +89,9 @@ class DaliLoader:
                     f"DALI failed on batch {step}, although PIL decodes all its files ({files[step * size]}, ...); "
                     "see the cause above"
                 ) from error
-            images, labels = batch["images"], batch["labels"]
+            # Views are concatenated view-major ([V·B, ...]), the loaders' layout (``ffsd_fast.data.in_memory``).
+            images = batch[names[0]] if self.views == 1 else torch.cat([batch[n] for n in names])
+            labels = batch["labels"]
             if self.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NHWC viewed as NCHW is channels_last: no copy
             yield images.to(self.device, self.dtype), labels.view(-1).to(self.device, torch.int64)
@@ -112,6 +116,7 @@ def _pipeline(
     seed: int,
     dtype: torch.dtype,
     channels_last: bool,
+    views: int = 1,
 ) -> "Pipeline":
     from nvidia.dali import fn, pipeline_def, types
 
@@ -128,13 +133,18 @@ def _pipeline(
         # The files are already this rank's shard, in this epoch's order (ffsd_fast.data.sampling).
         jpegs, targets = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
         decoder = "mixed" if gpu else "cpu"
+        crop = dict(random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+        if train and views > 1:  # one decode, then each view's own crop and flip
+            decoded = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            crops = [fn.random_resized_crop(decoded, size=[image_size, image_size], **crop) for _ in range(views)]
+            flipped = [fn.crop_mirror_normalize(c, mirror=fn.random.coin_flip(), **normalize) for c in crops]
+            return (*flipped, targets.gpu() if gpu else targets)
         if train:
             images = fn.decoders.image_random_crop(
                 jpegs,
                 device=decoder,
                 output_type=types.RGB,
-                random_area=[0.08, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3],
+                **crop,
             )
             images = fn.resize(images, resize_x=image_size, resize_y=image_size)
             images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), **normalize)
@@ -164,6 +174,7 @@ def dali_loaders(
     threads: int,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    views: int = 1,
 ) -> tuple[Loader, Loader]:
     """Train and eval loaders for this rank over ``train`` and ``val`` (see :class:`ffsd_fast.data.common.Loader`).
 
@@ -171,6 +182,7 @@ def dali_loaders(
     probability 1/2, ImageNet normalisation; every batch full, ``train_batches(...)`` of them. Evaluation: shorter
     side to ``image_size * 256 / 224``, centre crop, normalisation; this rank's ``eval_indices`` in order, the
     padding slots holding the first image with label ``PAD_LABEL``. ``threads`` is DALI's CPU thread count.
+    ``views`` > 1: each training image decoded once and cropped and flipped that many times, view-major.
     """
     device = torch.device(device)
     common = dict(image_size=image_size, device=device, threads=threads, dtype=dtype, channels_last=channels_last)
@@ -187,6 +199,7 @@ def dali_loaders(
             train=True,
             batch_size=batch_size,
             seed=seed_for(seed, epoch, PIPELINE, rank),
+            views=views,
             **common,
         )
         return pipeline, files
@@ -201,6 +214,6 @@ def dali_loaders(
 
     batches = train_batches(len(train), batch_size, world_size, drop_last)
     return (
-        DaliLoader(train_pipeline, batches, device, dtype, channels_last),
+        DaliLoader(train_pipeline, batches, device, dtype, channels_last, views),
         DaliLoader(eval_pipeline, len(mine) // eval_batch_size, device, dtype, channels_last),
     )

@@ -2,7 +2,9 @@
 there in batches, the last training batch possibly partial, as in the reference.
 
 Every loader of ``ffsd_fast.data`` yields ``(images, labels)`` already on the training device: ``images``
-``[B, 3, image_size, image_size]``, normalised; ``labels`` int64 ``[B]``. Which samples each rank visits in each
+``[B, 3, image_size, image_size]``, normalised; ``labels`` int64 ``[B]``. A training loader of ``views`` V > 1 (a
+method that feeds each network its own augmentation) yields ``[V·B, 3, image_size, image_size]``, view-major: view
+0 is what V = 1 yields, views 1.. independent draws of the same augmentation. Which samples each rank visits in each
 epoch, and how, is ``ffsd_fast.data.sampling``'s rule, shared by all loaders.
 
 Evaluation shards are disjoint, so every test sample is counted exactly once over all ranks: sum the per-rank
@@ -50,7 +52,8 @@ class TensorLoader:
     ``images`` are stored as uint8 (scaled by 1/255) or as float in [0, 1], ``[N, C, H, W]`` with C = 1 or 3.
     Augmentation (when ``augment``): pad by ``pad`` pixels (zeros or reflection), crop back at a random offset
     per sample, and optionally flip horizontally; then normalise, resize to ``image_size`` and replicate a grey
-    channel to three. ``shuffle`` and ``augment`` are plain attributes (both True for training).
+    channel to three. ``shuffle`` and ``augment`` are plain attributes (both True for training). ``views``: augmented
+    copies of each batch, concatenated view-major (training only).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class TensorLoader:
         pad: int = 0,
         pad_mode: str = "constant",
         flip: bool = False,
+        views: int = 1,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.image_size = batch_size, image_size
@@ -79,6 +83,7 @@ class TensorLoader:
         self.drop_last = drop_last and train
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.pad, self.pad_mode, self.flip = pad, pad_mode, flip
+        self.views = views if train else 1
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,15 +103,25 @@ class TensorLoader:
         n = len(range(self.rank, len(self.labels), self.world_size))
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def _draws(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per view, every sample's crop offset and flip for this epoch and rank: one draw each, a few host-to-device
+        copies instead of several per batch. View 0's stream is the one-view loader's, so it yields the same images."""
+        draws = []
+        for view in range(self.views):
+            g = generator(self.seed, self.epoch, AUGMENTATION, self.rank + view * self.world_size)
+            offsets = torch.randint(0, 2 * self.pad + 1, (count, 2), generator=g)
+            flips = torch.rand(count, generator=g) < 0.5
+            draws.append((offsets.to(self.images.device), flips.to(self.images.device)))
+        return draws
+
+    def _augment(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        x = _random_crop(F.pad(x, [self.pad] * 4, mode=self.pad_mode), x.shape[-1], offsets)
+        return torch.where(flips[:, None, None, None], x.flip(3), x) if self.flip else x
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = self.images.device
         order = self.indices()
-        if self.augment:
-            # One draw per epoch and rank: a few host-to-device copies instead of several per batch.
-            g = generator(self.seed, self.epoch, AUGMENTATION, self.rank)
-            offsets = torch.randint(0, 2 * self.pad + 1, (len(order), 2), generator=g).to(device)
-            flips = (torch.rand(len(order), generator=g) < 0.5).to(device)
-        order = order.to(device)
+        draws = self._draws(len(order)) if self.augment else []
+        order = order.to(self.images.device)
         for batch in range(len(self)):
             span = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
             index = order[span]
@@ -114,9 +129,7 @@ class TensorLoader:
             if self.images.dtype == torch.uint8:
                 x = x / 255
             if self.augment:
-                x = _random_crop(F.pad(x, [self.pad] * 4, mode=self.pad_mode), x.shape[-1], offsets[span])
-                if self.flip:
-                    x = torch.where(flips[span, None, None, None], x.flip(3), x)
+                x = torch.cat([self._augment(x, offsets[span], flips[span]) for offsets, flips in draws])
             x = _resize((x - self.mean) / self.std, self.image_size)
             yield x.expand(-1, 3, -1, -1).contiguous(), self.labels[index]
 
@@ -152,6 +165,7 @@ def digits_loaders(
         batch_size=spec.batch_size,
         train=True,
         pad=max(1, image_size // 8),
+        views=spec.views,
         **stats,
         **common,
     )
@@ -275,6 +289,7 @@ def cifar_loaders(
         pad=4,
         pad_mode="reflect",
         flip=True,
+        views=spec.views,
         **stats,
         **common,
     )

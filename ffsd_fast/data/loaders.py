@@ -47,6 +47,7 @@ def _imagenet(
         drop_last=spec.drop_last,
         dtype=dtype,
         channels_last=channels_last,
+        views=spec.views,
     )
     if loader == "dali":
         train_loader, val_loader = dali_loaders(index.train, index.val, threads=max(spec.workers, 1), **common)

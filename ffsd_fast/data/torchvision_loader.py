@@ -27,10 +27,13 @@ class _Images(Dataset):
     A file that no longer decodes (the start-up check passed it, or was skipped): training takes the next image
     instead, so that a multi-day run does not die on it; evaluation (``train=False``) turns it into a pad, which is
     not counted, rather than counting the next image twice.
+
+    ``views`` > 1: that many transforms of the image, drawn one after another from its seed (the first is the
+    one-view image), stacked ``[views, C, H, W]``.
     """
 
-    def __init__(self, images: ImageList, transform: transforms.Compose, train: bool = True) -> None:
-        self.images, self.transform, self.train = images, transform, train
+    def __init__(self, images: ImageList, transform: transforms.Compose, train: bool = True, views: int = 1) -> None:
+        self.images, self.transform, self.train, self.views = images, transform, train, views
 
     def __len__(self) -> int:
         return len(self.images)
@@ -56,7 +59,9 @@ class _Images(Dataset):
             image = self._load(max(index, 0))
             if image is None:  # evaluation: a pad of any pixels (the first image's), never counted
                 image, label = self._load_first(), PAD_LABEL
-            return self.transform(image), label
+            if self.views == 1:
+                return self.transform(image), label
+            return torch.stack([self.transform(image) for _ in range(self.views)]), label
 
     def _load_first(self) -> Image.Image:
         for index in range(len(self.images)):
@@ -110,6 +115,8 @@ class TorchvisionLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
+            if images.dim() == 5:  # [B, V, C, H, W] → view-major [V·B, C, H, W], the loaders' layout of views
+                images = images.transpose(0, 1).flatten(0, 1)
             images = images.to(self.device, non_blocking=True)
             yield (
                 images.to(dtype=self.dtype, memory_format=self.memory_format),
@@ -132,12 +139,15 @@ def torchvision_loaders(
     workers: int,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    views: int = 1,
 ) -> tuple[TorchvisionLoader, TorchvisionLoader]:
-    """(train, eval) loaders: random-resized crop + flip for training, resize + centre crop for evaluation."""
+    """(train, eval) loaders: random-resized crop + flip for training (``views`` of each image), resize + centre
+    crop for evaluation."""
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train_set = _Images(
         train,
         transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]),
+        views=views,
     )
     val_set = _Images(
         val,

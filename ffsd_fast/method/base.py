@@ -257,6 +257,14 @@ class Method(nn.Module):
         for network in [*(stacks or grouped), *others(self)]:
             network.compile()
 
+    @classmethod
+    def view_count(cls, config: Mapping[str, Any]) -> int:
+        """Augmented views of each training image the forward reads, for the run's configuration ``config`` (its
+        fields by name): 1, the default, or e.g. one per network for a method that feeds each its own augmentation.
+        The training loader then yields ``[V·B, 3, H, W]``, view-major (``ffsd_fast.data.in_memory``); ``labels``
+        stay ``[B]``. Read before the method is built: the loaders come first."""
+        return 1
+
     def epoch_lambdas(self, epoch: int) -> dict[str, float] | None:
         """The ``lambdas`` of a 1-based epoch, by name, for a method whose weights follow a schedule of its own
         (its paper's code); None, the default: each is warmed up over ``--lambda-warmup-epochs``."""

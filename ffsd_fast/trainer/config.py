@@ -441,7 +441,8 @@ def method_of(config: dict) -> type[Method]:
 
 
 def data_spec(config: Config) -> DataSpec:
-    """The data slice of a resolved configuration."""
+    """The data slice of a resolved configuration (with the views its method reads of each training image)."""
+    fields = to_dict(config)
     return DataSpec(
         dataset=config.dataset,
         data_root=config.data_root,
@@ -453,6 +454,7 @@ def data_spec(config: Config) -> DataSpec:
         workers=config.workers,
         loader=config.loader,
         check_images=config.check_images,
+        views=method_of(fields).view_count(fields),
     )
 
 

@@ -15,6 +15,8 @@ from ffsd_fast.cli.report import main as report_main
 from ffsd_fast.cli.train import main as train_main
 from ffsd_fast.method import registry
 from ffsd_fast.method.base import Method, NetworkSpec, ParamGroup, TermTable, create_students
+from ffsd_fast.method.dml import DML
+from ffsd_fast.method.forms import Group
 from ffsd_fast.models import create
 
 
@@ -128,3 +130,40 @@ def test_the_registry_lists_a_registered_method_and_its_help():
     from ffsd_fast.trainer.config import build_parser
 
     assert HeadTaught.summary in " ".join(build_parser().format_help().split())
+
+
+@registry.register
+class OwnViews(DML):
+    """DML with each student fed its own augmentation of the batch: the trainer asks the loader for one view per
+    student (``view_count``), and the forward hands view ``i`` to student ``i``."""
+
+    name = "toy-own-views"
+    summary = "a test's toy: DML, each student fed its own augmentation"
+    recipe = {"digits": {"epochs": 1}}
+    seen: list[tuple[int, int]] = []
+
+    @classmethod
+    def view_count(cls, config):  # noqa: ANN001, ANN206
+        return config["num_students"]
+
+    def forward(self, images, labels, lambdas):  # noqa: ANN001, ANN201
+        type(self).seen.append((images.shape[0], labels.shape[0]))
+        views = list(images.unflatten(0, (len(self.students), -1)))
+        logits, _ = self.form("students", Group(views))
+        terms = TermTable(self.form.distances())
+        for i in range(len(logits)):
+            terms.add(f"student{i}.ce", F.cross_entropy(logits[i], labels))
+        return terms.total(lambdas)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["per-network", "stacked"])
+def test_a_method_gets_one_view_per_network_when_it_asks(tmp_path, step):
+    OwnViews.seen.clear()
+    args = ["--no-progress", "--workers", "0", "--method", OwnViews.name, "--num-students", "3"]
+    args += ["--batch-size", "32", "--output-dir", str(tmp_path), "--run-name", step, "--step", step]
+    assert train_main(args) == 0
+    assert OwnViews.seen and all(images == 3 * labels for images, labels in OwnViews.seen)
+    assert (96, 32) in OwnViews.seen
+    summary = json.loads((tmp_path / step / "summary.json").read_text())
+    assert len(summary["students_top1"]) == 3
