@@ -182,12 +182,6 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {"temperature": 2.0, "kernels": "torch"}
 
     @classmethod
-    def view_count(cls, config: Mapping[str, Any]) -> int:
-        """How many augmentations of each image a training batch holds (view-major rows): 1, unless the method
-        feeds its networks views of their own."""
-        return 1
-
-    @classmethod
     def stacked_models(cls, model: str, settings: Mapping[str, Any]) -> list[str]:
         """The architectures whose networks run stacked, one group each, for ``--model`` ``model`` and the run's
         ``settings``: ``model`` alone, unless the method builds networks of other architectures too."""
