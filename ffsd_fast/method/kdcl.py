@@ -71,6 +71,7 @@ class KDCL(Method):
     summary = "KDCL: students (any architectures), each on its own view, taught by their ensemble; student 1 kept"
     min_students = (2, "the ensemble needs two students")
     lambdas = ("kdcl_alpha",)
+    reported = "student0"  # the deployed network: student 1, as PCL's table reports KDCL's ResNet-32
     nesterov = False  # the code's plain momentum SGD (train.py lines 166-167)
     # The code's CIFAR-100 run (train.py lines 22-30): 240 epochs, lr ×0.1 after epochs 150, 180 and 210, batch 64;
     # its lr 0.05 and weight decay 5e-4 are in configs/cifar100-resnet32-kdcl.yaml.
@@ -119,6 +120,11 @@ class KDCL(Method):
 
     def stack_groups(self) -> dict[str, list[nn.Module]]:
         return {name: [self.students[i] for i in indices] for name, indices in self.groups().items()}
+
+    def epoch_lambdas(self, epoch: int) -> dict[str, float]:
+        # Constant from the first step: the code weighs CE and KL by 1 − alpha and alpha throughout (train.py line
+        # 85); a warm-up of alpha would raise the CE's weight too.
+        return {"kdcl_alpha": self.settings["kdcl_alpha"]}
 
     def groups(self) -> dict[str, list[int]]:
         """The students' indices by architecture, in order of first appearance."""
