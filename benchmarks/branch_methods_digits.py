@@ -1,4 +1,5 @@
-"""The digits top-1 of each branch method's deployed network (trunk + branch 1), seeds 0-2, through the CLI.
+"""The digits top-1 of each branch method's deployed network (trunk + branch 1; KDCL's student 1), seeds 0-2, through
+the CLI.
 
     .venv/bin/python benchmarks/branch_methods_digits.py --methods one,cl-ilr --epochs 6 --milestones 4,5
 
@@ -32,6 +33,8 @@ FLAGS = {
     "cl-ilr": ["--clilr-rampup-epochs", "5"],
     # OKDDip: three peers and the leader (the code's four branches), the same ramp share.
     "okddip": ["--okddip-rampup-epochs", "5"],
+    # KDCL: three students, each on its own view, as the others' three branches; its defaults (MinLogit, T 4, α 0.5).
+    "kdcl": [],
 }
 
 

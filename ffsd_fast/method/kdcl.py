@@ -79,7 +79,8 @@ class KDCL(Method):
         "cifar10": {"epochs": 240, "lr_milestones": [150, 180, 210], "batch_size": 64},
         "cifar100": {"epochs": 240, "lr_milestones": [150, 180, 210], "batch_size": 64},
     }
-    # PCL's paper (Wu & Gong, AAAI 2021, Table 2) reports KDCL on CIFAR-100 ResNet-32 at 73.76 top-1: one number.
+    # PCL's paper (Wu & Gong, AAAI 2021) reports KDCL on CIFAR-100 ResNet-32 at 73.76 top-1, one number (as the issue
+    # quotes it; that table was not read here, nor KDCL's own paper, which reports other pairs).
     published = {("cifar100", "resnet32"): (73.76, 73.76)}
     options = {
         "kdcl_models": option(
