@@ -91,3 +91,17 @@ def test_one_view_per_student_and_a_batch_without_them_is_refused():
     nets = build("resnet20", 10, 2, 16, method="kdcl")
     with pytest.raises(UserError, match="6 labels need 2 views of their images, got 6 rows"):
         nets(torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,)), torch.tensor([0.5]))
+
+
+def test_step_auto_leaves_out_the_stacked_form_when_any_architecture_cannot_stack(monkeypatch):
+    from ffsd_fast.step.distributed import SINGLE_PROCESS
+    from ffsd_fast.trainer import step_forms
+    from ffsd_fast.trainer.config import Config, resolve
+
+    cfg = resolve(Config(device="cpu", method="kdcl", kdcl_models="resnet20,wrn16_2"))
+    forms, left_out = step_forms.candidates(cfg, SINGLE_PROCESS, set())
+    assert [f.name for f in forms] == ["per-network", "stacked"] and left_out == {}
+    monkeypatch.setattr(step_forms, "stack_blocker", lambda name: "a plain cat" if name == "wrn16_2" else None)
+    forms, left_out = step_forms.candidates(cfg, SINGLE_PROCESS, set())
+    assert [f.name for f in forms] == ["per-network"]
+    assert left_out == {"every stacked form": "wrn16_2: a plain cat"}
