@@ -84,8 +84,8 @@ def main() -> None:
             log = open(out / f"{method}-{seed}.log", "w")  # noqa: SIM115 - open until the run ends
             started.append((method, seed, cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)))
         for method, seed, cmd, process in started:
-            if process.wait() != 0:
-                print(f"{method} seed {seed} failed:\n{(out / f'{method}-{seed}.log').read_text()[-2000:]}")
+            if (code := process.wait()) != 0:
+                print(f"{method} seed {seed} failed ({code}):\n{(out / f'{method}-{seed}.log').read_text()[-2000:]}")
                 continue
             result = row(method, seed, cmd, out, commit)
             print(json.dumps(result), flush=True)
