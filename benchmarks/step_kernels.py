@@ -459,7 +459,8 @@ def count_step(workload: dict, variant: str, run_triton: bool = False) -> dict:
         nets, optimizers = captured["nets"], tree_leaves(captured["optimizers"])
     generator = torch.Generator().manual_seed(0)
     size = workload["size"]
-    images = torch.randn(workload["batch"], 3, size, size, generator=generator)
+    # A method with views of its own (KDCL) reads [V·B, 3, H, W]: V views of the batch's B images.
+    images = torch.randn(workload["batch"] * throughput.views(workload, variant), 3, size, size, generator=generator)
     labels = torch.randint(0, workload["classes"], (workload["batch"],), generator=generator)
     attribution = Attribution()
     counter = KernelCounter(attribution)

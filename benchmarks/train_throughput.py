@@ -193,8 +193,17 @@ def host_clock(steps: int) -> tuning.Clock:
     return clock
 
 
-def batch(workload: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.randn(workload["batch"], 3, workload["size"], workload["size"], device=device)
+def views(workload: dict, variant: str) -> int:
+    """The augmentations of each image in a batch of the variant's method (``Method.view_count``): KDCL's one per
+    student; the FFSD reference's and the backbones' one."""
+    if variant in ("reference", "backbones-only"):
+        return 1
+    return registry.get(workload.get("method", "ffsd")).view_count({"num_students": workload["m"]})
+
+
+def batch(workload: dict, device: torch.device, variant: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    rows = workload["batch"] * views(workload, variant)
+    images = torch.randn(rows, 3, workload["size"], workload["size"], device=device)
     return images, torch.randint(0, workload["classes"], (workload["batch"],), device=device)
 
 

@@ -9,5 +9,6 @@ from ffsd_fast.method import dml, independent  # noqa: F401
 from ffsd_fast.method import one  # noqa: F401
 from ffsd_fast.method import cl_ilr  # noqa: F401
 from ffsd_fast.method import okddip  # noqa: F401
+from ffsd_fast.method import kdcl  # noqa: F401
 
 # isort: on

@@ -119,11 +119,16 @@ def create_students(spec: NetworkSpec, probe_forward: bool) -> list[nn.Module]:
     return students
 
 
-def check_stackable(method: "type[Method]", model: str) -> None:
-    """``UserError`` (one line, saying why) unless ``method``'s networks of ``model`` can run stacked
-    (``--stack-networks``)."""
+def check_stackable(method: "type[Method]", model: str, settings: Mapping[str, Any] | None = None) -> None:
+    """``UserError`` (one line, saying why) unless ``method``'s networks can run stacked (``--stack-networks``):
+    every architecture it stacks (``Method.stacked_models`` of ``model`` and the run's ``settings``)."""
     if not method.stackable:
         raise UserError(f"--stack-networks: the {method.name} method cannot run its networks stacked; drop it")
+    for name in method.stacked_models(model, settings or {}):
+        _check_model_stackable(name)
+
+
+def _check_model_stackable(model: str) -> None:
     reason = models.stack_blocker(model)
     if reason is not None:
         raise UserError(
@@ -176,6 +181,12 @@ class Method(nn.Module):
     levers: ClassVar[dict[str, tuple]] = {}
     defaults: ClassVar[dict[str, Any]] = {"temperature": 2.0, "kernels": "torch"}
 
+    @classmethod
+    def stacked_models(cls, model: str, settings: Mapping[str, Any]) -> list[str]:
+        """The architectures whose networks run stacked, one group each, for ``--model`` ``model`` and the run's
+        ``settings``: ``model`` alone, unless the method builds networks of other architectures too."""
+        return [model]
+
     def __init__(self, spec: NetworkSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -207,7 +218,7 @@ class Method(nn.Module):
     def stack(self) -> None:
         """``--stack-networks``: from now on ``self.form`` runs each of ``stack_groups()`` as one network. Call it
         after the last ``.to(...)`` (the networks' tensors become views into the stacks')."""
-        check_stackable(type(self), self.spec.model)
+        check_stackable(type(self), self.spec.model, self.settings)
         # Not a submodule: the stacks' tensors are the networks' own (theirs are views into them), so they belong in
         # no state dict, no .to() and no parameter list.
         self.__dict__["_form"] = Stacked(self.settings, self.stack_groups())

@@ -429,7 +429,7 @@ def _resolve_step(c: Config, gpu: bool) -> None:
 
 
 def _check_stackable(c: Config) -> None:
-    check_stackable(registry.get(c.method), c.model)
+    check_stackable(registry.get(c.method), c.model, dataclasses.asdict(c))
     if c.sync_bn:
         # SyncBatchNorm layers are not the plain BatchNorm layers a stack is built from.
         raise UserError("--stack-networks with --sync-bn: not supported together; drop one of them")

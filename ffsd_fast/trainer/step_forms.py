@@ -49,8 +49,9 @@ def _stacking_blocker(cfg: Config, world: World) -> str | None:
     method = registry.get(cfg.method)
     if not method.stackable:
         return f"the {cfg.method} method does not stack"
-    if (reason := stack_blocker(cfg.model)) is not None:
-        return f"{cfg.model}: {reason}"
+    for model in method.stacked_models(cfg.model, dataclasses.asdict(cfg)):
+        if (reason := stack_blocker(model)) is not None:
+            return f"{model}: {reason}"
     if cfg.sync_bn:
         return "--sync-bn: SyncBatchNorm layers do not stack"
     return None
