@@ -36,9 +36,11 @@ def pcl_rampup(epoch: int, length: int, code_divisor: bool) -> float:
     return math.exp(-5.0 * (1.0 - epoch) ** 2)
 
 
-def _peer_parts(spec: NetworkSpec, same_init: bool) -> tuple[nn.Module, list[nn.Module]]:
-    """A trunk and ``m`` branches, drawn as ``m`` whole backbones (trunk and branch 1: the first); ``same_init``:
-    every branch starts as branch 1, as the code's deep copies do (``models/resnet.py`` lines 157-159)."""
+def _peer_parts(spec: NetworkSpec, shared_classifier: bool) -> tuple[nn.Module, list[nn.Module]]:
+    """A trunk and ``m`` branches, drawn as ``m`` whole backbones (trunk and branch 1: the first).
+    ``shared_classifier``: every branch's classifier starts as branch 1's, as in the code, which deep-copies branch 1
+    and then draws every convolution again, leaving the copied linear layers alike (``models/resnet.py`` lines
+    157-171)."""
     backbones = [models.create(spec.model, spec.num_classes) for _ in range(spec.num_students)]
     if not can_branch(backbones[0]):
         raise UserError(
@@ -46,9 +48,12 @@ def _peer_parts(spec: NetworkSpec, same_init: bool) -> tuple[nn.Module, list[nn.
         )
     parts = [split(backbone) for backbone in backbones]
     branches = [branch for _, branch in parts]
-    if same_init:
+    if shared_classifier:
+        first = dict(branches[0].named_modules())
         for branch in branches[1:]:
-            branch.load_state_dict(branches[0].state_dict())
+            for name, module in branch.named_modules():
+                if isinstance(module, nn.Linear):
+                    module.load_state_dict(first[name].state_dict())
     return parts[0][0], branches
 
 
@@ -57,7 +62,7 @@ class PCL(BranchedMethod):
     """``trunk`` and ``students`` (the peers' branches), ``ensemble`` (the peer ensemble's classifier), and their
     temporal means ``mean_trunk`` and ``mean_students`` (no gradient, no optimiser: ``after_step`` moves them).
     Settings read: ``pcl_temperature``, ``pcl_rampup_epochs``, ``pcl_ema_decay``, ``pcl_ensemble_consistency``,
-    ``pcl_mean_consistency`` (the λ's), the quirks ``quirk_pcl_rampup_divisor``, ``quirk_pcl_same_branch_init``,
+    ``pcl_mean_consistency`` (the λ's), the quirks ``quirk_pcl_rampup_divisor``, ``quirk_pcl_shared_classifier_init``,
     ``quirk_pcl_mean_init``, ``kernels``."""
 
     name = "pcl"
@@ -99,7 +104,9 @@ class PCL(BranchedMethod):
         "quirk_pcl_rampup_divisor": option(
             bool, True, "PCL: the code's ramp exp(−5(1 − e)²) until the last ramp-up epoch, not exp(−5(1 − e/L)²)"
         ),
-        "quirk_pcl_same_branch_init": option(bool, True, "PCL: every branch starts as branch 1 (the code's copies)"),
+        "quirk_pcl_shared_classifier_init": option(
+            bool, True, "PCL: every branch's classifier starts as branch 1's (the code copies it; convolutions redrawn)"
+        ),
         "quirk_pcl_mean_init": option(
             bool, True, "PCL: the temporal mean starts from its own random draw (the code's), not a copy"
         ),
@@ -111,9 +118,9 @@ class PCL(BranchedMethod):
         return config["num_students"]  # one augmentation per peer (src/datasets/cifar.py lines 124-129)
 
     def __init__(self, spec: NetworkSpec) -> None:
-        Method.__init__(self, spec)  # not BranchedMethod's: the branches may start alike
+        Method.__init__(self, spec)  # not BranchedMethod's: the branches' classifiers may start alike
         models.check_image_size(spec.model, spec.image_size)
-        same = self.settings["quirk_pcl_same_branch_init"]
+        same = self.settings["quirk_pcl_shared_classifier_init"]
         trunk, branches = _peer_parts(spec, same)
         self.trunk, self.students = trunk, nn.ModuleList(branches)
         channels = models.tap_shapes(spec.model, spec.image_size)[-1][0]  # a branch's pooled last map

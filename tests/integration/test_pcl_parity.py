@@ -36,7 +36,7 @@ def _run(model, stacked, quirks=True, reference_scale=1.0, reference_decay=DECAY
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
-        settings = {f"quirk_pcl_{q}": quirks for q in ("rampup_divisor", "same_branch_init", "mean_init")}
+        settings = {f"quirk_pcl_{q}": quirks for q in ("rampup_divisor", "shared_classifier_init", "mean_init")}
         nets = build(model, 10, M, 16, method="pcl", pcl_rampup_epochs=RAMPUP, pcl_ema_decay=DECAY, **settings)
         nets.settings["pcl_mean_consistency"] = 0.8  # the two weights apart: each reaches its own term
         reference = copy.deepcopy(nets)

@@ -94,12 +94,16 @@ def test_the_code_ramp_and_the_clean_one():
     assert nets.epoch_lambdas(2) == {"pcl_ensemble_consistency": 1.0, "pcl_mean_consistency": 0.5}
 
 
+@pytest.mark.parametrize("model", ["resnet20", "wrn16_2"])
 @pytest.mark.parametrize("same", [True, False])
-def test_the_branches_start_alike_only_with_the_quirk(same):
-    nets = build("resnet20", 10, 3, 16, method="pcl", quirk_pcl_same_branch_init=same)
+def test_the_classifiers_start_alike_only_with_the_quirk_and_the_convolutions_never(model, same):
+    nets = build(model, 10, 3, 16, method="pcl", quirk_pcl_shared_classifier_init=same)
     states = [b.state_dict() for b in nets.students]
-    alike = all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in states[0])
-    assert alike == same
+    head = "fc" if model.startswith("resnet") else "linear"
+    for key in (f"{head}.weight", f"{head}.bias"):
+        assert all(torch.equal(states[0][key], s[key]) for s in states[1:]) == same
+    conv = next(k for k in states[0] if "conv1.weight" in k)
+    assert not any(torch.equal(states[0][conv], s[conv]) for s in states[1:])
 
 
 @pytest.mark.parametrize("drawn", [True, False])
