@@ -158,7 +158,7 @@ class PCL(BranchedMethod):
         means = [*self.mean_trunk.parameters(), *self.mean_students.parameters()]
         online = [*self.trunk.parameters(), *self.students.parameters()]
         steps = self.mean_steps.to(means[0].dtype)
-        alpha = torch.clamp(1.0 - 1.0 / (steps + 1.0), max=self.settings["pcl_ema_decay"])
+        alpha = torch.clamp(steps / (steps + 1.0), max=self.settings["pcl_ema_decay"])  # 1 − 1/(t + 1), in 3 kernels
         with torch.no_grad():
             torch._foreach_mul_(means, alpha)
             torch._foreach_add_(means, torch._foreach_mul(online, 1.0 - alpha))
