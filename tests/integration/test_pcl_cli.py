@@ -13,6 +13,8 @@ from ffsd_fast.cli.report import main as report_main
 from ffsd_fast.cli.train import main as train_main
 from ffsd_fast.method import registry
 from ffsd_fast.models import create
+from ffsd_fast.trainer import checkpoint
+from tests.helpers import FAST, run_ok
 
 
 @pytest.mark.slow
@@ -55,3 +57,17 @@ def test_pcl_trains_exports_evaluates_and_reports(tmp_path, capsys, stacked):
     assert report_main([str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "pcl" in line)
     assert f"{summary['best_mean0_top1']:.2f}" in row
+
+
+@pytest.mark.slow
+def test_pcl_resumes_its_temporal_mean_as_if_it_had_not_stopped(tmp_path):
+    """The temporal mean and its step count are in the checkpoint: stopping after epoch 1 and resuming gives the
+    weights, means and count of a run straight through."""
+    args = [*FAST, "--method", "pcl", "--num-students", "2", "--batch-size", "128", "--lr-milestones", "1", "3"]
+    straight = run_ok([*args, "--epochs", "2", "--stack-networks"], tmp_path, "straight")
+    stopped = run_ok([*args, "--stack-networks"], tmp_path, "stopped")
+    assert train_main([*args, "--epochs", "2", "--resume", str(stopped), "--stack-networks"]) == 0
+    a, b = checkpoint.load(str(straight)), checkpoint.load(str(stopped))
+    assert b["epoch"] == 2 and int(a["networks"]["mean_steps"]) > 0
+    for name, value in a["networks"].items():
+        assert torch.equal(value, b["networks"][name]), name
