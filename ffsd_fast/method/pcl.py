@@ -21,7 +21,7 @@ from ffsd_fast.method.base import LossTerms, Method, NetworkSpec, TermTable, opt
 from ffsd_fast.method.branched import BranchedMethod, sigmoid_rampup, stacked_logits
 from ffsd_fast.method.forms import Group
 from ffsd_fast.method.registry import register
-from ffsd_fast.models.branching import can_branch, split
+from ffsd_fast.models.branching import split
 
 
 def pcl_rampup(epoch: int, length: int, code_divisor: bool) -> float:
@@ -36,25 +36,15 @@ def pcl_rampup(epoch: int, length: int, code_divisor: bool) -> float:
     return math.exp(-5.0 * (1.0 - epoch) ** 2)
 
 
-def _peer_parts(spec: NetworkSpec, shared_classifier: bool) -> tuple[nn.Module, list[nn.Module]]:
-    """A trunk and ``m`` branches, drawn as ``m`` whole backbones (trunk and branch 1: the first).
-    ``shared_classifier``: every branch's classifier starts as branch 1's, as in the code, which deep-copies branch 1
+def share_classifiers(branches: list[nn.Module]) -> None:
+    """Every branch's classifier (its linear layers) set to branch 1's, as in the code, which deep-copies branch 1
     and then draws every convolution again, leaving the copied linear layers alike (``models/resnet.py`` lines
     157-171)."""
-    backbones = [models.create(spec.model, spec.num_classes) for _ in range(spec.num_students)]
-    if not can_branch(backbones[0]):
-        raise UserError(
-            f"--method pcl: {spec.model} has no trunk and branches; use a CIFAR ResNet, a WRN or an ImageNet ResNet"
-        )
-    parts = [split(backbone) for backbone in backbones]
-    branches = [branch for _, branch in parts]
-    if shared_classifier:
-        first = dict(branches[0].named_modules())
-        for branch in branches[1:]:
-            for name, module in branch.named_modules():
-                if isinstance(module, nn.Linear):
-                    module.load_state_dict(first[name].state_dict())
-    return parts[0][0], branches
+    first = dict(branches[0].named_modules())
+    for branch in branches[1:]:
+        for name, module in branch.named_modules():
+            if isinstance(module, nn.Linear):
+                module.load_state_dict(first[name].state_dict())
 
 
 @register
@@ -118,19 +108,21 @@ class PCL(BranchedMethod):
         return config["num_students"]  # one augmentation per peer (src/datasets/cifar.py lines 124-129)
 
     def __init__(self, spec: NetworkSpec) -> None:
-        Method.__init__(self, spec)  # not BranchedMethod's: the branches' classifiers may start alike
-        models.check_image_size(spec.model, spec.image_size)
-        same = self.settings["quirk_pcl_shared_classifier_init"]
-        trunk, branches = _peer_parts(spec, same)
-        self.trunk, self.students = trunk, nn.ModuleList(branches)
+        super().__init__(spec)
+        shared = self.settings["quirk_pcl_shared_classifier_init"]
+        if shared:
+            share_classifiers(list(self.students))
         channels = models.tap_shapes(spec.model, spec.image_size)[-1][0]  # a branch's pooled last map
         # Drawn after the branches, as the code's en_fc (models/resnet.py line 161).
         self.ensemble = nn.Linear(spec.num_students * channels, spec.num_classes)
         # The temporal mean: the code builds a second model (main.py line 52), overwritten by the first update.
         if self.settings["quirk_pcl_mean_init"]:
-            mean_trunk, mean_branches = _peer_parts(spec, same)
+            parts = [split(models.create(spec.model, spec.num_classes)) for _ in range(spec.num_students)]
+            mean_trunk, mean_branches = parts[0][0], [branch for _, branch in parts]
+            if shared:
+                share_classifiers(mean_branches)
         else:
-            mean_trunk, mean_branches = copy.deepcopy(trunk), [copy.deepcopy(b) for b in branches]
+            mean_trunk, mean_branches = copy.deepcopy(self.trunk), copy.deepcopy(list(self.students))
         self.mean_trunk, self.mean_students = mean_trunk, nn.ModuleList(mean_branches)
         for p in [*self.mean_trunk.parameters(), *self.mean_students.parameters()]:
             p.requires_grad_(False)
