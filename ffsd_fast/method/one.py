@@ -43,7 +43,7 @@ class ONE(BranchedMethod):
     summary = "ONE: branches on a shared trunk taught by their gated ensemble; branch 1 is kept"
     min_students = (2, "the ensemble needs two branches")
     lambdas = ("one_consistency",)
-    labels = {"ensemble": "gated ensemble"}
+    labels = {"gated_ensemble": "gated ensemble"}
     nesterov = False  # the code's plain momentum SGD (cifar_one.py line 209)
     # Its CIFAR run (scripts/ONE_ResNet32.sh): 300 epochs, lr 0.1 ×0.1 after epochs 151 and 225, batch 128, wd 1e-4.
     recipe = {
@@ -87,7 +87,7 @@ class ONE(BranchedMethod):
         shared, _ = self.trunk(images)
         logits = {f"student{i}": branch(shared)[0] for i, branch in enumerate(self.students)}
         gate = self.gate(shared)
-        logits["ensemble"] = torch.einsum("bm,mbk->bk", gate, torch.stack(list(logits.values())))
+        logits["gated_ensemble"] = torch.einsum("bm,mbk->bk", gate, torch.stack(list(logits.values())))
         return logits
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor) -> LossTerms:

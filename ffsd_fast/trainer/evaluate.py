@@ -19,6 +19,10 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
     return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
 
 
+# The evaluation's own entries: a method's network of one of these names would be hidden by them.
+RESERVED = frozenset({"ensemble", "oracle_ensemble", "average"})
+
+
 @torch.no_grad()
 def evaluate(method: Method, loader, topk: tuple[int, ...] = (1,), world: World = SINGLE_PROCESS) -> dict[str, float]:
     """Accuracies in percent, keyed ``{network}_top{k}`` for every network the method evaluates (``student{i}``,
@@ -35,6 +39,9 @@ def evaluate(method: Method, loader, topk: tuple[int, ...] = (1,), world: World 
     total = 0
     for images, labels in loader:
         logits = method.eval_logits(images)
+        if clash := RESERVED & logits.keys():
+            # Its accuracy would be overwritten by the evaluation's own entry of that name, silently.
+            raise ValueError(f"{type(method).__name__}.eval_logits names a network {sorted(clash)}: reserved")
         peers = [logits[name] for name in method.peers]
         for k in topk:
             batch = {f"{name}_top{k}": _correct(z, labels, k) for name, z in logits.items()}

@@ -17,7 +17,7 @@ from ffsd_fast.models import create
 # Per method: its extra flags, the evaluated networks besides the students, and its λ's in epoch 1.
 METHODS = {
     # A ramp of one epoch: the code's 0-based ramp gives exp(−5) in the first epoch, 1 from the second.
-    "one": (["--one-rampup-epochs", "1"], {"ensemble"}, {"one_consistency": math.exp(-5.0)}),
+    "one": (["--one-rampup-epochs", "1"], {"gated_ensemble"}, {"one_consistency": math.exp(-5.0)}),
     "cl-ilr": (["--clilr-rampup-epochs", "1"], set(), {"clilr_consistency": math.exp(-5.0)}),
     "okddip": (["--okddip-rampup-epochs", "1"], {"leader"}, {"okddip_consistency": math.exp(-5.0)}),
 }
