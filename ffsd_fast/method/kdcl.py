@@ -22,8 +22,8 @@ ENSEMBLES = ("naive", "linear", "minlogit", "general", "mean")
 # weighted, t = Σ_i w_i z_i): linear by the least cross-entropy, general by the students' error correlations.
 FITTED = ("linear", "general")
 # The linear fit: L-BFGS on the softmax parameters of the weights, from the current uniform start, to a gradient of
-# at most 1e-9 or 100 iterations (m is small: it converges in a handful where the optimum is inside the simplex).
-LINEAR_FIT = {"lr": 1.0, "max_iter": 100, "tolerance_grad": 1e-9, "tolerance_change": 1e-12}
+# at most 1e-10 or 100 iterations (m is small: it converges in a handful where the optimum is inside the simplex).
+LINEAR_FIT = {"lr": 1.0, "max_iter": 100, "tolerance_grad": 1e-10, "tolerance_change": 1e-14}
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
