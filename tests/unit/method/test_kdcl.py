@@ -238,3 +238,14 @@ def test_step_auto_leaves_out_the_stacked_form_when_any_architecture_cannot_stac
     forms, left_out = step_forms.candidates(cfg, SINGLE_PROCESS, set())
     assert [f.name for f in forms] == ["per-network"]
     assert left_out == {"every stacked form": "wrn16_2: a plain cat"}
+
+
+def test_the_weights_are_written_in_place_so_a_captured_step_reads_them():
+    nets = build("resnet20", 10, 2, 16, method="kdcl", kdcl_ensemble="general").train()
+    address = nets.ensemble_weights.data_ptr()
+    nets.between_epochs([(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))], lambda tensor: tensor)
+    saved = {name: value.clone() for name, value in nets.state_dict().items()}
+    nets.ensemble_weights.fill_(0.5)
+    nets.load_state_dict(saved)  # a resume restores them in place too
+    assert nets.ensemble_weights.data_ptr() == address
+    assert torch.equal(nets.ensemble_weights, saved["ensemble_weights"])
