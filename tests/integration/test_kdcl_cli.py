@@ -60,6 +60,9 @@ def test_fitted_ensembles_hold_out_fit_between_epochs_export_evaluate_and_report
     saved = checkpoint.load(str(run))
     assert saved["networks"]["ensemble_weights"].tolist() == pytest.approx(fits[-1], abs=1e-7)
     assert summary["config"]["kdcl_holdout"] == 0.2
+    capsys.readouterr()
+    assert eval_main([str(run), "--device", "cpu"]) == 0  # the run's checkpoint, its weights' buffer included
+    assert f"{summary['student0_top1']:.2f}%" in capsys.readouterr().out
     _export_evaluate_report(tmp_path, run, summary, capsys)
 
 
