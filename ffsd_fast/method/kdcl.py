@@ -21,8 +21,8 @@ ENSEMBLES = ("naive", "linear", "minlogit", "general", "mean")
 # The variants whose weights are fitted between epochs on the held-out slice of the training set (the students' logits
 # weighted, t = Σ_i w_i z_i): linear by the least cross-entropy, general by the students' error correlations.
 FITTED = ("linear", "general")
-# The linear fit: L-BFGS on the softmax parameters of the weights, from the current uniform start, to a gradient of
-# at most 1e-10 or 100 iterations (m is small: it converges in a handful where the optimum is inside the simplex).
+# The linear fit: L-BFGS on the softmax parameters of the weights, from uniform weights, to a gradient of
+# at most 1e-10, 100 iterations, or steps that stall (a change below 1e-14).
 LINEAR_FIT = {"lr": 1.0, "max_iter": 100, "tolerance_grad": 1e-10, "tolerance_change": 1e-14}
 
 
