@@ -37,7 +37,7 @@ Phases: ``backbones`` (the students and the leader's backbone, or a branch metho
 ``--stack-networks``, the stack that runs them),
 ``decoders`` (the self-distillation decoders, their no-grad target passes included; stacked, their stack),
 ``fusion`` (the fusion module and the leader's trans-fusion head; a branch method's helpers, as ONE's gate),
-``optimisers`` (``step`` and ``zero_grad``;
+``optimisers`` (``step`` and ``zero_grad``, and the method's ``after_step``, as PCL's temporal mean;
 direction ``update``) and ``losses`` (everything else: the loss terms and their sum, the backward's seed gradient
 and, with channels-last, the one copy of the batch into that layout). Forward ops are
 attributed by forward pre/post hooks on those modules; backward ops by the autograd node that runs them
@@ -359,14 +359,15 @@ def phase_modules(method: Method) -> dict[str, list[nn.Module]]:
     their stacks), the decoders (and their stack), and FFSD's fusion module and trans-fusion head."""
     groups, stacks = method.stack_groups(), getattr(method.form, "stacks", {})
     leader = getattr(method, "leader", None)
-    trunk = getattr(method, "trunk", None)  # a branch method's shared trunk: backbone layers, run once
+    # A branch method's shared trunk (backbone layers), and any other of its trunks (PCL's temporal mean's).
+    trunks = [module for name, module in method.named_children() if name.endswith("trunk")]
     # A branch method's gate and the like: its helpers that are not networks of a group (OKDDip's leader is both).
     grouped = {id(m) for group in groups.values() for m in group}
     helpers = [m for m in (method.helpers() if hasattr(method, "helpers") else []) if id(m) not in grouped]
     return {
         "backbones": [m for name, group in groups.items() if name != "decoders" for m in group]
         + [stack for name, stack in stacks.items() if name != "decoders"]
-        + ([trunk] if trunk is not None else []),
+        + trunks,
         "decoders": [*groups.get("decoders", []), *([stacks["decoders"]] if "decoders" in stacks else [])],
         "fusion": [m for m in (getattr(method, "fusion", None), getattr(leader, "head", None)) if m is not None]
         + helpers,
@@ -424,10 +425,13 @@ def attributed(nets: Method, attribution: Attribution) -> Iterator[None]:
         # Tensor.backward calls torch.autograd.backward: the seed gradient is made there, before any node runs.
         torch.autograd.backward = counted(backward, "backward_depth")
         torch.optim.Optimizer.zero_grad = counted(zero_grad, "update_depth")
+        # The method's work after the optimisers (PCL's temporal mean) is part of the update.
+        nets.after_step = counted(nets.after_step, "update_depth")
         try:
             yield
         finally:
             torch.autograd.backward, torch.optim.Optimizer.zero_grad = backward, zero_grad
+            del nets.after_step
             attribution.node_phases.clear()  # lets the step's graph go
 
 

@@ -10,5 +10,6 @@ from ffsd_fast.method import one  # noqa: F401
 from ffsd_fast.method import cl_ilr  # noqa: F401
 from ffsd_fast.method import okddip  # noqa: F401
 from ffsd_fast.method import kdcl  # noqa: F401
+from ffsd_fast.method import pcl  # noqa: F401
 
 # isort: on

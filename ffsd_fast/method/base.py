@@ -289,6 +289,10 @@ class Method(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor) -> LossTerms:
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Work of the step after the optimisers have stepped (a temporal mean of the weights, PCL's): nothing, by
+        default. Part of the step, so captured and compiled with it: device tensors only, no host sync."""
+
     def parameter_groups(self) -> list[ParamGroup]:
         raise NotImplementedError
 

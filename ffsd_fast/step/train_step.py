@@ -1,4 +1,5 @@
-"""One training step: forward every network, sum every loss, one backward, every optimiser steps once.
+"""One training step: forward every network, sum every loss, one backward, every optimiser steps once, then the
+method's ``after_step`` (a temporal mean of the weights, where a method keeps one).
 
 ``TrainStep`` is the unit that gets captured in a CUDA graph (``cuda_graph.CapturedStep``) or compiled, so it does no
 host synchronisation: no ``.item()``, no Python branching on tensor values; λ's and learning rates live in device
@@ -50,4 +51,5 @@ class TrainStep:
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
+        self.method.after_step()  # e.g. a temporal mean of the weights just stepped (PCL's)
         return terms.detach()

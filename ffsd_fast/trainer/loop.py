@@ -113,7 +113,9 @@ def train_epoch(run: Run, epoch: int) -> tuple[dict[str, float], float, int]:
                     f"non-finite loss in epoch {epoch} by step {step + 1}: stopped; {last_good}; try a lower --lr"
                 )
             run.log.log({"kind": "train", "epoch": epoch, "step": step + 1, **means}, (epoch - 1) * steps + step + 1)
-            bar.set_postfix(loss=f"{means['total']:.3f}", ce=f"{means[f'{run.method.deployed}.ce']:.3f}")
+            # The deployed network's CE where it has one (PCL's deployed temporal mean has none: it is not trained).
+            ce = means.get(f"{run.method.deployed}.ce")
+            bar.set_postfix(loss=f"{means['total']:.3f}", **({} if ce is None else {"ce": f"{ce:.3f}"}))
     bar.close()
     if run.device.type == "cuda":
         torch.cuda.synchronize()

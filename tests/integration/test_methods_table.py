@@ -36,6 +36,7 @@ def test_every_method_of_the_comparison_is_named_and_the_unregistered_are_skippe
 def test_ramp_ups_take_the_share_of_the_run_that_the_default_takes_of_the_recipe():
     assert table_script.rampup_flags("one", 20) == ["--one-rampup-epochs", "5"]  # 80 of 300
     assert table_script.rampup_flags("okddip", 6) == ["--okddip-rampup-epochs", "2"]
+    assert table_script.rampup_flags("pcl", 20) == ["--pcl-rampup-epochs", "5"]  # 80 of its 300
     assert table_script.rampup_flags("dml", 20) == []
 
 
