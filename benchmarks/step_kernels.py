@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/step_kernels.py --workload imagenet-resnet18-m2-b256 --variants fast --batch 8
     .venv/bin/python benchmarks/step_kernels.py --method one --workload cifar100-resnet32-m3-b128 --variants stacked
 
-``--method`` counts another method's step (its λ's at their defaults; the ``reference`` variant is FFSD's alone).
+``--method`` counts another method's step (its λ's at their defaults; the ``reference`` variant is FFSD's alone);
+``--setting KEY=VALUE`` sets one of its options (a string, e.g. ``kdcl_ensemble=linear``).
 
 Why: on a GPU the step runs as one CUDA graph, and the small CIFAR networks are bound by how many kernels it
 launches, not by their arithmetic. This counts them without a GPU, for the workloads and variants of
@@ -585,6 +586,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, help="count this batch instead of the workload's (the same count)")
     parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of --method's, as a string (e.g. kdcl_ensemble=linear); repeat for several",
+    )
+    parser.add_argument(
         "--run-triton", action="store_true", help="run the Triton kernels in the interpreter (slow; the same count)"
     )
     # The count does not depend on it; with two or more, oneDNN's threads waited on each other on a shared machine's
@@ -605,6 +613,12 @@ def main(argv: list[str] | None = None) -> None:
         if "reference" in variants:
             raise SystemExit("step_kernels: the reference variant is FFSD's sequential step; drop it for --method")
         workloads = [{**w, "method": args.method, "name": f"{w['name']}-{args.method}"} for w in workloads]
+    if args.setting:
+        if any("=" not in s for s in args.setting):
+            raise SystemExit(f"step_kernels: --setting takes KEY=VALUE, got {args.setting}")
+        settings = dict(s.split("=", 1) for s in args.setting)
+        suffix = "-".join(args.setting)
+        workloads = [{**w, "settings": settings, "name": f"{w['name']}-{suffix}"} for w in workloads]
     meta = {
         "device": "cpu (counted)",
         "run_id": uuid.uuid4().hex[:12],

@@ -244,6 +244,7 @@ def make_step(workload: dict, variant: str, device: torch.device) -> Callable[[t
         workload["size"],
         fusion_kernel="triton" if fused else "torch",
         kernels=kernels,
+        **workload.get("settings", {}),  # step_kernels.py --setting: the method's options
     ).to(device)
     if flags.get("channels_last"):
         nets = nets.to(memory_format=torch.channels_last)

@@ -48,9 +48,10 @@ class DatasetInfo:
 
     name: str  # 'digits' | 'cifar10' | 'cifar100' | 'imagenet'
     num_classes: int
-    num_train: int  # samples in the whole training set (all ranks)
+    num_train: int  # samples trained on, over all ranks (the training set less its held-out slice)
     num_test: int
     corrupt: tuple[str, ...] = ()  # image files left out because they could not be decoded
+    num_heldout: int = 0  # training samples held out of training (``DataSpec.holdout``), over all ranks
 
 
 class Loader(Protocol):
@@ -69,6 +70,8 @@ class DataSpec:
     the per-process batch sizes, the seed of the shuffling and the augmentation, whether the last partial training
     batch is dropped, and for ImageNet folders the ``loader`` (auto: DALI when installed), its ``workers``
     (DataLoader processes or DALI threads) and whether every image is decoded once up front (``check_images``).
+    ``holdout``: the fraction of the training set held out of training for a method to fit on between epochs
+    (``sampling.holdout_split``; the in-memory datasets only).
 
     Constructing one checks every value and raises ``UserError`` with the flag to fix."""
 
@@ -84,6 +87,8 @@ class DataSpec:
     check_images: bool = True
     # Augmented copies of each training image, view-major (``in_memory``'s docstring): one per network for some methods.
     views: int = 1
+    # The fraction of the training set held out of training, unaugmented, for a method that fits on it (0: none).
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         check_dataset(self.dataset)
@@ -103,3 +108,5 @@ class DataSpec:
         ):
             if value < low:
                 raise UserError(f"{name} must be at least {low}, got {value}")
+        if not 0 <= self.holdout < 1:
+            raise UserError(f"the held-out fraction of the training set must be in [0, 1), got {self.holdout}")

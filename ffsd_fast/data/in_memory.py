@@ -7,6 +7,10 @@ method that feeds each network its own augmentation) yields ``[V·B, 3, image_si
 0 is what V = 1 yields, views 1.. independent draws of the same augmentation. Which samples each rank visits in each
 epoch, and how, is ``ffsd_fast.data.sampling``'s rule, shared by all loaders.
 
+A ``DataSpec.holdout`` > 0 holds a slice of the training set out of training (``sampling.holdout_split``): the
+training loader's ``heldout`` is a loader over it that reads like evaluation (no augmentation, one view, this rank's
+disjoint share, the last batch partial); None without one.
+
 Evaluation shards are disjoint, so every test sample is counted exactly once over all ranks: sum the per-rank
 counts (``all_reduce``) after the loop, and do not run per-batch collectives during evaluation, since ranks may
 differ by one batch. A label of ``sampling.PAD_LABEL`` marks a slot that only fills a batch: it is not counted.
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ffsd_fast.data.common import FIXED_STATISTICS, DatasetInfo, DataSpec
-from ffsd_fast.data.sampling import AUGMENTATION, PERMUTATION, generator, shard, train_batches
+from ffsd_fast.data.sampling import AUGMENTATION, PERMUTATION, generator, holdout_split, shard, train_batches
 from ffsd_fast.errors import UserError
 
 DIGITS_NUM_TRAIN = 1347  # of 1797; the remaining 450 are the test split
@@ -44,6 +48,16 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def _hold_out(
+    spec: DataSpec, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The training tensors less the slice ``spec.holdout`` holds out, and that slice (None when it is 0)."""
+    if not spec.holdout:
+        return images, labels, None
+    kept, held = (part.to(labels.device) for part in holdout_split(len(labels), spec.holdout, spec.seed))
+    return images[kept], labels[kept], (images[held], labels[held])
 
 
 class TensorLoader:
@@ -85,6 +99,7 @@ class TensorLoader:
         self.pad, self.pad_mode, self.flip = pad, pad_mode, flip
         self.views = views if train else 1
         self.epoch = 0
+        self.heldout: TensorLoader | None = None  # the held-out slice of a training loader's set, when one is held out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -159,9 +174,10 @@ def digits_loaders(
     test = torch.as_tensor(permutation[DIGITS_NUM_TRAIN:]).to(device)
     mean, std = images[train].mean().item(), images[train].std().item()
     stats = dict(mean=(mean,), std=(std,), image_size=image_size)
+    train_x, train_y, heldout = _hold_out(spec, images[train], labels[train])
     train_loader = TensorLoader(
-        images[train],
-        labels[train],
+        train_x,
+        train_y,
         batch_size=spec.batch_size,
         train=True,
         pad=max(1, image_size // 8),
@@ -172,7 +188,10 @@ def digits_loaders(
     test_loader = TensorLoader(
         images[test], labels[test], batch_size=spec.eval_batch_size, train=False, **stats, **common
     )
-    return train_loader, test_loader, DatasetInfo("digits", 10, len(train), len(test))
+    if heldout is not None:
+        train_loader.heldout = TensorLoader(*heldout, batch_size=spec.eval_batch_size, train=False, **stats, **common)
+    held = 0 if heldout is None else len(heldout[1])
+    return train_loader, test_loader, DatasetInfo("digits", 10, len(train_y), len(test), num_heldout=held)
 
 
 # The official python format: each file a pickled dict; ``data`` a uint8 [N, 3072] array (the red, green and blue
@@ -280,6 +299,7 @@ def cifar_loaders(
         return images.to(device), labels.to(device)
 
     (train_x, train_y), (test_x, test_y) = load(True), load(False)
+    train_x, train_y, heldout = _hold_out(spec, train_x, train_y)
     stats = dict(mean=mean, std=std, image_size=spec.image_size)
     train_loader = TensorLoader(
         train_x,
@@ -294,4 +314,7 @@ def cifar_loaders(
         **common,
     )
     test_loader = TensorLoader(test_x, test_y, batch_size=spec.eval_batch_size, train=False, **stats, **common)
-    return train_loader, test_loader, DatasetInfo(name, num_classes, len(train_y), len(test_y))
+    if heldout is not None:
+        train_loader.heldout = TensorLoader(*heldout, batch_size=spec.eval_batch_size, train=False, **stats, **common)
+    held = 0 if heldout is None else len(heldout[1])
+    return train_loader, test_loader, DatasetInfo(name, num_classes, len(train_y), len(test_y), num_heldout=held)

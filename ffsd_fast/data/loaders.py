@@ -27,6 +27,11 @@ def _imagenet(
     channels_last: bool,
 ) -> tuple[Loader, Loader, DatasetInfo]:
     """The tree's train and val lists through DALI or torchvision; both take the same samples in full batches."""
+    if spec.holdout:
+        raise UserError(
+            f"imagenet: holding out {spec.holdout} of the training set, as the method asks, is not implemented for "
+            "image folders (the DALI and torchvision loaders have no held-out loader): only digits and CIFAR hold out"
+        )
     loader = spec.loader
     if loader == "auto":
         loader = "dali" if dali_available() else "torchvision"
@@ -80,6 +85,8 @@ def build_loaders(
 
     The train loader shuffles and augments from ``(spec.seed, epoch)`` only (call ``set_epoch`` before each epoch)
     and keeps the last partial batch unless ``spec.drop_last``; the eval loader keeps a fixed order and never drops.
+    With ``spec.holdout`` > 0 (digits and CIFAR; refused for ImageNet) the train loader leaves that slice of the
+    training set out and its ``heldout`` attribute reads it, as evaluation reads (``in_memory``).
     For 'imagenet': the output ``dtype`` and memory format, and ``index``, the tree's file lists (default:
     ``index_images(spec.data_root)``, which with ``spec.check_images`` decodes every image once and leaves the
     corrupt ones out).

@@ -12,8 +12,10 @@ import math
 import numpy as np
 import torch
 
+from ffsd_fast.errors import UserError
+
 # Tags that keep the random streams drawn from one (seed, epoch) apart from each other.
-PERMUTATION, AUGMENTATION, SAMPLE, WORKERS, PIPELINE = 0, 1, 2, 3, 4
+PERMUTATION, AUGMENTATION, SAMPLE, WORKERS, PIPELINE, HOLDOUT = 0, 1, 2, 3, 4, 5
 # The label of an evaluation slot that only pads the last batch to full size: evaluation skips it.
 PAD_LABEL = -1
 
@@ -77,3 +79,20 @@ def eval_indices(num_samples: int, rank: int, world_size: int, batch_size: int) 
     mine = torch.arange(rank, num_samples, world_size)
     padding = -len(mine) % batch_size
     return torch.cat([mine, torch.full((padding,), -1, dtype=torch.int64)])
+
+
+def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the indices trained on, the indices held out), each sorted, disjoint, together ``0 … num_samples − 1``.
+
+    ``round(fraction · num_samples)`` samples are held out, at least one when ``fraction > 0``, drawn by a
+    permutation of the seed alone (epoch 0 of its own stream): every rank holds out the same samples, in every
+    epoch, and a resumed run the ones it held out before. ``UserError`` when no sample would be left to train on."""
+    if not 0 <= fraction < 1:
+        raise UserError(f"the held-out fraction of the training set must be in [0, 1), got {fraction}")
+    count = max(round(fraction * num_samples), 1) if fraction > 0 else 0
+    if count >= num_samples:
+        raise UserError(
+            f"holding out {fraction} of {num_samples} training samples leaves none to train on: hold out less"
+        )
+    order = torch.randperm(num_samples, generator=generator(seed, 0, HOLDOUT))
+    return order[count:].sort().values, order[:count].sort().values

@@ -10,7 +10,7 @@ A method writes its forward once, against ``self.form`` (``forms.Separate`` or `
 outputs by network, and the grouped ops. Whether the networks run one by one or stacked is the form's business.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import Field, dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar, NamedTuple
@@ -258,6 +258,28 @@ class Method(nn.Module):
         The training loader then yields ``[V·B, 3, H, W]``, view-major (``ffsd_fast.data.in_memory``); ``labels``
         stay ``[B]``. Read before the method is built: the loaders come first."""
         return 1
+
+    @classmethod
+    def holdout_fraction(cls, config: Mapping[str, Any]) -> float:
+        """The fraction of the training set to hold out of training for ``between_epochs`` to fit on, for the run's
+        configuration ``config`` (its fields by name): 0, the default, holds none out. The data layer draws the
+        slice from the seed (``data.sampling.holdout_split``). Read before the method is built: the loaders come
+        first."""
+        return 0.0
+
+    def between_epochs(
+        self,
+        heldout: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, float]:
+        """What the method does after each epoch's training, before its evaluation, outside the (possibly captured)
+        step, so host synchronisations are allowed: for example fit its teacher's weights on ``heldout``, this
+        rank's share of the held-out slice (``holdout_fraction``; None when none is held out), as ``(images,
+        labels)`` batches read as evaluation reads them. ``reduce`` sums a tensor over the ranks (in place; the
+        identity in one process), so that every rank fits the same values. What it writes must live in tensors
+        the step reads (buffers, which a captured step sees without recapture, written with ``copy_``) and the
+        checkpoint saves. Returns numbers for the epoch's record, by name (none, the default)."""
+        return {}
 
     def epoch_lambdas(self, epoch: int) -> dict[str, float] | None:
         """The ``lambdas`` of a 1-based epoch, by name, for a method whose weights follow a schedule of its own

@@ -4,7 +4,7 @@ ensemble of all the students' logits (detached). Student 1 (``--model``) is kept
 their defaults and where they come from (the paper, or the unofficial public code): ``docs/methods/kdcl.md``.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,13 +18,61 @@ from ffsd_fast.method.forms import Group
 from ffsd_fast.method.registry import register
 
 ENSEMBLES = ("naive", "linear", "minlogit", "general", "mean")
+# The variants whose weights are fitted between epochs on the held-out slice of the training set (the students' logits
+# weighted, t = Σ_i w_i z_i): linear by the least cross-entropy, general by the students' error correlations.
+FITTED = ("linear", "general")
+# The linear fit: L-BFGS on the softmax parameters of the weights, from uniform weights, to a gradient of
+# at most 1e-10, 100 iterations, or steps that stall (a change below 1e-14).
+LINEAR_FIT = {"lr": 1.0, "max_iter": 100, "tolerance_grad": 1e-10, "tolerance_change": 1e-14}
 
-# The two variants whose weights are fitted on held-out training data between epochs: the trainer feeds a method no
-# held-out slice yet, and fitting them on the step's own batch would not be the paper's.
-NOT_IMPLEMENTED = {
-    "linear": "its weights are fitted between epochs on held-out training data, which the trainer does not feed",
-    "general": "its weights come from error correlations on held-out training data, which the trainer does not feed",
-}
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def fit_linear(
+    logits: torch.Tensor, labels: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] = _same
+) -> torch.Tensor:
+    """KDCL-Linear's weights: the ``w`` on the simplex (``w_i ≥ 0``, ``Σ w_i = 1``) that minimises the mean
+    cross-entropy of ``Σ_i w_i z_i`` over the held-out images, from the students' ``[m, N, K]`` logits; float64.
+
+    Parametrised as ``w = softmax(β)`` (the simplex without constraints) and fitted by L-BFGS from ``β = 0``. In
+    several processes each holds its own images and ``reduce`` sums the loss and its gradient over them, so every
+    rank takes the same L-BFGS steps and ends with the same weights."""
+    logits, m = logits.double(), logits.shape[0]
+    count = reduce(torch.tensor(float(labels.numel()), dtype=torch.float64, device=logits.device))
+    beta = torch.zeros(m, dtype=torch.float64, device=logits.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([beta], line_search_fn="strong_wolfe", **LINEAR_FIT)
+
+    def closure() -> torch.Tensor:
+        loss = F.cross_entropy(torch.tensordot(beta.softmax(0), logits, 1), labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, beta)
+        summed = reduce(torch.cat([loss.detach()[None], grad])) / count  # host sync (L-BFGS reads the loss)
+        beta.grad = summed[1:]
+        return summed[0]
+
+    optimizer.step(closure)
+    return beta.detach().softmax(0)
+
+
+def general_weights(
+    logits: torch.Tensor, labels: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] = _same
+) -> torch.Tensor:
+    """KDCL-General's weights, the generalised ensemble's (Perrone & Cooper): with ``e_i = softmax(z_i) − onehot(y)``
+    each student's error on a held-out image and ``C_ij`` the mean over the held-out images of ``⟨e_i, e_j⟩``,
+    ``w = C⁻¹1 / 1ᵀC⁻¹1``, the weights summing to 1 that minimise ``wᵀCw``, the ensemble's squared error (they may
+    be negative); float64. ``C⁻¹`` is the pseudo-inverse, so students that err alike share a weight rather than
+    failing a solve; with no error at all (``C = 0``) the weights stay uniform. ``reduce`` sums ``C`` and the
+    count over the ranks."""
+    m, _, classes = logits.shape
+    errors = logits.double().softmax(-1) - F.one_hot(labels, classes).double()
+    sums = torch.einsum("ink,jnk->ij", errors, errors).flatten()
+    count = torch.tensor([float(labels.numel())], dtype=torch.float64, device=logits.device)
+    summed = reduce(torch.cat([sums, count]))
+    c = summed[:-1].view(m, m) / summed[-1].clamp(min=1)
+    row = torch.linalg.pinv(c, hermitian=True).sum(1)
+    total = row.sum()
+    return row / total if total.item() > 0 else torch.full_like(row, 1 / m)  # host sync
 
 
 def student_models(model: str, settings: Mapping[str, Any], num_students: int | None = None) -> list[str]:
@@ -45,11 +93,16 @@ def student_models(model: str, settings: Mapping[str, Any], num_students: int | 
     return names
 
 
-def ensemble_teacher(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+def ensemble_teacher(
+    logits: torch.Tensor, labels: torch.Tensor, kind: str, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The ensemble's ``[B, K]`` logits from the students' detached ``[m, B, K]``: ``naive`` the logits of the
     student whose CE is lowest, image by image; ``minlogit`` each student's logits less its target logit, then the
-    least over the students, class by class; ``mean`` their mean (the public code's)."""
+    least over the students, class by class; ``mean`` their mean (the public code's); ``linear`` and ``general``
+    their sum weighted by ``weights`` (``[m]``, fitted between epochs)."""
     m, batch, classes = logits.shape
+    if kind in FITTED:
+        return torch.tensordot(weights.to(logits.dtype), logits, 1)
     if kind == "mean":
         return logits.mean(0)
     if kind == "minlogit":
@@ -59,13 +112,14 @@ def ensemble_teacher(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> t
         ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat(m), reduction="none").view(m, batch)
         best = ce.argmin(0).view(1, batch, 1).expand(1, batch, classes)
         return logits.gather(0, best).squeeze(0)
-    raise UserError(f"--kdcl-ensemble {kind}: not implemented: {NOT_IMPLEMENTED.get(kind, 'unknown')}")
+    raise UserError(f"--kdcl-ensemble {kind}: unknown; choose one of {', '.join(ENSEMBLES)}")
 
 
 @register
 class KDCL(Method):
     """``students``: student ``i`` is ``kdcl_models``'s ``i``-th architecture. Settings read: ``kdcl_models``,
-    ``kdcl_ensemble``, ``kdcl_temperature``, ``kernels``; ``kdcl_alpha`` weighs the terms (a λ)."""
+    ``kdcl_ensemble``, ``kdcl_temperature``, ``kdcl_holdout``, ``kernels``; ``kdcl_alpha`` weighs the terms (a λ).
+    The fitted ensembles (``linear``, ``general``) hold their weights in the buffer ``ensemble_weights``."""
 
     name = "kdcl"
     summary = "KDCL: students (any architectures), each on its own view, taught by their ensemble; student 1 kept"
@@ -90,8 +144,17 @@ class KDCL(Method):
             str,
             "minlogit",
             "KDCL: the ensemble teacher: naive (the lowest-CE student's logits), minlogit (target-logit-shifted "
-            "minimum), mean (the public code's); linear and general are not implemented yet",
+            "minimum), mean (the public code's), linear and general (weighted logits, the weights fitted after each "
+            "epoch on a held-out slice of the training set, --kdcl-holdout)",
             choices=ENSEMBLES,
+        ),
+        "kdcl_holdout": option(
+            float,
+            0.1,
+            "KDCL linear and general: the fraction of the training set held out of training, to fit the ensemble's "
+            "weights on after each epoch (unused by the other ensembles)",
+            above=0,
+            below=1,
         ),
         "kdcl_temperature": option(float, 4.0, "KDCL: temperature of the students' KL to the ensemble", above=0),
         "kdcl_alpha": option(
@@ -105,19 +168,26 @@ class KDCL(Method):
         return config["num_students"]  # one augmentation per student (the code's data.py lines 152-156)
 
     @classmethod
+    def holdout_fraction(cls, config: Mapping[str, Any]) -> float:
+        # Only the fitted ensembles fit on held-out data; the others train on the whole training set.
+        return config["kdcl_holdout"] if config["kdcl_ensemble"] in FITTED else 0.0
+
+    @classmethod
     def stacked_models(cls, model: str, settings: Mapping[str, Any]) -> list[str]:
         return list(dict.fromkeys(student_models(model, settings)))
 
     def __init__(self, spec: NetworkSpec) -> None:
         super().__init__(spec)
-        kind = self.settings["kdcl_ensemble"]
-        if kind in NOT_IMPLEMENTED:
-            raise UserError(f"--kdcl-ensemble {kind}: not implemented: {NOT_IMPLEMENTED[kind]}")
         self.architectures = student_models(spec.model, self.settings, spec.num_students)
         for name in dict.fromkeys(self.architectures):
             models.check_image_size(name, spec.image_size)
         # Drawn in order, as the code builds its list of models (train.py lines 161-163).
         self.students = nn.ModuleList(models.create(name, spec.num_classes) for name in self.architectures)
+        if self.settings["kdcl_ensemble"] in FITTED:
+            # The fitted ensemble's weights, uniform until the first fit: a buffer, so the checkpoint keeps them and a
+            # captured step reads the ones that between_epochs copies in.
+            m = len(self.students)
+            self.register_buffer("ensemble_weights", torch.full((m,), 1 / m, dtype=torch.get_default_dtype()))
 
     def stack_groups(self) -> dict[str, list[nn.Module]]:
         return {name: [self.students[i] for i in indices] for name, indices in self.groups().items()}
@@ -150,16 +220,46 @@ class KDCL(Method):
                 found[i] = logits[k]
         return torch.stack(found)
 
+    def _weights(self) -> torch.Tensor | None:
+        return self.ensemble_weights if self.settings["kdcl_ensemble"] in FITTED else None
+
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.logits(images)
         return {f"student{i}": logits[i] for i in range(len(logits))}
+
+    @torch.no_grad()
+    def between_epochs(
+        self,
+        heldout: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, float]:
+        """The fitted ensembles' weights, from every student in eval mode on the held-out images (one view each,
+        unaugmented): ``fit_linear`` or ``general_weights``, copied into ``ensemble_weights``."""
+        kind = self.settings["kdcl_ensemble"]
+        if kind not in FITTED or heldout is None:
+            return {}
+        was_training = self.training
+        self.eval()
+        logits, labels = [], []
+        for images, y in heldout:
+            logits.append(self.logits(images).double())
+            labels.append(y)
+        self.train(was_training)
+        weights = self.ensemble_weights
+        classes = self.spec.num_classes
+        z = torch.cat(logits, 1) if logits else weights.new_zeros(len(weights), 0, classes, dtype=torch.float64)
+        y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64, device=weights.device)
+        with torch.enable_grad():
+            fitted = fit_linear(z, y, reduce) if kind == "linear" else general_weights(z, y, reduce)
+        weights.copy_(fitted)
+        return {f"kdcl_weight{i}": w for i, w in enumerate(fitted.tolist())}  # host sync
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor) -> LossTerms:
         m, batch = len(self.students), labels.shape[0]
         if images.shape[0] != m * batch:
             raise UserError(f"kdcl: {batch} labels need {m} views of their images, got {images.shape[0]} rows")
         z = self.logits(list(images.unflatten(0, (m, batch))))  # view i is student i's
-        teacher = ensemble_teacher(z.detach(), labels, self.settings["kdcl_ensemble"])
+        teacher = ensemble_teacher(z.detach(), labels, self.settings["kdcl_ensemble"], self._weights())
         # Every student's CE and KL in one op (its rows: student i's images, in order).
         ce, kl = self.ops.cross_entropy_kl_loss(
             z, teacher.expand_as(z), labels.expand(m, batch), self.settings["kdcl_temperature"], reduction="none"

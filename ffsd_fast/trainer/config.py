@@ -441,8 +441,10 @@ def method_of(config: dict) -> type[Method]:
 
 
 def data_spec(config: Config) -> DataSpec:
-    """The data slice of a resolved configuration (with the views its method reads of each training image)."""
+    """The data slice of a resolved configuration (with the views its method reads of each training image, and the
+    slice of the training set it holds out)."""
     fields = to_dict(config)
+    method = method_of(fields)
     return DataSpec(
         dataset=config.dataset,
         data_root=config.data_root,
@@ -454,7 +456,8 @@ def data_spec(config: Config) -> DataSpec:
         workers=config.workers,
         loader=config.loader,
         check_images=config.check_images,
-        views=method_of(fields).view_count(fields),
+        views=method.view_count(fields),
+        holdout=method.holdout_fraction(fields),
     )
 
 

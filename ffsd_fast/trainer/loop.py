@@ -1,5 +1,6 @@
 """One epoch of training steps, and what the loop around them needs: the schedule's learning rates and λ's for each
-step, and the running means of the loss terms, read back from the device only every ``--log-every`` steps."""
+step, the running means of the loss terms, read back from the device only every ``--log-every`` steps, and the
+method's work between epochs."""
 
 import os
 import time
@@ -39,6 +40,15 @@ def lambdas_for(cfg: Config, method: Method, epoch: int) -> dict[str, float]:
     if own is not None:
         return {name: own[name] for name in method.lambdas}
     return {name: warmed_up_lambda(getattr(cfg, name), epoch, cfg.lambda_warmup_epochs) for name in method.lambdas}
+
+
+def between_epochs(run: Run) -> dict[str, float]:
+    """The method's work after an epoch's training (``Method.between_epochs``: a fit on the held-out slice), outside
+    the step, so host syncs are allowed; what it returns, and the seconds it took when it returned anything, join
+    the epoch's record. Every rank runs it on its own share and the method sums over the ranks."""
+    started = time.perf_counter()
+    fitted = run.method.between_epochs(run.heldout_loader, lambda tensor: all_reduce_sum(tensor, run.world))
+    return {**fitted, "between_epochs_seconds": time.perf_counter() - started} if fitted else {}
 
 
 class LossMeter:

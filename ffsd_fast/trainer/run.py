@@ -1,7 +1,8 @@
 """The FFSD trainer: one run, read top to bottom as its phases.
 
 ``train(cfg)``: check the device → build (data, networks, optimisers, scaler, the step) → restore (a checkpoint, when
-resuming; one starting point on every rank) → for each epoch {train, evaluate, save} → finish (summary). The step
+resuming; one starting point on every rank) → for each epoch {train, the method's work between epochs, evaluate,
+save} → finish (summary). The step
 itself is ``ffsd_fast.step.train_step``; the only host synchronisations are marked ``# host sync`` and happen every
 ``--log-every`` steps and at epoch ends.
 
@@ -41,7 +42,7 @@ from ffsd_fast.step.precision import mixed_precision
 from ffsd_fast.trainer import checkpoint, step_forms
 from ffsd_fast.trainer.config import FIELDS, Config, data_spec, optimizer_spec, to_dict
 from ffsd_fast.trainer.evaluate import evaluate, topk_for
-from ffsd_fast.trainer.loop import learning_rates, train_epoch
+from ffsd_fast.trainer.loop import between_epochs, learning_rates, train_epoch
 from ffsd_fast.trainer.resume import AUTO, changes, check_resumable, find_auto
 from ffsd_fast.trainer.run_dir import (
     claim_new_run_dir,
@@ -152,6 +153,7 @@ def build(cfg: Config, world: World, device: torch.device, given: Collection[str
         info=info,
         train_loader=train_loader,
         test_loader=test_loader,
+        heldout_loader=getattr(train_loader, "heldout", None),  # the in-memory loaders', when the method holds out
         method=method,
         optimizers=optimizers,
         scaler=scaler,
@@ -230,8 +232,11 @@ def open_log(run: Run) -> None:
         print(f"run directory: {run.run_dir}{processes}", flush=True)
 
 
-def evaluate_epoch(run: Run, epoch: int, epoch_lambdas: dict[str, float], seconds: float, images: int) -> dict:
-    """Every network on the test split; the epoch's record joins the history and the log."""
+def evaluate_epoch(
+    run: Run, epoch: int, epoch_lambdas: dict[str, float], seconds: float, images: int, fitted: dict[str, float]
+) -> dict:
+    """Every network on the test split; the epoch's record (with what the method ``fitted`` between epochs) joins
+    the history and the log."""
     cfg = run.cfg
     # Rank 0's BatchNorm statistics everywhere, as DDP's buffer broadcast would: every rank evaluates and the
     # checkpoint holds the same networks.
@@ -249,6 +254,7 @@ def evaluate_epoch(run: Run, epoch: int, epoch_lambdas: dict[str, float], second
         "train_seconds": seconds,
         "train_images": images,
         "images_per_s": images / seconds,
+        **fitted,
     }
     run.history.append(record)
     run.log.log(record, epoch * steps)  # TensorBoard's step: the global step, as the training records'
@@ -325,7 +331,8 @@ def train(cfg: Config, given: Collection[str] = FIELDS) -> dict:
         try:
             for epoch in range(run.start_epoch, run.cfg.epochs + 1):
                 epoch_lambdas, seconds, images = train_epoch(run, epoch)
-                evaluate_epoch(run, epoch, epoch_lambdas, seconds, images)
+                fitted = between_epochs(run)
+                evaluate_epoch(run, epoch, epoch_lambdas, seconds, images, fitted)
                 save(run, epoch)
         finally:
             run.log.close()

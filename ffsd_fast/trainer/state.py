@@ -34,6 +34,7 @@ class Run:
     form: StepForm  # what the step is: per-network or stacked, and the method's levers
     tuning: Tuning | None  # what --step auto timed, when it did
     topk: tuple[int, ...]
+    heldout_loader: Loader | None = None  # this rank's share of the training set's held-out slice, if one is held out
     saved: dict | None = None  # the checkpoint this run resumes, until ``restore`` has taken it in
     saved_config: dict | None = None  # the configuration the resumed checkpoint was saved with
     log: RunLog | NullLog = field(default_factory=NullLog)

@@ -196,3 +196,19 @@ def test_every_rank_chooses_the_same_step_form_from_the_slowest_ranks_times(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"tuning{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1] == {"choice": "b", "seconds": {"a": 5.0, "b": 4.0, "c": 6.0}}
+
+
+@pytest.mark.slow
+def test_a_two_process_kdcl_run_fits_its_ensemble_on_every_ranks_share(tmp_path):
+    """KDCL's linear ensemble under torchrun: each rank runs the students on its share of the held-out slice and the
+    L-BFGS fit sums over the ranks at every evaluation, so that the ranks step together (a rank that took another
+    step count would hang the next all-reduce)."""
+    args = ["ffsd_fast/train.py", *FAST, "--method", "kdcl", "--kdcl-ensemble", "linear", "--device", "cpu"]
+    result = torchrun(*args, "--batch-size", "64", "--output-dir", str(tmp_path), "--run-name", "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = checkpoint.load(str(tmp_path / "run"))
+    record = next(r for r in saved["history"] if r["kind"] == "eval")
+    weights = [record["kdcl_weight0"], record["kdcl_weight1"]]
+    assert saved["networks"]["ensemble_weights"].tolist() == pytest.approx(weights, abs=1e-7)
+    assert sum(weights) == pytest.approx(1) and min(weights) >= 0
+    assert record["train_images"] == 1347 - 135  # the held-out tenth is trained on by no rank

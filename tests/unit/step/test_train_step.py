@@ -198,3 +198,41 @@ def test_captured_step_trains_exactly_like_the_eager_step(strict_fp32_cuda):
         torch.testing.assert_close(b.total, a.total, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(nets.state_dict().items(), twin.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kdcl_fitted_teacher_takes_no_host_synchronisation_in_the_step(monkeypatch):
+    nets = build("resnet20", 10, 2, 16, method="kdcl", kdcl_ensemble="linear").train()
+    nets.ensemble_weights.copy_(torch.tensor([0.7, 0.3]))
+    stepper = TrainStep(nets, make_optimizers(nets), torch.tensor([0.5]))
+    x, y = torch.randn(12, 3, 16, 16), torch.randint(0, 10, (6,))
+    forbid_host_syncs(monkeypatch)
+    for _ in range(2):
+        terms = stepper(x, y)
+    monkeypatch.undo()
+    assert torch.isfinite(terms.total)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_captured_kdcl_step_trains_with_the_weights_fitted_between_epochs(strict_fp32_cuda):
+    """The captured step against the eager one, each fitted between its "epochs" (two steps each) on the same
+    held-out images: the replays read the weights that ``between_epochs`` copies in, with no recapture."""
+    nets = build("resnet20", 10, 2, 16, method="kdcl", kdcl_ensemble="linear").cuda().train()
+    twin = copy.deepcopy(nets)
+    lambdas = torch.tensor([0.5], device="cuda")
+    eager = TrainStep(nets, make_optimizers(nets), lambdas)
+    captured = CapturedStep(TrainStep(twin, make_optimizers(twin), lambdas))
+    for optimizers in (eager.optimizers, captured.step.optimizers):
+        set_learning_rates(optimizers, 0.05, 1e-3)
+    heldout = [(torch.randn(8, 3, 16, 16, device="cuda"), torch.randint(0, 10, (8,), device="cuda"))]
+    for _ in range(3):
+        for _ in range(2):
+            x, y = torch.randn(16, 3, 16, 16, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+            a, b = eager(x, y), captured(x, y)
+            torch.testing.assert_close(b.total, a.total, rtol=1e-4, atol=1e-5)
+        nets.between_epochs(heldout, lambda tensor: tensor)
+        twin.between_epochs(heldout, lambda tensor: tensor)
+        torch.testing.assert_close(twin.ensemble_weights, nets.ensemble_weights, rtol=0, atol=1e-4)
+    assert not torch.equal(nets.ensemble_weights.cpu(), torch.tensor([0.5, 0.5]))
+    for (name, p), q in zip(nets.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
