@@ -25,6 +25,8 @@ BRANCH_METHODS = {
     "one": dict(epochs=300, lr_milestones=[151, 225], num_students=3, weight_decay=1e-4, one_temperature=3.0),
     "cl-ilr": dict(epochs=300, lr_milestones=[150, 225], num_students=4, weight_decay=5e-4, clilr_temperature=3.0),
     "okddip": dict(epochs=300, lr_milestones=[150, 225], num_students=3, weight_decay=5e-4, okddip_temperature=3.0),
+    # PCL's code (configs/20220223_cifar100.yml lines 21-24, src/optimizer/optimizer_config.yml lines 1-5).
+    "pcl": dict(epochs=300, lr_milestones=[150, 225], num_students=3, weight_decay=5e-4, pcl_temperature=3.0),
     # KDCL's code (train.py lines 17-30): batch 64, lr 0.05, 240 epochs, milestones 150, 180, 210.
     "kdcl": dict(
         epochs=240,
