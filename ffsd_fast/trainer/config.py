@@ -429,10 +429,8 @@ def _resolve_step(c: Config, gpu: bool) -> None:
 
 
 def _check_stackable(c: Config) -> None:
+    # --sync-bn stacks too: its SyncBatchNorm layers become one over the stacked channels (StackedSyncBatchNorm).
     check_stackable(registry.get(c.method), c.model, dataclasses.asdict(c))
-    if c.sync_bn:
-        # SyncBatchNorm layers are not the plain BatchNorm layers a stack is built from.
-        raise UserError("--stack-networks with --sync-bn: not supported together; drop one of them")
 
 
 def method_of(config: dict) -> type[Method]:

@@ -52,8 +52,6 @@ def _stacking_blocker(cfg: Config, world: World) -> str | None:
     for model in method.stacked_models(cfg.model, dataclasses.asdict(cfg)):
         if (reason := stack_blocker(model)) is not None:
             return f"{model}: {reason}"
-    if cfg.sync_bn:
-        return "--sync-bn: SyncBatchNorm layers do not stack"
     return None
 
 

@@ -103,3 +103,16 @@ def test_the_forms_are_every_allowed_combination_of_stacking_and_the_methods_lev
     # A baseline without levers: per-network and stacked.
     forms, _ = candidates(resolve(Config(device="cpu", method="dml")), SINGLE_PROCESS, set())
     assert [f.name for f in forms] == ["per-network", "stacked"]
+
+
+def test_sync_bn_stacks_so_its_stacked_forms_are_candidates():
+    """``--sync-bn`` no longer blocks stacking: its stacked forms are timed (the Triton fusion block, which
+    normalises with its own batch statistics, stays out), and ``--step stacked`` resolves."""
+    from ffsd_fast.step.distributed import SINGLE_PROCESS
+    from ffsd_fast.trainer.step_forms import candidates
+
+    cfg = resolve(Config(device="cpu", sync_bn=True))
+    forms, left_out = candidates(cfg, SINGLE_PROCESS, given=set())
+    assert [f.name for f in forms] == ["per-network fusion_kernel=torch", "stacked fusion_kernel=torch"]
+    assert set(left_out) == {"per-network fusion_kernel=triton", "stacked fusion_kernel=triton"}
+    assert resolve(Config(device="cpu", sync_bn=True, step="stacked")).stack_networks
