@@ -147,7 +147,10 @@ class _RunConfig:
         choices=("auto", "per-network", "stacked"),
     )
     step_tuning_seconds: float = _field(
-        60.0, "--step auto: the most seconds that timing the forms may take (each form an equal share)", above=0
+        60.0,
+        "--step auto: the seconds that timing the forms may take (each form a share of what is left; the "
+        "compiled forms, timed last, are the first dropped)",
+        above=0,
     )
     stack_networks: bool = _field(False, "short for --step stacked")
     optimizer_impl: str = _field(
