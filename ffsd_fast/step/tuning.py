@@ -75,10 +75,11 @@ class Tuning:
     def table(self) -> str:
         best = self.seconds_per_step.get(self.choice, math.nan)
         lines = [f"step forms timed ({self.seconds:.1f} s, peak memory {self.peak_memory / 2**20:.0f} MiB):"]
+        width = max(map(len, [*self.seconds_per_step, *self.dropped, ""])) + 2
         for name, seconds in self.seconds_per_step.items():
             mark = "  <- chosen" if name == self.choice else ""
-            lines.append(f"  {name:<34}{seconds * 1e3:>9.2f} ms/step  {seconds / best:>5.2f}×{mark}")
-        lines += [f"  {name:<34}dropped: {why}" for name, why in self.dropped.items()]
+            lines.append(f"  {name:<{width}}{seconds * 1e3:>9.2f} ms/step  {seconds / best:>5.2f}×{mark}")
+        lines += [f"  {name:<{width}}dropped: {why}" for name, why in self.dropped.items()]
         return "\n".join(lines)
 
 
