@@ -178,7 +178,7 @@ def auto_step(workload: dict, device: torch.device) -> Callable[[torch.Tensor, t
     candidates = [v for v in AUTO_CANDIDATES if stackable or not v.startswith("stacked")]
     builders = {v: (lambda v=v: make_step(workload, v, device)) for v in candidates}
     clock = tuning.clock_for(device, steps=10) or host_clock(steps=10)
-    result = tuning.choose(builders, images, labels, clock)
+    result = tuning.choose(builders, lambda: (images, labels), clock)
     step = make_step(workload, result.choice, device)
     step.tuning = result
     return step

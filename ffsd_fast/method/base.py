@@ -230,11 +230,12 @@ class Method(nn.Module):
             stack.train(mode)
         return self
 
-    def compile_networks(self) -> None:
+    def compile_networks(self, **options: Any) -> None:
         """``torch.compile`` in place (``nn.Module.compile``: the state-dict keys stay as they are, so checkpoints and
         exports do not change) every module the forward calls: the networks of ``stack_groups()`` (or, stacked,
         their stacks: zero graph breaks, ``tests/unit/models/test_stacking.py``) and every other network, down to
-        the part of one that holds a grouped network (FFSD's leader: its backbone is grouped, its head is not)."""
+        the part of one that holds a grouped network (FFSD's leader: its backbone is grouped, its head is not).
+        ``options`` go to ``torch.compile`` (``fullgraph=True``: ``--step auto``'s compiled candidates)."""
         stacks = list(getattr(self.form, "stacks", {}).values())
         grouped = [network for networks in self.stack_groups().values() for network in networks]
         ids = {id(network) for network in grouped}
@@ -249,7 +250,7 @@ class Method(nn.Module):
             return found
 
         for network in [*(stacks or grouped), *others(self)]:
-            network.compile()
+            network.compile(**options)
 
     @classmethod
     def view_count(cls, config: Mapping[str, Any]) -> int:

@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm  # what nn.SyncBatchNorm itself applies
 
 from ffsd_fast.models.channels import stacked_groups
 
@@ -157,6 +158,39 @@ class StackedBatchNorm2d(nn.Module):
         )
 
 
+class StackedSyncBatchNorm(StackedBatchNorm2d):
+    """``G`` copies of one ``SyncBatchNorm`` (``--sync-bn``) as one over ``G·C`` channels whose batch statistics are
+    reduced across the processes of its group: each of the ``G·C`` channels is its own, so one synchronised
+    normalisation over the stacked channels is the ``G`` networks' synchronised ones side by side (one all-gather of
+    the stack's statistics instead of one per network and layer).
+
+    It synchronises exactly when ``nn.SyncBatchNorm`` would (training, a process group of more than one process, on
+    a device NCCL serves); otherwise, as there, it is the plain batch normalisation of its base class."""
+
+    def __init__(self, sources: list[nn.SyncBatchNorm]) -> None:
+        super().__init__(sources)
+        self.process_group = sources[0].process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        world_size = self._sync_world_size()
+        return super().forward(x) if world_size <= 1 else self.synchronised(x, world_size)
+
+    def synchronised(self, x: torch.Tensor, world_size: int) -> torch.Tensor:
+        """The training normalisation with the statistics of the group's ``world_size`` processes."""
+        if x.device.type == "cpu":
+            raise StackingError("SyncBatchNorm synchronises over NCCL: its input must be on a GPU, not the CPU")
+        group = self.process_group or torch.distributed.group.WORLD
+        return sync_batch_norm.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, self.momentum, group, world_size
+        )
+
+    def _sync_world_size(self) -> int:
+        """The processes whose statistics this forward reduces: 1 (none to reduce with) in eval mode or alone."""
+        if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 1
+        return torch.distributed.get_world_size(self.process_group or torch.distributed.group.WORLD)
+
+
 class StackedLinear(_StackedWeights):
     """``G`` copies of one ``Linear`` as one batched matmul: ``[N, G·C] → [G, N, K]`` (network ``g``'s logits are
     ``out[g]``, a contiguous view)."""
@@ -203,6 +237,7 @@ _STACKED = {
     nn.Conv2d: StackedConv2d,
     nn.ConvTranspose2d: StackedConvTranspose2d,
     nn.BatchNorm2d: StackedBatchNorm2d,
+    nn.SyncBatchNorm: StackedSyncBatchNorm,
     nn.Linear: StackedLinear,
 }
 
@@ -249,7 +284,7 @@ class StackedNetworks(nn.Module):
             for key in ("weight", "bias"):
                 if getattr(stacked, key, None) is not None:
                     self._shared.append((getattr(stacked, key), [getattr(s, key) for s in sources], dim))
-            if stacked_class is StackedBatchNorm2d:
+            if issubclass(stacked_class, StackedBatchNorm2d):
                 counters += [s.num_batches_tracked for s in sources]
         # Every BatchNorm's num_batches_tracked, of every network, in one tensor: one increment per forward.
         self.register_buffer("counters", _stack_buffer(counters) if counters else torch.zeros(0, dtype=torch.long))

@@ -147,7 +147,10 @@ class _RunConfig:
         choices=("auto", "per-network", "stacked"),
     )
     step_tuning_seconds: float = _field(
-        60.0, "--step auto: the most seconds that timing the forms may take (each form an equal share)", above=0
+        60.0,
+        "--step auto: the seconds that timing the forms may take (each form a share of what is left; the "
+        "compiled forms, timed last, are the first dropped)",
+        above=0,
     )
     stack_networks: bool = _field(False, "short for --step stacked")
     optimizer_impl: str = _field(
@@ -429,10 +432,8 @@ def _resolve_step(c: Config, gpu: bool) -> None:
 
 
 def _check_stackable(c: Config) -> None:
+    # --sync-bn stacks too: its SyncBatchNorm layers become one over the stacked channels (StackedSyncBatchNorm).
     check_stackable(registry.get(c.method), c.model, dataclasses.asdict(c))
-    if c.sync_bn:
-        # SyncBatchNorm layers are not the plain BatchNorm layers a stack is built from.
-        raise UserError("--stack-networks with --sync-bn: not supported together; drop one of them")
 
 
 def method_of(config: dict) -> type[Method]:

@@ -187,8 +187,8 @@ def restore(run: Run) -> None:
         run.history, run.start_epoch = checkpoint.restore(run.saved, run.method, run.optimizers, run.scaler)
         run.saved = None  # its tensors (on the training device) are copied in: not held for the whole run
     broadcast_state(run.method, run.world)
-    if run.cfg.compile:
-        run.method.compile_networks()
+    if run.form.compiled:  # --compile, or the compiled form --step auto chose
+        run.method.compile_networks(**step_forms.COMPILE_OPTIONS)
 
 
 def open_log(run: Run) -> None:

@@ -22,7 +22,7 @@ def main() -> None:
     world = init_world("cpu")
     builders = {name: (lambda: lambda images, labels: None) for name in ("a", "b", "c")}
     clock = lambda name, run: (run(), CLOCKS[world.rank][name])[1]  # noqa: E731
-    result = tuning.choose(builders, torch.zeros(1), torch.zeros(1), clock, world=world)
+    result = tuning.choose(builders, lambda: (torch.zeros(1), torch.zeros(1)), clock, world=world)
     with open(os.path.join(sys.argv[1], f"tuning{world.rank}.json"), "w", encoding="utf-8") as fh:
         json.dump({"choice": result.choice, "seconds": result.seconds_per_step}, fh)
     close_world(world)

@@ -338,3 +338,33 @@ def test_gpu_check_charges_each_kernel_to_the_phase_that_launched_it(tmp_path):
         "losses.backward": {"kernels": 1, "gpu_ms": 0.002},
         "unattributed": {"kernels": 1, "gpu_ms": 0.004},
     }
+
+
+@pytest.mark.slow
+def test_tuning_cost_times_every_form_with_the_host_clock_and_writes_its_tables(tmp_path, capsys):
+    import torch
+
+    from ffsd_fast.step import tuning
+    from ffsd_fast.trainer import step_forms
+
+    script = _load_script("tuning_cost")
+    out, md = tmp_path / "cost.jsonl", tmp_path / "cost.md"
+    argv = ["--models", "resnet20", "--batch-size", "4", "--image-size", "8", "--no-compile"]
+    argv += ["--set", "fusion_kernel=torch"]  # not the Triton block: under the interpreter, minutes
+    script.main([*argv, "--output", str(out), "--markdown", str(md)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    forms = [r for r in rows if r["form"] != "all"]
+    (total,) = [r for r in rows if r["form"] == "all"]
+    # FFSD's forms without the compiled ones and with the fusion blocks set: per-network and stacked.
+    assert [r["form"] for r in forms] == ["per-network fusion_kernel=torch", "stacked fusion_kernel=torch"]
+    assert total["forms_timed"] == 2 and not total["dropped"] and forms[0]["fixed"] == {"fusion_kernel": "torch"}
+    assert sum(r["chosen"] for r in forms) == 1 and total["choice"] in {r["form"] for r in forms}
+    for row in forms:
+        assert row["steps"] == script.WARMUP + script.STEPS and row["ms_per_step"] > 0
+        assert row["build_s"] > 0 and row["warmup_s"] > 0 and row["timed_s"] > 0
+    assert total["steps"] == 2 * (script.WARMUP + script.STEPS)
+    assert total["seconds"] >= sum(r["seconds"] for r in forms) and total["in_chosen_steps"] > script.STEPS
+    text = md.read_text()
+    assert " ".join(argv) in text and "| stacked fusion_kernel=torch |" in text
+    assert "<- chosen" in capsys.readouterr().out
+    assert tuning.clock_for(torch.device("cpu"), 10) is None and step_forms.COMPILE_OPTIONS == {}  # put back

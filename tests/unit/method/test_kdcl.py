@@ -233,10 +233,11 @@ def test_step_auto_leaves_out_the_stacked_form_when_any_architecture_cannot_stac
 
     cfg = resolve(Config(device="cpu", method="kdcl", kdcl_models="resnet20,wrn16_2"))
     forms, left_out = step_forms.candidates(cfg, SINGLE_PROCESS, set())
-    assert [f.name for f in forms] == ["per-network", "stacked"] and left_out == {}
+    assert [f.name for f in forms] == ["per-network", "stacked", "per-network compiled", "stacked compiled"]
+    assert left_out == {}
     monkeypatch.setattr(step_forms, "stack_blocker", lambda name: "a plain cat" if name == "wrn16_2" else None)
     forms, left_out = step_forms.candidates(cfg, SINGLE_PROCESS, set())
-    assert [f.name for f in forms] == ["per-network"]
+    assert [f.name for f in forms] == ["per-network", "per-network compiled"]
     assert left_out == {"every stacked form": "wrn16_2: a plain cat"}
 
 

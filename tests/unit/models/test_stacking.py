@@ -10,10 +10,10 @@ import torch
 from ffsd_fast import models
 from ffsd_fast.errors import UserError
 from ffsd_fast.models.channels import cat_channels, stacked_group_count, stacked_groups
-from ffsd_fast.models.stacking import StackedNetworks, StackingError
+from ffsd_fast.models.stacking import StackedBatchNorm2d, StackedNetworks, StackedSyncBatchNorm, StackingError
 from ffsd_fast.step.optimizers import make_optimizers
 from tests.helpers.kernel_launches import AtenKernels
-from tests.helpers.methods import build
+from tests.helpers.methods import build, train_step
 
 # Every architecture of the zoo. The ones that concatenate channels (DenseNet's 40 layers, GoogLeNet's width) are
 # the costliest in float64 on a CPU: at 8 px (taps 8/4/2), and slow even so.
@@ -222,3 +222,106 @@ def test_stacks_compile_without_a_graph_break(method):
         stack.compile = lambda stack=stack: compiled.append(stack)
     nets.compile_networks()
     assert compiled == list(stacks.values())
+
+
+def sync_batchnorm_pair(method: str) -> tuple:
+    """A method with ``--sync-bn``'s layers (``convert_sync_batchnorm``, as the trainer converts it), per-network
+    and, from the same state, stacked."""
+    separate = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+        build("resnet20", num_classes=5, num_students=2, image_size=16, method=method)
+    )
+    stacked = copy.deepcopy(separate)
+    stacked.stack()
+    return separate, stacked
+
+
+def sync_batchnorm_widths(network: torch.nn.Module) -> list[int]:
+    return [m.num_features for m in network.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+
+
+@pytest.mark.parametrize("method", ["ffsd", "dml"])
+def test_sync_batchnorm_stacks_as_one_over_the_stacked_channels(method):
+    """``--sync-bn`` stacked: every SyncBatchNorm of the networks becomes one ``StackedSyncBatchNorm`` over ``G·C``
+    channels (none is left a plain BatchNorm, which would not synchronise), with the group's process group."""
+    separate, stacked = sync_batchnorm_pair(method)
+    groups = stacked.stack_groups()
+    for name, stack in stacked.form.stacks.items():
+        layers = [m for m in stack.modules() if isinstance(m, StackedBatchNorm2d)]
+        assert layers and all(type(m) is StackedSyncBatchNorm for m in layers), name
+        widths = sync_batchnorm_widths(groups[name][0])
+        assert [m.running_mean.numel() for m in layers] == [stack.count * w for w in widths], name
+        assert [m.weight.numel() for m in layers] == [stack.count * w for w in widths], name
+        assert all(m.process_group is None for m in layers)  # the default group, as convert_sync_batchnorm's
+    # The state dict is the per-network one, key for key and value for value, and loads back.
+    expected = separate.state_dict()
+    got = stacked.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    other = copy.deepcopy(separate)
+    other.load_state_dict(got)
+    stacked.load_state_dict(expected)
+
+
+@pytest.mark.parametrize("method", ["ffsd", "dml"])
+def test_sync_batchnorm_stacked_in_one_process_computes_what_the_networks_compute(method):
+    """Outside a process group SyncBatchNorm is plain BatchNorm (as ``nn.SyncBatchNorm``'s own fallback): one
+    training step stacked gives every parameter and statistic of the per-network one, and evaluation its logits
+    (float64). The synchronised path needs NCCL: ``test_sync_batchnorm_stacked_synchronises_on_cuda``."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        separate, stacked = sync_batchnorm_pair(method)
+        images, labels = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
+        lambdas = torch.ones(len(separate.lambdas))
+        for nets in (separate, stacked):
+            train_step(nets, make_optimizers(nets), images, labels, lambdas)
+        expected, got = separate.state_dict(), stacked.state_dict()
+        for key, value in expected.items():
+            assert_close(got[key].double(), value.double(), 1e-10, key, scale=1.0)
+        with torch.no_grad():
+            expected_logits = separate.eval().eval_logits(images)
+            got_logits = stacked.eval().eval_logits(images)
+        for name, value in expected_logits.items():
+            torch.testing.assert_close(got_logits[name], value, rtol=1e-10, atol=1e-10, msg=name)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.cuda
+def test_sync_batchnorm_stacked_synchronises_on_cuda(tmp_path):
+    """The synchronised path (NCCL, a one-process group): the stacked layer's statistics reduced over the group give
+    each network's output, gradients and running statistics of its own SyncBatchNorm's synchronised path."""
+    import torch.distributed as dist
+    from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        networks = [torch.nn.SyncBatchNorm(16).cuda() for _ in range(3)]
+        for g, network in enumerate(networks):  # statistics and affine parameters of their own
+            with torch.no_grad():
+                network.weight.uniform_(0.5, 1.5), network.bias.uniform_(-1, 1)
+                network.running_mean.fill_(g), network.running_var.fill_(g + 1)
+        copies = copy.deepcopy(networks)
+        stacked = StackedSyncBatchNorm(copies).train()
+        x = torch.randn(8, 48, 5, 5, device="cuda", requires_grad=True)
+        out = stacked.synchronised(x, world_size=1)
+        slices = x.detach().chunk(3, dim=1)
+        inputs = [s.clone().requires_grad_() for s in slices]
+        expected = [
+            sync_batch_norm.apply(
+                i, n.weight, n.bias, n.running_mean, n.running_var, n.eps, n.momentum, dist.group.WORLD, 1
+            )
+            for i, n in zip(inputs, networks, strict=True)
+        ]
+        torch.testing.assert_close(out, torch.cat(expected, dim=1))
+        weights = torch.randn_like(out)
+        (out * weights).sum().backward()
+        sum((e * w).sum() for e, w in zip(expected, weights.chunk(3, dim=1), strict=True)).backward()
+        torch.testing.assert_close(x.grad, torch.cat([i.grad for i in inputs], dim=1))
+        torch.testing.assert_close(stacked.weight.grad, torch.cat([n.weight.grad for n in networks]))
+        for network, copied in zip(networks, copies, strict=True):  # the statistics land in the networks' buffers
+            torch.testing.assert_close(copied.running_mean, network.running_mean)
+            torch.testing.assert_close(copied.running_var, network.running_var)
+    finally:
+        dist.destroy_process_group()
