@@ -27,13 +27,17 @@ run keeps within ``--budget``. Stages:
    (``mixed`` decoding on CUDA) where it imports, else torchvision; the corrupt file must be left out and named.
 3. ``throughput-cifar`` (45 s) and ``throughput-imagenet`` (35 s): ``train_throughput.py`` over reference, fast,
    fast-cudnn-blocks, stacked, stacked-cudnn-blocks, auto (``--step auto``'s own pick among the four before it),
-   backbones-only and (CIFAR) the ablation ``BASE-no-LEVER``.
+   backbones-only and (CIFAR) the ablation ``BASE-no-LEVER``; ``throughput-densenet`` (20 s): DenseNet-40's fast,
+   stacked, auto and backbones-only.
 4. ``kernel-sweep`` (30 s): ``kernel_sweep.py --shapes ffsd,llm --variants triton,eager``: eager time and GPU time
    inside a CUDA graph (``graph_ms``), at FFSD's shapes and three LLM ones.
 5. ``step-kernels`` (15 s): the CPU count of the kernels one step launches, by phase (``step_kernels.py``, at batch
    8: the same count); ``profile`` (25 s): ``torch.profiler`` over the captured fast, stacked and
    fast-cudnn-blocks steps: kernels and GPU time per step, and per phase from the same stepper run eagerly under
    phase marks (and on the replay where its kernels are the eager step's, in order), beside that CPU count.
+6. ``throughput-compiled`` (60 s, CUDA only): ``--step auto``'s compiled forms, ``fast-compiled`` and
+   ``stacked-compiled`` (``torch.compile`` of the networks or stacks, then captured), on CIFAR ResNet-32; last, as
+   their compile takes the longest.
 
 Results (JSON lines, each row with device, torch, triton, ``code_commit`` and this run's ``gpu_check_run``), under
 ``--results`` (default ``benchmarks/results/``; with ``--tiny`` a temporary folder): ``gpu_check.jsonl`` (one row
@@ -417,6 +421,24 @@ def stage_throughput_imagenet(ctx: Context, timeout: float) -> dict:
     return throughput_stage(ctx, "throughput-imagenet", timeout, workload, list(THROUGHPUT_VARIANTS), _steps(15, 3, 5))
 
 
+def stage_throughput_densenet(ctx: Context, timeout: float) -> dict:
+    # DenseNet-40: each network's channel concatenations stay in its own slice of the stack (models.stacking).
+    if ctx.tiny:
+        workload = "cifar100-densenet40-m2-b2"
+        return throughput_stage(ctx, "throughput-densenet", timeout, workload, ["fast", "stacked"], _steps(1, 1, 1))
+    variants = ["fast", "stacked", "auto", "backbones-only"]
+    workload = "cifar100-densenet40-m2-b64"
+    return throughput_stage(ctx, "throughput-densenet", timeout, workload, variants, _steps(20, 3, 5))
+
+
+def stage_throughput_compiled(ctx: Context, timeout: float) -> dict:
+    # --step auto's compiled forms, apart and last: Inductor's compile costs tens of seconds a form, which would
+    # starve the stages before it; here it only decides how much of its budget is left to time them.
+    variants = ["fast-compiled", "stacked-compiled"]
+    workload = "cifar100-resnet32-m2-b128"
+    return throughput_stage(ctx, "throughput-compiled", timeout, workload, variants, _steps(30, 5, 10))
+
+
 def _steps(steps: int, warmup: int, window: int) -> list[str]:
     return ["--steps", str(steps), "--warmup", str(warmup), "--window", str(window)]
 
@@ -497,9 +519,11 @@ STAGES: list[tuple[str, float, bool, Callable[[Context, float], dict]]] = [
     ("trainer-imagenet", 25, False, stage_trainer_imagenet),
     ("throughput-cifar", 45, False, stage_throughput_cifar),
     ("throughput-imagenet", 35, False, stage_throughput_imagenet),
+    ("throughput-densenet", 20, False, stage_throughput_densenet),
     ("kernel-sweep", 30, False, stage_kernel_sweep),
     ("step-kernels", 15, False, stage_step_kernels),
     ("profile", 25, True, stage_profile),
+    ("throughput-compiled", 60, True, stage_throughput_compiled),  # CUDA only: Inductor's CPU compile takes minutes
 ]
 
 

@@ -83,6 +83,8 @@ VARIANTS = (
     "fast-cudnn-blocks",
     "stacked",
     "stacked-cudnn-blocks",
+    "fast-compiled",
+    "stacked-compiled",
     "auto",
     "backbones-only",
 )
@@ -151,6 +153,9 @@ def levers(variant: str, device: torch.device) -> dict:
         "fast-cudnn-blocks": {**fast, "fused_blocks": False},
         "stacked": {**fast, "stack": True},
         "stacked-cudnn-blocks": {**fast, "fused_blocks": False, "stack": True},
+        # --step auto's compiled forms (torch.compile of the networks, of the stacks when stacked; captured on CUDA)
+        "fast-compiled": {**fast, "compile": True},
+        "stacked-compiled": {**fast, "stack": True, "compile": True},
         "backbones-only": fast,
     }[variant]
 
