@@ -157,7 +157,9 @@ def _form_rows(runs: Path, form: str) -> dict[str, dict]:
 def table(runs: Path, forms: list[str], results: list[dict]) -> list[str]:
     """The markdown table: a line per method, each form's last- and best-epoch top-1 (mean ± std), n, images/s and
     seconds a run."""
-    stats = {form: _form_rows(runs, form) for form in forms}
+    # Only the methods of this invocation's rows: a shared --runs-dir may hold other methods' runs, some unfinished.
+    planned = {x["method"] for x in results}
+    stats = {form: {m: r for m, r in _form_rows(runs, form).items() if m in planned} for form in forms}
     forms = [form for form in forms if stats[form]]
     methods = sorted({m for rows in stats.values() for m in rows}, key=lambda m: (order(m), m))
     head = ["method", "m", "deployed", "parameters", "multiply-adds"]
@@ -179,7 +181,7 @@ def table(runs: Path, forms: list[str], results: list[dict]) -> list[str]:
                     report.mean_std_cell(r["deployed_best"]),
                     str(r["n"]),
                     f"{r['images_per_s']:.0f}",
-                    f"{sum(seconds) / len(seconds):.0f}",
+                    f"{sum(seconds) / len(seconds):.0f}" if seconds else "–",
                 ]
             )
         lines.append("| " + " | ".join(cells) + " |")

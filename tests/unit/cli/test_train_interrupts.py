@@ -19,8 +19,14 @@ from tests.helpers.methods import build
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     args = [*FAST, "--epochs", "50", "--output-dir", str(tmp_path), "--run-name", "r"]
+    # SIGINT back to its default in the child: a test run started in the background by a shell inherits SIGINT
+    # ignored, and Python then never installs its KeyboardInterrupt handler (the run trains on, Ctrl-C unheard).
     run = subprocess.Popen(
-        [sys.executable, "-m", "ffsd_fast.cli.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "ffsd_fast.cli.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert run.stdout.readline().startswith("run directory:")  # training has started
