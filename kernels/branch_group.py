@@ -505,7 +505,7 @@ def branch_distillation_losses_reference(
     """``[2M]``: every branch's ``F.cross_entropy`` (one op over the ``[M·B, C]`` rows, then a mean per branch) and
     ``T² · mean_b Σ_c q (log q − log p)`` with ``q = softmax(t / T) + ε``, ``p = softmax(z / T)``, in float32 (half
     inputs upcast) or float64 if an input is float64: what the branch methods computed before this op, term for
-    term."""
+    term, with a class of ``q = 0`` adding 0 (``KLDivLoss``'s convention, and the kernel's)."""
     op = "branch_distillation_losses_reference"
     temperature, epsilon = _check_inputs(op, logits, teacher_logits, labels, temperature, epsilon)
     # float64 if either input is, else float32 (not torch.promote_types: an aten call of its own in a trace).
@@ -513,7 +513,15 @@ def branch_distillation_losses_reference(
     z, t = logits.to(dtype), teacher_logits.to(dtype)
     num_branches, batch = z.shape[0], labels.shape[0]
     ce = F.cross_entropy(z.flatten(0, 1), labels.repeat(num_branches), reduction="none").view(num_branches, batch)
-    target = F.softmax(t / temperature, dim=-1) + epsilon
+    target = F.softmax(t / temperature, dim=-1)
+    if epsilon == 0:
+        # log q as log_softmax, not log(softmax): a teacher class whose softened probability underflows to 0 (a logit
+        # ~104·T below the row's largest, in fp32) would give 0·(−inf) = NaN, value and gradients, where the KL (the
+        # kernel, the codes' KLDivLoss) counts 0. With ε > 0, q ≥ ε and its log is finite.
+        log_q = F.log_softmax(t / temperature, dim=-1)
+    else:
+        target = target + epsilon
+        log_q = target.log()
     log_p = F.log_softmax(z / temperature, dim=-1)
-    kl = temperature * temperature * (target * (target.log() - log_p)).sum(-1).mean(-1)
+    kl = temperature * temperature * (target * (log_q - log_p)).sum(-1).mean(-1)
     return torch.cat([ce.mean(1), kl])

@@ -311,6 +311,31 @@ def test_reference_in_low_precision_is_the_formula(device):
         check(f"{OP}_reference", dtype, "grad teacher", grad_error(t.grad, t64.grad), tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", [branch_distillation_losses, branch_distillation_losses_reference], ids=["op", "ref"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_teacher_probability_underflowing_to_zero(shared, op, device):
+    """ε = 0 and a teacher logit 400 below the others at T = 3: its softened probability underflows to 0 in fp32
+    (not in float64), as PCL's ensemble teacher's did in a 4-epoch digits run (logits −202 … 137). Its term is 0
+    (``0 · log 0``), not NaN: the op and the reference (PCL's path on the CPU) give the float64 formula's values and
+    gradients."""
+    z = torch.randn(3, 4, 10, device=device, requires_grad=True)
+    t = torch.randn(*((4, 10) if shared else (3, 4, 10)), device=device)
+    t[..., 0] = -400.0
+    t.requires_grad_()
+    assert (F.softmax(t.detach() / 3.0, dim=-1) == 0).any()
+    labels = torch.randint(0, 10, (4,), device=device)
+    out = op(z, t, labels, 3.0, 0.0)
+    out.backward(upstream(3, device))
+    z64, t64 = leaf64(z), leaf64(t)
+    ref = branch64(z64, t64, labels, 3.0, 0.0)
+    ref.backward(upstream(3, "cpu").double())
+    assert torch.isfinite(out).all() and torch.isfinite(z.grad).all() and torch.isfinite(t.grad).all()
+    check(OP, torch.float32, "value", value_error(out, ref))
+    check(OP, torch.float32, "grad logits", grad_error(z.grad, z64.grad))
+    check(OP, torch.float32, "grad teacher", grad_error(t.grad, t64.grad))
+
+
 @pytest.mark.usefixtures("kernels_only")
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_module_and_autocast(device):
