@@ -154,8 +154,20 @@ def settings(summary: dict) -> tuple[dict, bool]:
     recorded = {name: summary[name] for name in ("epochs", "world_size") if name in summary}
     if config is None:
         return recorded, False
-    fields = {name: _frozen(v) for name, v in config.items() if name not in RESULT_NEUTRAL and name != "seed"}
+    foreign = _other_methods_options(config.get("method", FIELDS["method"].default))
+    fields = {
+        name: _frozen(v)
+        for name, v in config.items()
+        if name not in RESULT_NEUTRAL and name != "seed" and name not in foreign
+    }
     return {**recorded, **fields}, True
+
+
+def _other_methods_options(method: str) -> set[str]:
+    """The options of every registered method but ``method``: a run records them all, and they change nothing of
+    its result, so a version that adds one to another method must not split a method's runs into two rows."""
+    own = set(registry.get(method).options) if method in registry.names() else set()
+    return {name for other in registry.names() for name in registry.get(other).options} - own
 
 
 def _differing(groups: list[tuple[dict, bool]]) -> list[str]:

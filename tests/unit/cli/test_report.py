@@ -194,6 +194,19 @@ def test_a_field_one_version_of_the_code_did_not_record_shows_as_unknown(tmp_pat
     assert sorted(row["settings"] for row in _table(tmp_path)) == ["temperature=2.0", "temperature=?"]
 
 
+def test_another_methods_options_do_not_split_a_group(tmp_path):
+    """A run records every method's options; one a later version gave another method (kdcl_holdout), missing from
+    an older run's record or set otherwise, changes nothing of an FFSD run."""
+    _ffsd(tmp_path, "new", config={"seed": 0, "kdcl_holdout": 0.1, "one_temperature": 5.0})
+    _ffsd(tmp_path, "old", config={"seed": 1})
+    config_path = tmp_path / "old" / "summary.json"
+    summary = json.loads(config_path.read_text())
+    del summary["config"]["kdcl_holdout"]
+    config_path.write_text(json.dumps(summary))
+    (row,) = _table(tmp_path)
+    assert row["n"] == "2" and row["settings"] == "–"
+
+
 def test_summaries_without_config_still_report_with_unknown_settings(tmp_path):
     for seed in range(2):
         _ffsd(tmp_path, f"old-{seed}", 74.0 + seed, with_config=False)
