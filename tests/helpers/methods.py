@@ -43,3 +43,16 @@ def train_step(
 ) -> LossTerms:
     """One ``TrainStep`` of ``method`` (kwargs: ``amp_dtype``, ``scaler``, ``channels_last``)."""
     return TrainStep(method, optimizers, lambdas, **kwargs)(images, labels)
+
+
+def max_relative_error(fast: torch.nn.Module, reference: torch.nn.Module) -> float:
+    """The worst relative error over every floating parameter and buffer of ``reference`` (by name in ``fast``); the
+    integer buffers (BatchNorm's step counts) must be equal."""
+    state = lambda nets: {**dict(nets.named_parameters()), **dict(nets.named_buffers())}  # noqa: E731
+    got, worst = state(fast), 0.0
+    for name, ref in state(reference).items():
+        if not ref.is_floating_point():
+            assert torch.equal(got[name], ref), name
+            continue
+        worst = max(worst, (got[name] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30))
+    return worst

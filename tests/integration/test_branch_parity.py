@@ -9,20 +9,9 @@ import torch
 
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates
 from tests.helpers import branch_reference
-from tests.helpers.methods import build, train_step
+from tests.helpers.methods import build, max_relative_error, train_step
 
 STEPS = 3
-
-
-def _max_relative_error(fast, reference):
-    state = lambda nets: {**dict(nets.named_parameters()), **dict(nets.named_buffers())}  # noqa: E731
-    got, worst = state(fast), 0.0
-    for name, ref in state(reference).items():
-        if not ref.is_floating_point():
-            assert torch.equal(got[name], ref), name
-            continue
-        worst = max(worst, (got[name] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30))
-    return worst
 
 
 def _run(method, model, stacked, reference_step, weights, seed=0, size=16, **settings):
@@ -44,7 +33,7 @@ def _run(method, model, stacked, reference_step, weights, seed=0, size=16, **set
             x, y = torch.randn(6, 3, size, size), torch.randint(0, 10, (6,))
             train_step(nets, optimizers, x, y, lambdas)
             reference_step(reference, ref_optimizer, x, y)
-        return _max_relative_error(nets, reference)
+        return max_relative_error(nets, reference)
     finally:
         torch.set_default_dtype(torch.float32)
 

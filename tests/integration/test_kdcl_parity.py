@@ -10,7 +10,7 @@ import torch
 
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates
 from tests.helpers import kdcl_reference
-from tests.helpers.methods import build, train_step
+from tests.helpers.methods import build, max_relative_error, train_step
 
 STEPS = 3
 # How closely the fitted weights must agree: general's are a closed form; linear's an L-BFGS fit that stops when
@@ -18,17 +18,6 @@ STEPS = 3
 # boundary (a weight near 0, its softmax parameter drifting to −∞).
 FIT_TOLERANCE = {"linear": 1e-6, "general": 1e-10}
 MIXED = "resnet20,wrn16_2,resnet20"  # two of one architecture (stacked together) and one beside them
-
-
-def _max_relative_error(fast, reference):
-    state = lambda nets: {**dict(nets.named_parameters()), **dict(nets.named_buffers())}  # noqa: E731
-    got, worst = state(fast), 0.0
-    for name, ref in state(reference).items():
-        if not ref.is_floating_point():
-            assert torch.equal(got[name], ref), name
-            continue
-        worst = max(worst, (got[name] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30))
-    return worst
 
 
 def _heldout():
@@ -79,7 +68,7 @@ def _run(kind, stacked, kdcl_models="", alpha=0.5, reference_alpha=None, swap_vi
                 reference.ensemble_weights.copy_(weights)
         if fitted:
             print(f"fitted weights {weights.tolist()}, worst difference {fit_error:.2e}")
-        return _max_relative_error(nets, reference), fit_error
+        return max_relative_error(nets, reference), fit_error
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -123,6 +112,6 @@ def test_kdcl_parity_tells_the_ensembles_apart(other):
         x, y = torch.randn(12, 3, 16, 16), torch.randint(0, 10, (6,))
         train_step(nets, optimizers, x, y, torch.tensor([0.5]))
         kdcl_reference.kdcl_step(reference, ref_optimizers, x, y, other)
-        assert _max_relative_error(nets, reference) > 1e-6
+        assert max_relative_error(nets, reference) > 1e-6
     finally:
         torch.set_default_dtype(torch.float32)

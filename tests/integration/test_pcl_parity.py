@@ -9,7 +9,7 @@ import torch
 
 from ffsd_fast.step.optimizers import make_optimizers, set_learning_rates
 from tests.helpers import pcl_reference
-from tests.helpers.methods import build, train_step
+from tests.helpers.methods import build, max_relative_error, train_step
 
 M = 3
 # Epochs 1-4 with a 2-epoch ramp: the code's ramp gives e^-5, 1, e^-5, then 1 after it (the clean one 0.0067, 0.29, 1,
@@ -17,17 +17,6 @@ M = 3
 EPOCHS = (1, 2, 3, 4)
 RAMPUP = 2
 DECAY = 0.6  # reached at the fourth step (1 − 1/4 = 0.75 > 0.6): the warm-up min(1 − 1/(t + 1), decay) both ways
-
-
-def _max_relative_error(fast, reference):
-    state = lambda nets: {**dict(nets.named_parameters()), **dict(nets.named_buffers())}  # noqa: E731
-    got, worst = state(fast), 0.0
-    for name, ref in state(reference).items():
-        if not ref.is_floating_point():
-            assert torch.equal(got[name], ref), name
-            continue
-        worst = max(worst, (got[name] - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30))
-    return worst
 
 
 def _run(model, stacked, quirks=True, reference_scale=1.0, reference_decay=DECAY):
@@ -54,7 +43,7 @@ def _run(model, stacked, quirks=True, reference_scale=1.0, reference_decay=DECAY
             train_step(nets, optimizers, x, y, lambdas)
             ramp = pcl_reference.rampup(epoch - 1, RAMPUP, code_divisor=quirks) * reference_scale
             pcl_reference.pcl_step(reference, ref_optimizer, x, y, ramp, 0.8 * ramp, decay=reference_decay)
-        return _max_relative_error(nets, reference)
+        return max_relative_error(nets, reference)
     finally:
         torch.set_default_dtype(torch.float32)
 

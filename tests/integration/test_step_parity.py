@@ -9,27 +9,11 @@ import ffsd_kernels
 import ffsd_kernels.reference
 from ffsd_fast.step.optimizers import make_optimizers
 from ffsd_kernels._dispatch import INTERPRETER
-from tests.helpers.methods import build, train_step
+from tests.helpers.methods import build, max_relative_error, train_step
 from tests.helpers.sequential_reference import make_reference_optimizers, reference_step
 
 # Large enough λ's that every term moves the weights visibly (the defaults make some terms ~1e-5 of the loss).
 LAMBDAS = (0.3, 2.0, 1.5)
-
-
-def _state(nets):
-    return {**dict(nets.named_parameters()), **dict(nets.named_buffers())}
-
-
-def _max_relative_error(fast, reference):
-    worst = 0.0
-    for name, ref in _state(reference).items():
-        got = _state(fast)[name]
-        if not ref.is_floating_point():
-            assert torch.equal(got, ref), name
-            continue
-        err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-        worst = max(worst, err)
-    return worst
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked"])
@@ -77,7 +61,7 @@ def test_parity_fast_step_equals_sequential_reference(model, image_size, clean_s
                 student_sd_lambda=lambda_sd if clean_student_sd else None,
             )
             if step in (0, 2):
-                errors.append(_max_relative_error(nets, reference))
+                errors.append(max_relative_error(nets, reference))
         print(f"parity {model} m={num_students} clean_sd={clean_student_sd} {stacked=}: worst error {max(errors):.2e}")
         assert max(errors) < 1e-10
     finally:
@@ -96,7 +80,7 @@ def test_parity_detects_a_wrong_term():
         wrong = torch.tensor([LAMBDAS[0], LAMBDAS[1], LAMBDAS[2] * 1.01])
         train_step(nets, fast_opts, x, y, wrong)
         reference_step(reference, ref_opts, x, y, *LAMBDAS)
-        assert _max_relative_error(nets, reference) > 1e-6
+        assert max_relative_error(nets, reference) > 1e-6
     finally:
         torch.set_default_dtype(torch.float32)
 
